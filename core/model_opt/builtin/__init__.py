@@ -1,0 +1,1 @@
+"""Default plugins that ship inside the core, registered through the same hooks as any other."""

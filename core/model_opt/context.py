@@ -1,0 +1,50 @@
+"""What a technique hook receives besides the model and its options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import TechniqueError
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+@dataclass
+class TechniqueContext:
+    """Device, inputs and hooks available to a technique.
+
+    ``calibration_data`` is a zero-argument callable that returns a fresh iterable of model inputs
+    (so a technique can pass over it more than once); ``train`` is the test script's
+    ``train(model, dataset_path, steps)`` hook when it defines one.
+    """
+
+    device: str = "cpu"
+    example_input: Any = None
+    calibration_data: Callable[[], Iterable[Any]] | None = None
+    train: Callable[..., Any] | None = None
+    dataset_path: str | None = None
+    workdir: Path | None = None
+    progress: Callable[[str], None] = _quiet
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def require_example_input(self, technique: str) -> Any:
+        if self.example_input is None:
+            raise TechniqueError(
+                f"{technique} needs an example input to trace the model",
+                "pass example_input=... (Python) or define example_input(dataset_path) in the test script "
+                "(CLI), or give --input-shape",
+            )
+        return self.example_input
+
+    def require_calibration_data(self, technique: str) -> Iterable[Any]:
+        if self.calibration_data is None:
+            raise TechniqueError(
+                f"{technique} needs calibration data",
+                "define calibration_data(dataset_path) in the test script (an iterable of model inputs)",
+            )
+        return self.calibration_data()

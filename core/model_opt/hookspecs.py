@@ -1,0 +1,78 @@
+"""The hooks a model-opt plugin can implement.
+
+Plugins are found through the ``model_opt`` entry-point group; each one is a module (or object) with
+functions decorated by :data:`hookimpl`. See CONTRIBUTING.md for the reference and a full example.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+PROJECT = "model_opt"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_techniques(register: Any) -> None:
+    """Call ``register(Technique(...))`` once for each technique this plugin provides.
+
+    The :class:`model_opt.registry.Technique` record carries the kind (``quantize``, ``prune``,
+    ``fuse`` or ``decompose``), backend and method names, a one-line summary, typed options with
+    defaults, what the technique needs (example input, calibration data, CUDA) and the packages it
+    requires, and the devices it really speeds up. This hook must not import the backend's heavy
+    package: it runs for ``model-opt plugins`` and ``--help``. Return nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def quantize(model: Any, technique: Any, options: dict[str, Any], context: Any) -> Any:
+    """Quantize ``model`` with ``technique`` (a Technique of kind ``quantize``).
+
+    ``options`` are already validated and hold every option with its default filled in;
+    ``context`` is a :class:`model_opt.context.TechniqueContext` (device, example input,
+    calibration data, training hook, progress callback). Return ``(new_model, info)`` where
+    ``info`` is a JSON-serializable mapping describing what was done. Only the plugin that
+    registered the technique is called; wrappers of every plugin wrap the call.
+    """
+
+
+@hookspec(firstresult=True)
+def prune(model: Any, technique: Any, options: dict[str, Any], context: Any) -> Any:
+    """Prune ``model`` with ``technique`` (kind ``prune``). Return ``(new_model, info)``.
+
+    Same contract as :func:`quantize`: ``options`` are validated with defaults filled in, and the
+    result's ``info`` mapping is JSON-serializable and goes into the report.
+    """
+
+
+@hookspec(firstresult=True)
+def fuse(model: Any, technique: Any, options: dict[str, Any], context: Any) -> Any:
+    """Fuse layers of ``model`` with ``technique`` (kind ``fuse``). Return ``(new_model, info)``.
+
+    Same contract as :func:`quantize`.
+    """
+
+
+@hookspec(firstresult=True)
+def decompose(model: Any, technique: Any, options: dict[str, Any], context: Any) -> Any:
+    """Decompose layers of ``model`` with ``technique`` (kind ``decompose``). Return ``(new_model, info)``.
+
+    Same contract as :func:`quantize`.
+    """
+
+
+@hookspec
+def register_commands(app: Any) -> None:
+    """Optional: add commands to the ``model-opt`` Typer ``app`` (``@app.command()``).
+
+    Called only when the CLI starts; keep imports of heavy packages inside the command bodies.
+    Return nothing.
+    """
+
+
+#: Hooks that apply a technique, by technique kind.
+KINDS: tuple[str, ...] = ("prune", "decompose", "fuse", "quantize")

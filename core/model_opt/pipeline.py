@@ -1,0 +1,229 @@
+"""The optimize pipeline: load, measure, apply techniques in a fixed order, measure, save."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import modelio
+from .atomic import write_text_atomic
+from .context import TechniqueContext
+from .errors import AccuracyBudgetExceeded, DeviceError, UsageError
+from .hookspecs import KINDS
+from .measure import call_model, count_flops, count_parameters, model_latency, state_dict_bytes, to_device
+from .plugins import PluginManager, get_plugin_manager
+from .registry import Technique
+from .report import Measurement, Report, StepRecord
+from .testscript import TestScript
+
+#: Combined techniques always run in this order.
+ORDER: tuple[str, ...] = KINDS
+
+
+@dataclass
+class Step:
+    """One requested technique: kind plus optional backend/method names and raw option values."""
+
+    kind: str
+    backend: str | None = None
+    method: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(steps: Sequence[Step], manager: PluginManager | None = None) -> list[tuple[Technique, dict[str, Any]]]:
+    """Resolve and validate every step (no model needed), sorted into pipeline order."""
+    manager = manager or get_plugin_manager()
+    resolved = []
+    for step in sorted(steps, key=lambda s: ORDER.index(s.kind) if s.kind in ORDER else -1):
+        technique = manager.registry.find(step.kind, step.backend, step.method)
+        options = technique.resolve_options(step.options)
+        technique.validate_environment()
+        resolved.append((technique, options))
+    return resolved
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"unknown device {device!r}", "choose one of: cpu, cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for, but no CUDA GPU is available here", "use --device cpu")
+    return device
+
+
+def apply(model: Any, planned: Sequence[tuple[Technique, dict[str, Any]]], context: TechniqueContext,
+          manager: PluginManager | None = None) -> tuple[Any, list[StepRecord]]:
+    """Apply each planned technique through its plugin; return the model and step records."""
+    manager = manager or get_plugin_manager()
+    records = []
+    for technique, options in planned:
+        check_needs(technique, context)
+        context.progress(f"applying {technique.kind} {technique.backend}:{technique.method}")
+        started = time.perf_counter()
+        model, info = manager.apply(technique, model, options, context)
+        records.append(StepRecord(technique.kind, technique.backend, technique.method, technique.plugin,
+                                  options, info, time.perf_counter() - started))
+    return model, records
+
+
+def check_needs(technique: Technique, context: TechniqueContext) -> None:
+    label = f"{technique.backend} {technique.method}"
+    if "cuda" in technique.needs and not context.device.startswith("cuda"):
+        raise DeviceError(f"{label} runs only on a CUDA GPU", "use --device cuda on a machine with a GPU")
+    if "example_input" in technique.needs:
+        context.require_example_input(label)
+    if "calibration_data" in technique.needs and context.calibration_data is None:
+        context.require_calibration_data(label)
+
+
+def measure(model: Any, script: TestScript, dataset: str, device: str, example_input: Any) -> Measurement:
+    metrics = script.evaluate(model, dataset, device)
+    params, nonzero = count_parameters(model)
+    latency = model_latency(model, example_input, device) if example_input is not None else None
+    return Measurement(metrics.values, metrics.primary, params, nonzero, state_dict_bytes(model), latency,
+                       count_flops(model, example_input))
+
+
+def default_output(model_path: Path) -> Path:
+    return model_path.with_name(f"{model_path.stem}.optimized.pt")
+
+
+def optimize(
+    model_path: str | os.PathLike[str],
+    *,
+    test_script: str | os.PathLike[str],
+    dataset: str | os.PathLike[str],
+    steps: Sequence[Step],
+    output: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    max_accuracy_drop: float | None = None,
+    trust_model: bool = False,
+    input_shape: Sequence[int] | None = None,
+    progress: Callable[[str], None] | None = None,
+    manager: PluginManager | None = None,
+) -> Report:
+    """Run the main job; see ``model-opt optimize --help``. Returns the report; raises ModelOptError."""
+    say = progress or (lambda message: None)
+    manager = manager or get_plugin_manager()
+    # 1. Everything that can be checked without the model, before any heavy work.
+    model_path = modelio.check_readable(model_path)
+    script = TestScript(test_script)
+    dataset = str(dataset)
+    if not os.path.exists(dataset):
+        raise UsageError(f"test dataset not found: {dataset}", "check the --test-dataset path")
+    if not steps:
+        raise UsageError("no technique was asked for", "add --prune, --quantize, --fuse or --decompose")
+    if max_accuracy_drop is not None and max_accuracy_drop < 0:
+        raise UsageError(f"--max-accuracy-drop is {max_accuracy_drop}, which is negative",
+                         "pass the largest drop you accept, in the metric's units (e.g. 0.01)")
+    out = Path(output) if output else default_output(model_path)
+    if out.is_dir():
+        out = out / default_output(model_path).name
+    if out.resolve() == model_path.resolve():
+        raise UsageError(f"--output {out} would overwrite the input model", "choose another output path")
+    planned = plan(steps, manager)
+    device = check_device(device)
+
+    import torch
+
+    # 2. Load the model and the inputs the techniques and measurements need.
+    say(f"loading {model_path.name}")
+    loader = (lambda p: script.call("load_model", p)) if script.has("load_model") else None
+    model = modelio.load(model_path, trust_model=trust_model, loader=loader,
+                         search_paths=[script.folder, model_path.parent])
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{model_path.name} did not load as a torch.nn.Module", "check load_model()")
+    model = model.to(device).eval()
+    example = example_input(script, dataset, input_shape, device)
+    if example is not None:
+        try:
+            with torch.inference_mode():
+                call_model(model, example)
+        except Exception as exc:
+            shape = tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
+            raise UsageError(f"the example input {shape} does not fit the model: {_first_line(exc)}",
+                             "fix example_input() in the test script or --input-shape") from None
+    calibration = (lambda: script.call("calibration_data", dataset)) if script.has("calibration_data") else None
+    train = (lambda m, d, n: script.call("train", m, d, n)) if script.has("train") else None
+    context = TechniqueContext(device=device, example_input=example, calibration_data=calibration, train=train,
+                               dataset_path=dataset, progress=say)
+    for technique, _ in planned:
+        check_needs(technique, context)
+
+    # 3. Before, apply, after.
+    report = Report(model=str(model_path), device=device, threads=torch.get_num_threads(),
+                    higher_is_better=script.higher_is_better, before=None,  # type: ignore[arg-type]
+                    max_accuracy_drop=max_accuracy_drop)
+    if example is None:
+        report.latency_note = "define example_input(dataset_path) in the test script or pass --input-shape"
+    say("measuring the original model")
+    report.before = measure(model, script, dataset, device, example)
+    model, report.steps = apply(model, planned, context, manager)
+    model = model.eval()
+    say("measuring the optimized model")
+    report.after = measure(model, script, dataset, device, example)
+    report.warnings = speed_warnings(report, planned)
+
+    # 4. Keep the input untouched; write nothing when the budget is exceeded.
+    if not report.within_budget:
+        raise AccuracyBudgetExceeded(
+            f"{report.before.primary} dropped by {report.metric_drop:.4f}, more than --max-accuracy-drop "
+            f"{max_accuracy_drop:g}; nothing was written",
+            "try a milder setting (smaller amount, fewer techniques) or a recovery step",
+            report=report,
+        )
+    report.output = str(out)
+    manifest = {
+        "source": str(model_path),
+        "steps": [s.to_dict() for s in report.steps],
+        "import_paths": [str(script.folder), str(model_path.parent.resolve())],
+        "metrics": report.after.metrics,
+    }
+    say(f"saving {out}")
+    modelio.save(model, out, manifest)
+    write_text_atomic(out.with_name("report.json"), report.to_json())
+    return report
+
+
+def example_input(script: TestScript, dataset: str, input_shape: Sequence[int] | None, device: str) -> Any:
+    import torch
+
+    if script.has("example_input"):
+        value = script.call("example_input", dataset)
+    elif input_shape:
+        value = torch.randn(*input_shape)
+    elif script.has("calibration_data"):
+        value = next(iter(script.call("calibration_data", dataset)), None)
+    else:
+        return None
+    return to_device(value, device)
+
+
+def speed_warnings(report: Report, planned: Sequence[tuple[Technique, dict[str, Any]]]) -> list[str]:
+    """Plain-words warnings when the techniques did not make the model faster on this device."""
+    device = report.device.split(":")[0]
+    warnings = []
+    for technique, _ in planned:
+        if device not in technique.speeds_up:
+            note = f": {technique.speed_note}" if technique.speed_note else ""
+            warnings.append(f"{technique.backend} {technique.method} does not reduce latency on {device}{note}")
+    speedup = report.speedup
+    if speedup is not None:
+        if speedup < 0.95:
+            warnings.append(f"the optimized model is slower than the original on {device} ({speedup:.2f}x)")
+        elif speedup < 1.05:
+            warnings.append(f"the optimized model is not measurably faster on {device} ({speedup:.2f}x)")
+    return warnings
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+__all__ = ["ORDER", "Step", "apply", "optimize", "plan"]

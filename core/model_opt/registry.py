@@ -1,0 +1,270 @@
+"""Typed technique records and the registry that resolves names to them."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BackendNotInstalled, UsageError
+from .hookspecs import KINDS
+
+#: First-party extras, so that a missing backend's error can say what to install.
+#: This is only a hint table: nothing is dispatched through it.
+KNOWN_BACKENDS: dict[str, str] = {
+    "torchao": "torchao",
+    "nncf": "nncf",
+    "neural-compressor": "neural-compressor",
+    "torch-pruning": "torch-pruning",
+    "tome": "tome",
+    "tomesd": "tomesd",
+    "svd": "svd",
+    "fusion": "fusion",
+}
+#: Which first-party backend provides a method, when the user names only the method.
+KNOWN_METHODS: dict[tuple[str, str], str] = {
+    ("quantize", "int8_weight_only"): "torchao",
+    ("quantize", "int8_dynamic"): "torchao",
+    ("quantize", "int4_weight_only"): "torchao",
+    ("quantize", "float8_dynamic"): "torchao",
+    ("quantize", "autoquant"): "torchao",
+    ("quantize", "int8_static"): "nncf",
+    ("quantize", "weight_only"): "neural-compressor",
+    ("quantize", "autotune"): "neural-compressor",
+    ("prune", "structured"): "torch-pruning",
+    ("prune", "token_merging"): "tome",
+    ("fuse", "conv_bn_relu"): "fusion",
+    ("fuse", "linear_gelu"): "fusion",
+    ("decompose", "svd"): "svd",
+}
+
+
+def install_hint(backend: str) -> str:
+    extra = KNOWN_BACKENDS.get(backend, backend)
+    return f'pip install "model-opt[{extra}]"'
+
+
+def closest(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean X?)' when a choice is close to ``name``, else ''."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def choose_one_of(what: str, name: str, choices: Iterable[str]) -> UsageError:
+    choices = sorted(set(choices))
+    listed = ", ".join(choices) if choices else "none installed"
+    return UsageError(f"unknown {what} {name!r}{closest(name, choices)}", f"choose one of: {listed}")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One typed option of a technique. ``type`` is one of bool, int, float, str, list."""
+
+    name: str
+    type: type
+    default: Any
+    help: str = ""
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+
+    def describe_range(self) -> str:
+        if self.minimum is None and self.maximum is None:
+            return ""
+        lo = "(" if self.exclusive_minimum else "["
+        hi = ")" if self.exclusive_maximum else "]"
+        low = "-inf" if self.minimum is None else f"{self.minimum:g}"
+        high = "inf" if self.maximum is None else f"{self.maximum:g}"
+        return f"{lo}{low}, {high}{hi}"
+
+    def coerce(self, value: Any, where: str = "") -> Any:
+        """Convert a CLI string or Python value to this option's type and check it."""
+        label = f"{where}option {self.name!r}"
+        if value is None:
+            return None
+        try:
+            if self.type is bool:
+                if isinstance(value, str):
+                    lowered = value.strip().lower()
+                    if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                        raise ValueError(value)
+                    value = lowered in {"1", "true", "yes", "on"}
+                value = bool(value)
+            elif self.type is list:
+                if isinstance(value, str):
+                    value = [part.strip() for part in value.split(",") if part.strip()]
+                value = list(value)
+            elif self.type is int:
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError(value)
+                value = int(value)
+            elif self.type is float:
+                value = float(value)
+            else:
+                value = self.type(value)
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"{label} expects {self.type.__name__}, got {value!r}",
+                f"pass a {self.type.__name__}" + (f" in {self.describe_range()}" if self.minimum is not None
+                                                 or self.maximum is not None else ""),
+            ) from None
+        if self.choices:
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                if item not in self.choices:
+                    raise choose_one_of(f"{label} value", str(item), map(str, self.choices))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            too_low = self.minimum is not None and (
+                value <= self.minimum if self.exclusive_minimum else value < self.minimum)
+            too_high = self.maximum is not None and (
+                value >= self.maximum if self.exclusive_maximum else value > self.maximum)
+            if too_low or too_high:
+                raise UsageError(f"{label} is {value:g}, outside {self.describe_range()}",
+                                 f"pass a value in {self.describe_range()}")
+        return value
+
+
+@dataclass(frozen=True)
+class Technique:
+    """What a plugin registers: one method of one backend for one kind of optimization."""
+
+    kind: str
+    backend: str
+    method: str
+    summary: str
+    options: tuple[Option, ...] = ()
+    needs: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    speeds_up: tuple[str, ...] = ("cpu", "cuda")
+    speed_note: str = ""
+    plugin: str = ""
+    extra: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"technique kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.backend, self.method)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.backend}:{self.method}"
+
+    def option(self, name: str) -> Option:
+        for opt in self.options:
+            if opt.name == name:
+                return opt
+        raise choose_one_of(f"option for {self.backend} {self.method}", name, (o.name for o in self.options))
+
+    def missing_packages(self) -> list[str]:
+        """Required packages that are not importable (checked without importing them)."""
+        missing = []
+        for package in self.requires:
+            try:
+                found = importlib.util.find_spec(package) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                missing.append(package)
+        return missing
+
+    def validate_environment(self) -> None:
+        """Raise BackendNotInstalled, naming the extra to install, when a package is missing."""
+        missing = self.missing_packages()
+        if missing:
+            raise BackendNotInstalled(
+                f"{self.backend} {self.method} needs the package {', '.join(missing)}, which is not installed",
+                f'pip install "model-opt[{self.extra or KNOWN_BACKENDS.get(self.backend, self.backend)}]"',
+            )
+
+    def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Defaults filled in; unknown names and bad values raise UsageError."""
+        resolved = {opt.name: opt.default for opt in self.options}
+        for name, value in (given or {}).items():
+            opt = self.option(name)
+            resolved[name] = opt.coerce(value, where=f"{self.backend} {self.method} ")
+        return resolved
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "backend": self.backend,
+            "method": self.method,
+            "summary": self.summary,
+            "plugin": self.plugin,
+            "options": [
+                {"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help,
+                 "choices": list(o.choices), "range": o.describe_range()}
+                for o in self.options
+            ],
+            "needs": list(self.needs),
+            "requires": list(self.requires),
+            "speeds_up": list(self.speeds_up),
+            "speed_note": self.speed_note,
+        }
+
+
+@dataclass
+class Registry:
+    """Every registered technique, keyed by (kind, backend, method)."""
+
+    techniques: dict[tuple[str, str, str], Technique] = field(default_factory=dict)
+    conflicts: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)
+
+    def add(self, technique: Technique) -> None:
+        key = technique.key
+        if key in self.conflicts:
+            self.conflicts[key].append(technique.plugin)
+        elif key in self.techniques and self.techniques[key].plugin != technique.plugin:
+            self.conflicts[key] = [self.techniques.pop(key).plugin, technique.plugin]
+        else:
+            self.techniques[key] = technique
+
+    def of_kind(self, kind: str) -> list[Technique]:
+        return [t for t in self.techniques.values() if t.kind == kind]
+
+    def find(self, kind: str, backend: str | None = None, method: str | None = None) -> Technique:
+        """Resolve a technique; errors list what is installed and suggest the closest name."""
+        if kind not in KINDS:
+            raise choose_one_of("technique kind", kind, KINDS)
+        for key, plugins in self.conflicts.items():
+            if key[0] == kind and (backend in (None, key[1])) and (method in (None, key[2])):
+                raise UsageError(
+                    f"{key[1]} {key[2]} is registered by two plugins: {' and '.join(plugins)}",
+                    "uninstall one of them (pip uninstall ...)",
+                )
+        candidates = self.of_kind(kind)
+        if backend is not None:
+            by_backend = [t for t in candidates if t.backend == backend]
+            if not by_backend:
+                if backend in KNOWN_BACKENDS:
+                    raise BackendNotInstalled(
+                        f"the {kind} backend {backend!r} is not installed", install_hint(backend))
+                raise choose_one_of(f"{kind} backend", backend, (t.backend for t in candidates))
+            candidates = by_backend
+        if method is not None:
+            by_method = [t for t in candidates if t.method == method]
+            if not by_method:
+                known = KNOWN_METHODS.get((kind, method))
+                if known and backend in (None, known):
+                    raise BackendNotInstalled(
+                        f"the {kind} method {method!r} is provided by the {known} plugin, which is not installed",
+                        install_hint(known),
+                    )
+                where = f" of backend {backend!r}" if backend else ""
+                raise choose_one_of(f"{kind} method{where}", method, (t.method for t in candidates))
+            candidates = by_method
+        if not candidates:
+            raise BackendNotInstalled(f"no installed plugin provides a {kind} technique",
+                                      'pip install "model-opt[all]"')
+        if len(candidates) > 1:
+            names = ", ".join(sorted(f"{t.backend}:{t.method}" for t in candidates))
+            what = "backend" if method is not None else "method"
+            raise UsageError(f"several {kind} techniques match", f"name the {what}; choose one of: {names}")
+        return candidates[0]

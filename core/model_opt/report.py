@@ -1,0 +1,186 @@
+"""The before/after report: a printed table and report.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .measure import Latency
+
+
+@dataclass
+class Measurement:
+    metrics: dict[str, float]
+    primary: str
+    parameters: int
+    nonzero_parameters: int
+    size_bytes: int
+    latency: Latency | None = None
+    flops: int | None = None
+
+    @property
+    def metric(self) -> float:
+        return self.metrics[self.primary]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metrics": self.metrics,
+            "primary_metric": self.primary,
+            "parameters": self.parameters,
+            "nonzero_parameters": self.nonzero_parameters,
+            "size_bytes": self.size_bytes,
+            "latency": self.latency.to_dict() if self.latency else None,
+            "flops": self.flops,
+        }
+
+
+@dataclass
+class StepRecord:
+    kind: str
+    backend: str
+    method: str
+    plugin: str
+    options: dict[str, Any]
+    info: dict[str, Any]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Report:
+    model: str
+    device: str
+    threads: int
+    higher_is_better: bool
+    before: Measurement
+    after: Measurement | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    output: str | None = None
+    max_accuracy_drop: float | None = None
+    latency_note: str = ""
+
+    @property
+    def metric_drop(self) -> float | None:
+        """How much the primary metric got worse (positive = worse), in the metric's own units."""
+        if self.after is None:
+            return None
+        change = self.after.metric - self.before.metric
+        return -change if self.higher_is_better else change
+
+    @property
+    def speedup(self) -> float | None:
+        if self.after is None or not self.before.latency or not self.after.latency:
+            return None
+        return self.before.latency.median_ms / self.after.latency.median_ms
+
+    @property
+    def within_budget(self) -> bool:
+        drop = self.metric_drop
+        return self.max_accuracy_drop is None or drop is None or drop <= self.max_accuracy_drop + 1e-12
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "output": self.output,
+            "device": self.device,
+            "threads": self.threads,
+            "higher_is_better": self.higher_is_better,
+            "steps": [s.to_dict() for s in self.steps],
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict() if self.after else None,
+            "metric_drop": self.metric_drop,
+            "speedup": self.speedup,
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "within_budget": self.within_budget,
+            "warnings": self.warnings,
+            "latency_note": self.latency_note,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def render(self) -> str:
+        """A plain-text table, before and after."""
+        b, a = self.before, self.after
+        rows: list[tuple[str, str, str, str]] = []
+        names = list(b.metrics) + [n for n in (a.metrics if a else {}) if n not in b.metrics]
+        for name in names:
+            before = b.metrics.get(name)
+            after = a.metrics.get(name) if a else None
+            label = f"{name}{' (primary)' if name == b.primary else ''}"
+            rows.append((label, _num(before), _num(after), _delta(before, after)))
+        if b.latency:
+            la = a.latency if a else None
+            rows.append((f"latency median ms ({b.latency.runtime}"
+                         f"{'' if not la or la.runtime == b.latency.runtime else ' -> ' + la.runtime})",
+                         f"{b.latency.median_ms:.3f}", f"{la.median_ms:.3f}" if la else "-",
+                         f"{self.speedup:.2f}x faster" if self.speedup else "-"))
+            rows.append(("latency p90 ms", f"{b.latency.p90_ms:.3f}", f"{la.p90_ms:.3f}" if la else "-",
+                         _ratio(b.latency.p90_ms, la.p90_ms if la else None, "x faster")))
+        else:
+            rows.append(("latency", "n/a", "n/a", self.latency_note or "no example input"))
+        rows.append(("parameters", f"{b.parameters:,}", f"{a.parameters:,}" if a else "-",
+                     _ratio(a.parameters if a else None, b.parameters, "x of before")))
+        if a and a.nonzero_parameters != a.parameters:
+            rows.append(("non-zero parameters", f"{b.nonzero_parameters:,}", f"{a.nonzero_parameters:,}",
+                         _ratio(a.nonzero_parameters, b.nonzero_parameters, "x of before")))
+        rows.append(("size on disk", _bytes(b.size_bytes), _bytes(a.size_bytes) if a else "-",
+                     _ratio(a.size_bytes if a else None, b.size_bytes, "x of before")))
+        if b.flops is not None or (a and a.flops is not None):
+            rows.append(("FLOPs", _big(b.flops), _big(a.flops if a else None),
+                         _ratio(a.flops if a else None, b.flops, "x of before")))
+        widths = [max(len(r[i]) for r in [("", "before", "after", "change"), *rows]) for i in range(4)]
+        line = "  ".join("-" * w for w in widths)
+        out = [f"model-opt report: {self.model} on {self.device} ({self.threads} threads)"]
+        for step in self.steps:
+            opts = ", ".join(f"{k}={v}" for k, v in step.options.items())
+            out.append(f"  step: {step.kind} {step.backend}:{step.method} ({opts}) in {step.seconds:.1f}s")
+        out.append(line)
+        for row in [("", "before", "after", "change"), *rows]:
+            out.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w)
+                                 in enumerate(zip(row, widths))))
+        out.append(line)
+        for warning in self.warnings:
+            out.append(f"warning: {warning}")
+        if self.output:
+            out.append(f"saved: {self.output}")
+        return "\n".join(out)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _delta(before: float | None, after: float | None) -> str:
+    if before is None or after is None:
+        return "-"
+    return f"{after - before:+.4f}"
+
+
+def _ratio(num: float | None, den: float | None, suffix: str) -> str:
+    if not num or not den:
+        return "-"
+    return f"{num / den:.2f}{suffix}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _big(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)

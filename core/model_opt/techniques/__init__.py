@@ -1,0 +1,106 @@
+"""The seed's Python API: thin classes that dispatch through the plugin registry.
+
+>>> from model_opt.techniques import Pruner
+>>> model = Pruner().prune_model(model, amount=0.5, criterion="l1", prune_type="unstructured")
+
+A backend that is not installed raises :class:`model_opt.errors.BackendNotInstalled`, whose message
+names the ``pip install "model-opt[...]"`` to run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from model_opt.context import TechniqueContext
+
+
+def run_technique(kind: str, model: Any, *, backend: str | None = None, method: str | None = None,
+                  options: dict[str, Any] | None = None, example_input: Any = None,
+                  calibration_data: Iterable[Any] | None = None, train: Any = None,
+                  device: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """Resolve one technique, check what it needs, and apply it. Returns ``(model, info)``."""
+    from model_opt.pipeline import check_needs
+    from model_opt.plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    technique = manager.registry.find(kind, backend, method)
+    resolved = technique.resolve_options({k: v for k, v in (options or {}).items() if v is not None})
+    context = TechniqueContext(
+        device=device or _device_of(model),
+        example_input=example_input,
+        calibration_data=(lambda: calibration_data) if calibration_data is not None else None,
+        train=train,
+    )
+    check_needs(technique, context)
+    return manager.apply(technique, model, resolved, context)
+
+
+def _device_of(model: Any) -> str:
+    for tensor in model.parameters():
+        return str(tensor.device)
+    return "cpu"
+
+
+class _Technique:
+    def __init__(self) -> None:
+        self.info: dict[str, Any] = {}
+
+    def _run(self, kind: str, model: Any, **kwargs: Any) -> Any:
+        model, self.info = run_technique(kind, model, **kwargs)
+        return model
+
+
+class Quantizer(_Technique):
+    """Quantize a model: ``Quantizer().quantize(model, method='int8_dynamic', example_input=x)``."""
+
+    def quantize(self, model: Any, method: str = "int8_weight_only", example_input: Any = None, *,
+                 backend: str | None = None, calibration_data: Iterable[Any] | None = None,
+                 device: str | None = None, **options: Any) -> tuple[Any, dict[str, Any]]:
+        model = self._run("quantize", model, backend=backend, method=method, options=options,
+                          example_input=example_input, calibration_data=calibration_data, device=device)
+        return model, self.info
+
+
+class Pruner(_Technique):
+    """Prune a model; ``prune_type`` is the method (``unstructured`` or ``structured``)."""
+
+    def prune_model(self, model: Any, amount: float = 0.5, criterion: str | None = None,
+                    prune_type: str = "unstructured", example_input: Any = None, *,
+                    backend: str | None = None, device: str | None = None, **options: Any) -> Any:
+        if backend is None and prune_type == "unstructured":
+            backend = "basic"
+        return self._run("prune", model, backend=backend, method=prune_type,
+                         options={"amount": amount, "criterion": criterion, **options},
+                         example_input=example_input, device=device)
+
+
+class LayerFuser(_Technique):
+    """Fuse layers: Conv-BN-ReLU folding and Linear-GELU fusion."""
+
+    def fuse_conv_bn_relu(self, model: Any, **options: Any) -> Any:
+        return self._run("fuse", model, method="conv_bn_relu", options=options)
+
+    def fuse_linear_gelu(self, model: Any, **options: Any) -> Any:
+        return self._run("fuse", model, method="linear_gelu", options=options)
+
+    def fuse_model(self, model: Any, fusion_types: Sequence[str] = ("conv_bn_relu", "linear_gelu"),
+                   **options: Any) -> Any:
+        infos = {}
+        for fusion_type in fusion_types:
+            model = self._run("fuse", model, method=fusion_type, options=options)
+            infos[fusion_type] = self.info
+        self.info = infos
+        return model
+
+
+class Decomposer(_Technique):
+    """Low-rank decomposition: ``Decomposer().decompose_model(model, method='svd', rank_ratio=0.5)``."""
+
+    def decompose_model(self, model: Any, method: str = "svd", rank_ratio: float | None = 0.5, *,
+                        backend: str | None = None, **options: Any) -> Any:
+        return self._run("decompose", model, backend=backend, method=method,
+                         options={"rank_ratio": rank_ratio, **options})
+
+
+__all__ = ["Decomposer", "LayerFuser", "Pruner", "Quantizer", "run_technique"]

@@ -1,0 +1,1 @@
+"""Pruning entry points of the seed API (token merging lives here too)."""

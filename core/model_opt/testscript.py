@@ -1,0 +1,208 @@
+"""The user's test script, in either of its two contracts.
+
+1. In-process: the script defines ``evaluate(model, dataset_path) -> float | dict[str, float]`` and
+   optionally ``load_model(path)``, ``example_input(dataset_path)``, ``calibration_data(dataset_path)``,
+   ``train(model, dataset_path, steps)`` and ``HIGHER_IS_BETTER``.
+2. As a program: ``python eval.py`` with ``MODEL_OPT_MODEL`` (a ``torch.save``-d module),
+   ``MODEL_OPT_DATASET`` and ``MODEL_OPT_DEVICE`` set; every stdout line ``name = number`` is a metric.
+
+Which one is detected from the script's source (a top-level ``def evaluate``) without running it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .errors import TestScriptError
+
+METRIC_LINE = re.compile(r"^\s*([A-Za-z_][\w.\-/@ ]*?)\s*[=:]\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*%?\s*$")
+OPTIONAL_HOOKS = ("load_model", "example_input", "calibration_data", "train")
+
+
+@dataclass
+class Metrics:
+    """Named metric values and which one is primary."""
+
+    values: dict[str, float]
+    primary: str
+
+    @property
+    def value(self) -> float:
+        return self.values[self.primary]
+
+
+def parse_metrics(stdout: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for line in stdout.splitlines():
+        match = METRIC_LINE.match(line)
+        if match:
+            values[match.group(1).strip()] = float(match.group(2))
+    return values
+
+
+def pick_primary(values: dict[str, float]) -> str:
+    return "accuracy" if "accuracy" in values else next(iter(values))
+
+
+class TestScript:
+    """A test script on disk; see the module docstring for the two contracts."""
+
+    __test__ = False
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        path = Path(path)
+        if not path.exists():
+            raise TestScriptError(f"test script not found: {path}", "check the --test-script path")
+        if path.is_dir() or path.suffix != ".py":
+            raise TestScriptError(f"test script must be a .py file: {path}", "pass the path of your eval.py")
+        self.path = path.resolve()
+        try:
+            tree = ast.parse(self.path.read_text(encoding="utf-8"), filename=str(self.path))
+        except SyntaxError as exc:
+            raise TestScriptError(f"{path.name} has a syntax error at line {exc.lineno}: {exc.msg}",
+                                  "fix the script") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TestScriptError(f"cannot read test script {path}: {exc}", "check the file") from None
+        self.defined = {
+            node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        } | {
+            target.id for node in tree.body if isinstance(node, ast.Assign)
+            for target in node.targets if isinstance(target, ast.Name)
+        }
+        self.constants: dict[str, Any] = {}
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                try:
+                    self.constants[node.targets[0].id] = ast.literal_eval(node.value)
+                except ValueError:
+                    pass
+        self.mode = "in_process" if "evaluate" in self.defined else "program"
+        self._module: ModuleType | None = None
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def has(self, hook: str) -> bool:
+        """True when the script offers ``hook`` in-process (program-mode scripts are never imported)."""
+        return self.mode == "in_process" and hook in self.defined
+
+    # -- in-process ------------------------------------------------------------------------
+    @property
+    def module(self) -> ModuleType:
+        """Import the script once, under its own name so that classes defined in it pickle."""
+        if self._module is None:
+            name = self.path.stem
+            existing = sys.modules.get(name)
+            if existing is not None and getattr(existing, "__file__", None) != str(self.path):
+                name = f"model_opt_testscript_{name}"
+            spec = importlib.util.spec_from_file_location(name, self.path)
+            assert spec and spec.loader
+            module = importlib.util.module_from_spec(spec)
+            if str(self.folder) not in sys.path:
+                sys.path.insert(0, str(self.folder))
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException as exc:
+                sys.modules.pop(name, None)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                raise TestScriptError(f"{self.path.name} failed to import: {self._describe(exc)}",
+                                      "fix the script") from None
+            self._module = module
+        return self._module
+
+    @property
+    def higher_is_better(self) -> bool:
+        if "HIGHER_IS_BETTER" in self.constants:
+            return bool(self.constants["HIGHER_IS_BETTER"])
+        if self.mode == "in_process" and "HIGHER_IS_BETTER" in self.defined:
+            return bool(getattr(self.module, "HIGHER_IS_BETTER", True))
+        return True
+
+    def call(self, hook: str, *args: Any) -> Any:
+        """Call one of the script's functions; its own error is shown on one line."""
+        function = getattr(self.module, hook, None)
+        if function is None:
+            raise TestScriptError(f"{self.path.name} defines no {hook}()", f"add {hook} to the script")
+        try:
+            return function(*args)
+        except KeyboardInterrupt:
+            raise
+        except TestScriptError:
+            raise
+        except BaseException as exc:
+            raise TestScriptError(f"{self.path.name} {hook}() raised {self._describe(exc)}",
+                                  "fix the script, or the model/data it was given") from None
+
+    def _describe(self, exc: BaseException) -> str:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(self.path)]
+        where = f" (line {frames[-1].lineno})" if frames else ""
+        text = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {text[0] if text else ''}{where}"
+
+    # -- both contracts --------------------------------------------------------------------
+    def evaluate(self, model: Any, dataset: str, device: str = "cpu") -> Metrics:
+        if self.mode == "in_process":
+            result = self.call("evaluate", model, dataset)
+            values = self._normalize(result)
+        else:
+            values = self._run_program(model, dataset, device)
+        return Metrics(values, pick_primary(values))
+
+    def _normalize(self, result: Any) -> dict[str, float]:
+        if isinstance(result, dict):
+            items = list(result.items())
+        else:
+            items = [("metric", result)]
+        values: dict[str, float] = {}
+        for name, value in items:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise TestScriptError(
+                    f"{self.path.name} evaluate() returned {type(value).__name__} {value!r} for {name!r}, "
+                    "not a number", "return a float or a dict of floats") from None
+            if math.isnan(number):
+                raise TestScriptError(f"{self.path.name} evaluate() returned NaN for {name!r}",
+                                      "check the model's outputs and the metric")
+            values[str(name)] = number
+        if not values:
+            raise TestScriptError(f"{self.path.name} evaluate() returned no metric",
+                                  "return a float or a dict of floats")
+        return values
+
+    def _run_program(self, model: Any, dataset: str, device: str) -> dict[str, float]:
+        import torch
+
+        with tempfile.TemporaryDirectory(prefix="model-opt-eval-") as tmp:
+            model_file = Path(tmp) / "model.pt"
+            torch.save(model, model_file)
+            env = {**os.environ, "MODEL_OPT_MODEL": str(model_file), "MODEL_OPT_DATASET": str(dataset),
+                   "MODEL_OPT_DEVICE": device}
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.folder), env.get("PYTHONPATH", "")]))
+            proc = subprocess.run([sys.executable, str(self.path)], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+            last = lines[-1].strip() if lines else f"no error output (exit code {proc.returncode})"
+            raise TestScriptError(f"{self.path.name} exited with code {proc.returncode}: {last}",
+                                  "fix the script, or run it by hand with the MODEL_OPT_* variables set")
+        values = parse_metrics(proc.stdout)
+        if not values:
+            raise TestScriptError(
+                f"{self.path.name} defines no evaluate(model, dataset_path) and printed no metric",
+                "define evaluate(), or print lines like 'accuracy = 0.93'")
+        return values

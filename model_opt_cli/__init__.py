@@ -1,0 +1,1 @@
+"""The ``model-opt`` command line. Importing it imports neither torch nor any backend."""

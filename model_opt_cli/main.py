@@ -1,0 +1,248 @@
+"""The ``model-opt`` Typer app. Commands import torch and backends only inside their bodies."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from model_opt import __version__
+from model_opt.errors import AccuracyBudgetExceeded, ModelOptError, UsageError
+
+app = typer.Typer(
+    name="model-opt",
+    help="Make trained PyTorch models smaller and faster, and prove it: metric, latency and size before "
+    "and after, on your own test script.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(err: ModelOptError) -> typer.Exit:
+    typer.echo(f"Error: {err}", err=True)
+    return typer.Exit(err.exit_code)
+
+
+def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, str]:
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{flag} {pair!r} is not KEY=VALUE", f"write it like {flag} amount=0.3")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def parse_shape(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        shape = [int(part) for part in text.replace("x", ",").split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r} is not a list of integers", "write it like 1,3,224,224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape {text!r} has no positive dimensions", "write it like 1,3,224,224")
+    return shape
+
+
+def build_steps(prune: bool, prune_backend: str | None, prune_type: str | None, prune_amount: float | None,
+                prune_criterion: str | None, prune_opt: list[str] | None,
+                quantize: bool, quant_backend: str | None, quant_method: str | None, quant_opt: list[str] | None,
+                fuse: bool, fuse_backend: str | None, fuse_types: str | None, fuse_opt: list[str] | None,
+                decompose: bool, decompose_backend: str | None, decompose_method: str | None,
+                rank_ratio: float | None, decompose_opt: list[str] | None) -> list[Any]:
+    from model_opt.pipeline import Step
+
+    steps = []
+    if prune:
+        options: dict[str, Any] = parse_pairs(prune_opt, "--prune-opt")
+        if prune_amount is not None:
+            options["amount"] = prune_amount
+        if prune_criterion is not None:
+            options["criterion"] = prune_criterion
+        backend = prune_backend or ("basic" if prune_type in (None, "unstructured") else None)
+        steps.append(Step("prune", backend, prune_type, options))
+    if decompose:
+        options = parse_pairs(decompose_opt, "--decompose-opt")
+        if rank_ratio is not None:
+            options["rank_ratio"] = rank_ratio
+        steps.append(Step("decompose", decompose_backend, decompose_method, options))
+    if fuse:
+        options = parse_pairs(fuse_opt, "--fuse-opt")
+        types = [t.strip() for t in (fuse_types or "").split(",") if t.strip()] or [None]
+        steps.extend(Step("fuse", fuse_backend, t, dict(options)) for t in types)
+    if quantize:
+        steps.append(Step("quantize", quant_backend, quant_method, parse_pairs(quant_opt, "--quant-opt")))
+    return steps
+
+
+@app.command()
+def optimize(
+    model: Annotated[Path, typer.Argument(help="Model file: a state_dict (with load_model in the test "
+                                                "script), a .pt2 program, TorchScript, or a pickled module "
+                                                "(with --trust-model).")],
+    test_dataset: Annotated[Path, typer.Option("--test-dataset", help="Dataset path passed to the test script.")],
+    test_script: Annotated[Path, typer.Option("--test-script", help="eval.py: defines evaluate(model, "
+                                                                    "dataset_path), or prints 'name = number'.")],
+    prune: Annotated[bool, typer.Option("--prune", help="Prune the model.")] = False,
+    prune_backend: Annotated[str | None, typer.Option(help="Pruning backend (default: basic).")] = None,
+    prune_type: Annotated[str | None, typer.Option("--prune-type", "--prune-method",
+                                                   help="unstructured or structured.")] = None,
+    prune_amount: Annotated[float | None, typer.Option(help="Fraction to prune, in (0, 1).")] = None,
+    prune_criterion: Annotated[str | None, typer.Option(help="l1, magnitude, random, ...")] = None,
+    prune_opt: Annotated[list[str] | None, typer.Option(help="Extra pruning option KEY=VALUE.")] = None,
+    quantize: Annotated[bool, typer.Option("--quantize", help="Quantize the model.")] = False,
+    quant_backend: Annotated[str | None, typer.Option(help="Quantization backend.")] = None,
+    quant_method: Annotated[str | None, typer.Option(help="e.g. int8_dynamic, int8_weight_only.")] = None,
+    quant_opt: Annotated[list[str] | None, typer.Option(help="Extra quantization option KEY=VALUE.")] = None,
+    fuse: Annotated[bool, typer.Option("--fuse", help="Fuse layers.")] = False,
+    fuse_backend: Annotated[str | None, typer.Option(help="Fusion backend.")] = None,
+    fuse_types: Annotated[str | None, typer.Option(help="Comma list, e.g. conv_bn_relu,linear_gelu.")] = None,
+    fuse_opt: Annotated[list[str] | None, typer.Option(help="Extra fusion option KEY=VALUE.")] = None,
+    decompose: Annotated[bool, typer.Option("--decompose", help="Low-rank decomposition.")] = False,
+    decompose_backend: Annotated[str | None, typer.Option(help="Decomposition backend.")] = None,
+    decompose_method: Annotated[str | None, typer.Option(help="e.g. svd.")] = None,
+    rank_ratio: Annotated[float | None, typer.Option(help="Rank as a fraction of min(in, out).")] = None,
+    decompose_opt: Annotated[list[str] | None, typer.Option(help="Extra decomposition option KEY=VALUE.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the optimized model "
+                                                                      "(default: beside the input).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="Fail, writing nothing, if the primary "
+                                                                 "metric drops more than this.")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="Random example input for latency, e.g. "
+                                                         "1,3,224,224 (when the script has no "
+                                                         "example_input).")] = None,
+    trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow loading a pickled nn.Module "
+                                                                    "(runs code from the file).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")] = False,
+) -> None:
+    """Apply techniques (in the order prune, decompose, fuse, quantize) and report before/after."""
+    from model_opt.pipeline import optimize as run
+
+    def progress(message: str) -> None:
+        if not quiet:
+            typer.echo(f"model-opt: {message}", err=True)
+
+    try:
+        steps = build_steps(prune, prune_backend, prune_type, prune_amount, prune_criterion, prune_opt,
+                            quantize, quant_backend, quant_method, quant_opt, fuse, fuse_backend, fuse_types,
+                            fuse_opt, decompose, decompose_backend, decompose_method, rank_ratio, decompose_opt)
+        report = run(model, test_script=test_script, dataset=test_dataset, steps=steps, output=output,
+                     device=device, max_accuracy_drop=max_accuracy_drop, trust_model=trust_model,
+                     input_shape=parse_shape(input_shape), progress=progress)
+    except AccuracyBudgetExceeded as err:
+        if err.report is not None:
+            typer.echo(err.report.to_json() if as_json else err.report.render())
+        raise fail(err) from None
+    except ModelOptError as err:
+        raise fail(err) from None
+    except KeyboardInterrupt:
+        typer.echo("Interrupted: nothing was written.", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(report.to_json() if as_json else report.render())
+
+
+@app.command()
+def plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """List installed plugins: version, techniques, status and install hints."""
+    from model_opt.plugins import get_plugin_manager
+
+    records = list(get_plugin_manager().records.values())
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in records], indent=2))
+        return
+    for record in records:
+        version = record.version or "?"
+        techniques = ", ".join(f"{t.kind}:{t.backend}:{t.method}" for t in record.techniques) or "(none)"
+        typer.echo(f"{record.name} {version} [{record.status}]  {record.distribution or record.module}")
+        typer.echo(f"    techniques: {techniques}")
+        if record.reason:
+            typer.echo(f"    reason: {record.reason}")
+        if record.hint:
+            typer.echo(f"    fix: {record.hint}")
+
+
+@app.command()
+def techniques(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """List every technique with its options, defaults, needs and devices."""
+    from model_opt.plugins import get_plugin_manager
+
+    registry = get_plugin_manager().registry
+    items = sorted(registry.techniques.values(), key=lambda t: (("prune", "decompose", "fuse", "quantize")
+                                                                .index(t.kind), t.backend, t.method))
+    if as_json:
+        typer.echo(json.dumps([t.to_dict() for t in items], indent=2, default=str))
+        return
+    for t in items:
+        typer.echo(f"{t.kind} {t.backend}:{t.method}  (plugin {t.plugin})")
+        typer.echo(f"    {t.summary}")
+        for o in t.options:
+            extra = f" choices: {', '.join(map(str, o.choices))}" if o.choices else ""
+            extra += f" range: {o.describe_range()}" if o.describe_range() else ""
+            typer.echo(f"    --{t.kind}-opt {o.name}=<{o.type.__name__}> default {o.default!r}.{extra} {o.help}")
+        typer.echo(f"    needs: {', '.join(t.needs) or 'nothing'}; requires: {', '.join(t.requires) or '-'}")
+        typer.echo(f"    speeds up on: {', '.join(t.speeds_up) or 'no device'}"
+                   + (f" ({t.speed_note})" if t.speed_note else ""))
+    for key, names in registry.conflicts.items():
+        typer.echo(f"conflict: {key[1]}:{key[2]} is registered by {' and '.join(names)}")
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Option(help="Where to write the example.")] = Path("model-opt-demo"),
+    prune_amount: Annotated[float, typer.Option(help="Unstructured pruning amount.")] = 0.5,
+    epochs: Annotated[int, typer.Option(help="Training epochs for the example model.")] = 12,
+) -> None:
+    """Train the shipped digits example and run `optimize` on it, printing the report."""
+    from model_opt.examples.digits import prepare
+    from model_opt.pipeline import Step
+    from model_opt.pipeline import optimize as run
+
+    typer.echo(f"model-opt: training the digits example in {folder}", err=True)
+    example = prepare(folder, epochs=epochs)
+    command = (f"model-opt optimize {example.model} --test-dataset {example.dataset} --test-script "
+               f"{example.script} --prune --prune-backend basic --prune-amount {prune_amount} "
+               "--prune-criterion l1")
+    typer.echo(f"model-opt: running: {command}", err=True)
+    try:
+        report = run(example.model, test_script=example.script, dataset=example.dataset,
+                     steps=[Step("prune", "basic", "unstructured", {"amount": prune_amount, "criterion": "l1"})],
+                     progress=lambda m: typer.echo(f"model-opt: {m}", err=True))
+    except ModelOptError as err:
+        raise fail(err) from None
+    typer.echo(report.render())
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"model-opt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """model-opt: quantization, pruning, token merging, fusion and decomposition, measured."""
+
+
+def main() -> None:
+    """Console entry point: plugin commands are added, then the app runs."""
+    from model_opt.plugins import get_plugin_manager
+
+    get_plugin_manager().register_commands(app)
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("Interrupted: nothing was written.", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""model-opt plugin: Conv-BN-ReLU folding and Linear-GELU fusion."""

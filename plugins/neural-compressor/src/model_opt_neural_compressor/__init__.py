@@ -1,0 +1,1 @@
+"""model-opt plugin: Intel Neural Compressor static int8, weight-only and autotune."""

@@ -1,0 +1,1 @@
+"""model-opt plugin: Low-rank SVD decomposition of Linear and Conv layers."""

@@ -1,0 +1,1 @@
+"""model-opt plugin: Token merging (ToMe) for timm Vision Transformers."""

@@ -1,0 +1,1 @@
+"""model-opt plugin: Token merging for Stable Diffusion UNets (tomesd)."""

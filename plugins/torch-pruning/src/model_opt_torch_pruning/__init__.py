@@ -1,0 +1,1 @@
+"""model-opt plugin: Structured pruning of channels and heads with torch-pruning."""

@@ -1,0 +1,1 @@
+"""model-opt plugin: TorchAO quantization (int8 weight-only, int8 dynamic, autoquant)."""
