@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
 from model_opt import __version__
 from model_opt.errors import AccuracyBudgetExceeded, ModelOptError, UsageError
 

@@ -130,7 +130,7 @@ def load(path: str | os.PathLike[str], *, trust_model: bool = False, map_locatio
         obj = torch.load(str(path), map_location=map_location, weights_only=True)
     except Exception as exc:
         message = str(exc)
-        if "Weights only load failed" not in message:
+        if "Unsupported global" not in message:
             raise ModelLoadError(
                 f"{path.name} is not a PyTorch model file ({_first_line(exc)})",
                 "pass a file saved with torch.save, torch.export.save or torch.jit.save",

@@ -135,7 +135,8 @@ class PluginManager:
         result = caller(model=model, technique=technique, options=options, context=context)
         if result is None:
             raise TechniqueError(
-                f"plugin {technique.plugin!r} registered {technique.name} but its {technique.kind} hook returned nothing",
+                f"plugin {technique.plugin!r} registered {technique.name} but its {technique.kind} hook "
+                "returned nothing",
                 "report this to the plugin's authors",
             )
         if not (isinstance(result, tuple) and len(result) == 2):

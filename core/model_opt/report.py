@@ -142,7 +142,7 @@ class Report:
         out.append(line)
         for row in [("", "before", "after", "change"), *rows]:
             out.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w)
-                                 in enumerate(zip(row, widths))))
+                                 in enumerate(zip(row, widths, strict=False))))
         out.append(line)
         for warning in self.warnings:
             out.append(f"warning: {warning}")
