@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import plugin_module
+from helpers import plugin_module
 from model_opt.hookspecs import hookimpl
 from model_opt.plugins import PluginManager
 from model_opt.registry import Technique

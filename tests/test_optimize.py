@@ -10,7 +10,7 @@ from pathlib import Path
 import model_opt
 import pytest
 import torch
-from conftest import file_hash, plugin_module
+from helpers import file_hash, plugin_module
 
 PRUNE = ["--prune", "--prune-backend", "basic", "--prune-amount", "0.5", "--prune-criterion", "l1"]
 

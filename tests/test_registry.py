@@ -5,7 +5,7 @@ from __future__ import annotations
 import types
 
 import pytest
-from conftest import plugin_module
+from helpers import plugin_module
 from model_opt.errors import BackendNotInstalled, UsageError
 from model_opt.hookspecs import hookimpl
 from model_opt.plugins import PluginManager

@@ -12,7 +12,7 @@ from typing import Any
 from . import modelio
 from .atomic import write_text_atomic
 from .context import TechniqueContext
-from .errors import AccuracyBudgetExceeded, DeviceError, UsageError
+from .errors import AccuracyBudgetExceeded, DeviceError, TechniqueError, UsageError
 from .hookspecs import KINDS
 from .measure import call_model, count_flops, count_parameters, model_latency, state_dict_bytes, to_device
 from .plugins import PluginManager, get_plugin_manager
@@ -68,6 +68,11 @@ def apply(model: Any, planned: Sequence[tuple[Technique, dict[str, Any]]], conte
         model, info = manager.apply(technique, model, options, context)
         records.append(StepRecord(technique.kind, technique.backend, technique.method, technique.plugin,
                                   options, info, time.perf_counter() - started))
+    unchanged = [r for r in records if r.info.get("changed") is False]
+    if records and len(unchanged) == len(records):
+        notes = "; ".join(f"{r.backend} {r.method}: {r.info.get('note', 'no change')}" for r in unchanged)
+        raise TechniqueError(f"nothing was optimized ({notes})", "choose a technique or setting that applies "
+                             "to this model (see model-opt techniques)")
     return model, records
 
 
@@ -207,7 +212,9 @@ def example_input(script: TestScript, dataset: str, input_shape: Sequence[int] |
 def speed_warnings(report: Report, planned: Sequence[tuple[Technique, dict[str, Any]]]) -> list[str]:
     """Plain-words warnings when the techniques did not make the model faster on this device."""
     device = report.device.split(":")[0]
-    warnings = []
+    warnings = [f"{s.backend} {s.method} changed nothing: {s.info.get('note', '')}" for s in report.steps
+                if s.info.get("changed") is False]
+    warnings += [f"{s.backend} {s.method}: {s.info['warning']}" for s in report.steps if s.info.get("warning")]
     for technique, _ in planned:
         if device not in technique.speeds_up:
             note = f": {technique.speed_note}" if technique.speed_note else ""

@@ -1,16 +1,39 @@
-"""Hook implementations of the svd plugin.
-
-Its techniques arrive with issue #7; until then it registers none (it never registers a
-technique that does not work).
-"""
+"""Hook implementations of the svd plugin: low-rank decomposition of Linear and Conv2d layers."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from model_opt.hookspecs import hookimpl
+from model_opt.registry import Option, Technique
+
+_UNIT = {"minimum": 0.0, "maximum": 1.0, "exclusive_minimum": True}
+
+SVD = Technique(
+    kind="decompose",
+    backend="svd",
+    method="svd",
+    summary="Replace Linear (and Conv2d) layers by two low-rank factors from a truncated SVD.",
+    options=(
+        Option("rank_ratio", float, 0.5, "rank as a fraction of min(in, out)", **_UNIT),
+        Option("energy", float, None, "instead of rank_ratio: keep this fraction of the spectral energy", **_UNIT),
+        Option("include", list, [], "only these module names (or prefixes); default all"),
+        Option("exclude", list, [], "module names (or prefixes) to leave untouched"),
+        Option("conv", bool, True, "also factorize Conv2d layers (k x k with r outputs, then 1 x 1)"),
+        Option("min_features", int, 16, "skip layers with min(in, out) below this", minimum=1),
+    ),
+    speeds_up=("cpu", "cuda"),
+    speed_note="a layer speeds up only where the rank is well below the break-even point",
+)
 
 
 @hookimpl
 def register_techniques(register: Any) -> None:
-    """Nothing yet: see issue #7."""
+    register(SVD)
+
+
+@hookimpl
+def decompose(model: Any, technique: Technique, options: dict[str, Any], context: Any) -> Any:
+    from .decompose import decompose_model
+
+    return decompose_model(model, **options)

@@ -1,0 +1,78 @@
+"""Find producer -> consumer module pairs (Conv -> BN, BN -> ReLU, Linear -> GELU) in the traced graph.
+
+torch.fx traces the model, or, where that fails, the largest sub-modules that trace; the modules that
+trace nowhere are reported so that callers can fall back to module order there (with a warning).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+
+class _Tracer(fx.Tracer):
+    """Keeps BatchNorm subclasses (timm's BatchNormAct2d) and activations as leaf modules."""
+
+    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return True
+        return super().is_leaf_module(module, qualname)
+
+
+@dataclass
+class Traced:
+    """Module-call edges found by tracing, plus the regions that could not be traced."""
+
+    edges: list[tuple[str, str]] = field(default_factory=list)  # (producer module, sole consumer module)
+    calls: Counter = field(default_factory=Counter)  # how often each module is called
+    untraced: list[tuple[str, str]] = field(default_factory=list)  # (module name, reason)
+
+
+def trace(model: nn.Module) -> Traced:
+    result = Traced()
+    _trace_into(model, "", result)
+    return result
+
+
+def _trace_into(module: nn.Module, prefix: str, result: Traced) -> None:
+    try:
+        graph = _Tracer().trace(module)
+    except Exception as exc:  # control flow, unsupported ops: try the children one by one
+        result.untraced.append((prefix, _first_line(exc)))
+        for name, child in module.named_children():
+            _trace_into(child, _join(prefix, name), result)
+        return
+    nodes = list(graph.nodes)
+    for node in nodes:
+        if node.op == "call_module":
+            result.calls[_join(prefix, node.target)] += 1
+    for node in nodes:
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if user.op == "call_module" and user.args and user.args[0] is node:
+            result.edges.append((_join(prefix, node.target), _join(prefix, user.target)))
+
+
+def _join(prefix: str, target: str) -> str:
+    return f"{prefix}.{target}" if prefix else str(target)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:160] if lines else ''}"
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+__all__ = ["Traced", "get_module", "set_module", "trace"]
