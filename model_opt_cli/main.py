@@ -115,6 +115,10 @@ def optimize(
     input_shape: Annotated[str | None, typer.Option(help="Random example input for latency, e.g. "
                                                          "1,3,224,224 (when the script has no "
                                                          "example_input).")] = None,
+    finetune_steps: Annotated[int, typer.Option(help="Recovery fine-tuning steps with the test script's "
+                                                     "train(model, dataset_path, steps).")] = 0,
+    export: Annotated[bool, typer.Option("--export", help="Also write a torch.export .pt2 beside the output "
+                                                          "(loads with no trust flag).")] = False,
     trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow loading a pickled nn.Module "
                                                                     "(runs code from the file).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
@@ -133,7 +137,8 @@ def optimize(
                             fuse_opt, decompose, decompose_backend, decompose_method, rank_ratio, decompose_opt)
         report = run(model, test_script=test_script, dataset=test_dataset, steps=steps, output=output,
                      device=device, max_accuracy_drop=max_accuracy_drop, trust_model=trust_model,
-                     input_shape=parse_shape(input_shape), progress=progress)
+                     input_shape=parse_shape(input_shape), finetune_steps=finetune_steps, export=export,
+                     progress=progress)
     except AccuracyBudgetExceeded as err:
         if err.report is not None:
             typer.echo(err.report.to_json() if as_json else err.report.render())

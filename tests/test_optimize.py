@@ -197,3 +197,21 @@ def test_interrupt_during_a_technique_leaves_no_output(digits, tmp_path: Path) -
                  steps=[Step("prune", "basic"), Step("quantize", "interrupting")], manager=manager)
     assert os.listdir(tmp_path) == []
     assert file_hash(digits.model) == before
+
+
+def test_finetune_needs_a_train_hook_and_export_writes_a_safe_program(cli, digits, tmp_path: Path) -> None:
+    no_train = tmp_path / "eval_no_train.py"
+    no_train.write_text(digits.script.read_text().split("def train(")[0])
+    shutil.copy(digits.folder / "digits_model.py", tmp_path)
+    result = cli(*args(digits, *PRUNE, "--finetune-steps", "10", "--output", str(tmp_path / "o.pt"),
+                       script=no_train))
+    assert result.exit_code == 2
+    assert "--finetune-steps needs a training hook, and eval_no_train.py defines no train(" in result.stderr
+    out = tmp_path / "e.pt"
+    result = cli(*args(digits, *PRUNE, "--finetune-steps", "20", "--export", "--output", str(out), "--json", "-q"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["exported"] == str(out.with_suffix(".pt2"))
+    assert report["recovery"]["steps"] == 20
+    x = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(model_opt.load(out.with_suffix(".pt2"))(x), model_opt.load(out)(x))

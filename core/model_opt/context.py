@@ -14,12 +14,26 @@ def _quiet(message: str) -> None:
     pass
 
 
+def is_labelled(item: Any) -> bool:
+    """True for an ``(inputs, labels)`` pair: two items, the second an integer tensor."""
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        return False
+    labels = item[1]
+    return hasattr(labels, "is_floating_point") and not labels.is_floating_point() and not labels.is_complex()
+
+
+def model_input(item: Any) -> Any:
+    """The model input of a calibration item, which may be ``inputs`` or an ``(inputs, labels)`` pair."""
+    return item[0] if is_labelled(item) else item
+
+
 @dataclass
 class TechniqueContext:
     """Device, inputs and hooks available to a technique.
 
-    ``calibration_data`` is a zero-argument callable that returns a fresh iterable of model inputs
-    (so a technique can pass over it more than once); ``train`` is the test script's
+    ``calibration_data`` is a zero-argument callable that returns a fresh iterable of model inputs or
+    ``(inputs, labels)`` pairs (so a technique can pass over it more than once; use
+    :meth:`calibration_inputs` for inputs only); ``train`` is the test script's
     ``train(model, dataset_path, steps)`` hook when it defines one.
     """
 
@@ -48,3 +62,7 @@ class TechniqueContext:
                 "define calibration_data(dataset_path) in the test script (an iterable of model inputs)",
             )
         return self.calibration_data()
+
+    def calibration_inputs(self, technique: str) -> Iterable[Any]:
+        """Model inputs only, with labels dropped from ``(inputs, labels)`` pairs."""
+        return (model_input(item) for item in self.require_calibration_data(technique))

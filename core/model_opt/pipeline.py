@@ -11,7 +11,7 @@ from typing import Any
 
 from . import modelio
 from .atomic import write_text_atomic
-from .context import TechniqueContext
+from .context import TechniqueContext, model_input
 from .errors import AccuracyBudgetExceeded, DeviceError, TechniqueError, UsageError
 from .hookspecs import KINDS
 from .measure import call_model, count_flops, count_parameters, model_latency, state_dict_bytes, to_device
@@ -109,6 +109,8 @@ def optimize(
     max_accuracy_drop: float | None = None,
     trust_model: bool = False,
     input_shape: Sequence[int] | None = None,
+    finetune_steps: int = 0,
+    export: bool = False,
     progress: Callable[[str], None] | None = None,
     manager: PluginManager | None = None,
 ) -> Report:
@@ -131,6 +133,11 @@ def optimize(
         out = out / default_output(model_path).name
     if out.resolve() == model_path.resolve():
         raise UsageError(f"--output {out} would overwrite the input model", "choose another output path")
+    if finetune_steps < 0:
+        raise UsageError(f"--finetune-steps is {finetune_steps}", "pass 0 (no recovery) or a positive number")
+    if finetune_steps and not script.has("train"):
+        raise UsageError(f"--finetune-steps needs a training hook, and {script.path.name} defines no "
+                         "train(model, dataset_path, steps)", "add train() to the test script (see README)")
     planned = plan(steps, manager)
     device = check_device(device)
 
@@ -170,6 +177,12 @@ def optimize(
     report.before = measure(model, script, dataset, device, example)
     model, report.steps = apply(model, planned, context, manager)
     model = model.eval()
+    if finetune_steps:
+        report.recovery = {"steps": finetune_steps,
+                           "metrics_before_recovery": script.evaluate(model, dataset, device).values}
+        say(f"recovery fine-tuning: {finetune_steps} steps")
+        trained = script.call("train", model, dataset, finetune_steps)
+        model = (trained if isinstance(trained, torch.nn.Module) else model).eval()
     say("measuring the optimized model")
     report.after = measure(model, script, dataset, device, example)
     report.warnings = speed_warnings(report, planned)
@@ -191,8 +204,36 @@ def optimize(
     }
     say(f"saving {out}")
     modelio.save(model, out, manifest)
+    if export:
+        report.exported = export_program(model, example, out.with_suffix(".pt2"), report.warnings)
     write_text_atomic(out.with_name("report.json"), report.to_json())
     return report
+
+
+def export_program(model: Any, example: Any, path: Path, warnings: list[str]) -> str | None:
+    """Also save a torch.export program, which loads with no trust flag; warn when the model cannot export."""
+    import torch
+
+    from .atomic import atomic_path
+
+    if example is None:
+        warnings.append("no .pt2 export: it needs an example input (example_input() or --input-shape)")
+        return None
+    args, kwargs = ((), example) if isinstance(example, dict) else (
+        (tuple(example) if isinstance(example, (tuple, list)) else (example,)), {})
+    try:
+        try:  # a dynamic batch dimension where the model allows it, else the example's static shapes
+            batch = torch.export.Dim("batch", min=1)
+            dynamic = [{0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args]
+            program = torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic if not kwargs else None)
+        except Exception:
+            program = torch.export.export(model, args, kwargs or None)
+        with atomic_path(path) as tmp:
+            torch.export.save(program, str(tmp))
+    except Exception as exc:
+        warnings.append(f"no .pt2 export: torch.export failed ({_first_line(exc)})")
+        return None
+    return str(path)
 
 
 def example_input(script: TestScript, dataset: str, input_shape: Sequence[int] | None, device: str) -> Any:
@@ -203,7 +244,7 @@ def example_input(script: TestScript, dataset: str, input_shape: Sequence[int] |
     elif input_shape:
         value = torch.randn(*input_shape)
     elif script.has("calibration_data"):
-        value = next(iter(script.call("calibration_data", dataset)), None)
+        value = model_input(next(iter(script.call("calibration_data", dataset)), None))
     else:
         return None
     return to_device(value, device)

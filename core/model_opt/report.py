@@ -62,6 +62,8 @@ class Report:
     output: str | None = None
     max_accuracy_drop: float | None = None
     latency_note: str = ""
+    recovery: dict[str, Any] | None = None
+    exported: str | None = None
 
     @property
     def metric_drop(self) -> float | None:
@@ -98,6 +100,8 @@ class Report:
             "within_budget": self.within_budget,
             "warnings": self.warnings,
             "latency_note": self.latency_note,
+            "recovery": self.recovery,
+            "exported": self.exported,
         }
 
     def to_json(self) -> str:
@@ -113,6 +117,10 @@ class Report:
             after = a.metrics.get(name) if a else None
             label = f"{name}{' (primary)' if name == b.primary else ''}"
             rows.append((label, _num(before), _num(after), _delta(before, after)))
+            if self.recovery and name in self.recovery["metrics_before_recovery"]:
+                pre = self.recovery["metrics_before_recovery"][name]
+                rows.append((f"  before {self.recovery['steps']}-step recovery", _num(before), _num(pre),
+                             _delta(before, pre)))
         if b.latency:
             la = a.latency if a else None
             rows.append((f"latency median ms ({b.latency.runtime}"
@@ -148,6 +156,8 @@ class Report:
             out.append(f"warning: {warning}")
         if self.output:
             out.append(f"saved: {self.output}")
+        if self.exported:
+            out.append(f"exported: {self.exported} (torch.export program; loads with no trust flag)")
         return "\n".join(out)
 
 

@@ -40,8 +40,9 @@ def example_input(dataset_path):
 
 
 def calibration_data(dataset_path):
-    images, _ = _split(dataset_path, "train")
-    return [images[i:i + 32] for i in range(0, 320, 32)]
+    """(inputs, labels) pairs: quantizers use the inputs, gradient-based pruning criteria the labels."""
+    images, labels = _split(dataset_path, "train")
+    return [(images[i:i + 32], labels[i:i + 32]) for i in range(0, 320, 32)]
 
 
 def train(model, dataset_path, steps):

@@ -1,16 +1,45 @@
-"""Hook implementations of the torch-pruning plugin.
-
-Its techniques arrive with issue #5; until then it registers none (it never registers a
-technique that does not work).
-"""
+"""Hook implementations of the torch-pruning plugin: structured pruning of channels and heads."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from model_opt.hookspecs import hookimpl
+from model_opt.registry import Option, Technique
+
+CRITERIA = ("magnitude", "l1", "taylor", "group_norm", "bn_scale", "random")
+
+STRUCTURED = Technique(
+    kind="prune",
+    backend="torch-pruning",
+    method="structured",
+    summary="Remove whole channels, MLP width and attention heads with torch-pruning's dependency graph.",
+    options=(
+        Option("amount", float, 0.3, "fraction of channels (and heads) to remove; 0.5 removes about 3/4 of "
+               "the parameters", minimum=0.0, maximum=1.0, exclusive_minimum=True, exclusive_maximum=True),
+        Option("criterion", str, "magnitude", "magnitude (group L2), l1, taylor (needs labelled calibration "
+               "data), group_norm (un-normalized group L2), bn_scale, random", choices=CRITERIA),
+        Option("global_pruning", bool, False, "rank channels across layers instead of per layer"),
+        Option("iterative_steps", int, 1, "reach the amount in this many steps", minimum=1),
+        Option("ignored_layers", list, [], "module names to leave unpruned (the classifier head is found "
+               "and ignored automatically)"),
+        Option("round_to", int, 0, "keep channel counts multiples of this (0: no rounding)", minimum=0),
+        Option("prune_heads", bool, True, "on attention modules, remove whole heads (else head dims)"),
+        Option("calibration_batches", int, 4, "batches of labelled calibration data for taylor", minimum=1),
+    ),
+    needs=("example_input",),
+    requires=("torch_pruning",),
+    speeds_up=("cpu", "cuda"),
+)
 
 
 @hookimpl
 def register_techniques(register: Any) -> None:
-    """Nothing yet: see issue #5."""
+    register(STRUCTURED)
+
+
+@hookimpl
+def prune(model: Any, technique: Technique, options: dict[str, Any], context: Any) -> Any:
+    from .structured import prune_structured
+
+    return prune_structured(model, options, context)

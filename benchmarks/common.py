@@ -1,0 +1,81 @@
+"""Shared helpers for the benchmark scripts: interleaved timing in one process, ratio tables.
+
+Absolute times on a shared 2-core machine are noise; the scripts print ratios of candidates measured
+side by side, interleaved round by round so that drifts hit every candidate alike.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def compiled(model: torch.nn.Module, example: Any) -> torch.nn.Module:
+    """torch.compile with inductor freezing (weights as constants), warmed up once."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    compiled_model = torch.compile(model)
+    with torch.inference_mode():
+        compiled_model(example)
+    return compiled_model
+
+
+def time_interleaved(candidates: dict[str, Callable[[], Any]], rounds: int = 7, per_round: int = 3,
+                     warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds per call of each candidate, measured in interleaved rounds."""
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.inference_mode():
+        for fn in candidates.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(rounds):
+            for name, fn in candidates.items():
+                started = time.perf_counter()
+                for _ in range(per_round):
+                    fn()
+                samples[name].append((time.perf_counter() - started) * 1000 / per_round)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def table(title: str, rows: list[dict[str, Any]]) -> str:
+    """A markdown table (also readable on a terminal)."""
+    headers = list(rows[0])
+    lines = [f"### {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row[h]) for h in headers) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def machine() -> str:
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{os.cpu_count()} CPUs, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+
+
+def params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).item()
+
+
+def time_models(models: dict[str, torch.nn.Module], example: Any, **kwargs: Any) -> dict[str, float]:
+    """:func:`time_interleaved` over models called on the same example input."""
+    from functools import partial
+
+    from model_opt.measure import call_model
+
+    return time_interleaved({name: partial(call_model, model, example) for name, model in models.items()},
+                            **kwargs)

@@ -1,0 +1,146 @@
+"""Structured pruning with torch-pruning, for CNNs and (timm) Vision Transformers."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from model_opt.context import is_labelled
+from model_opt.errors import TechniqueError
+from model_opt.measure import call_model
+from torch import nn
+
+
+def importance(criterion: str) -> Any:
+    imp = tp.importance
+    return {
+        "magnitude": lambda: imp.GroupMagnitudeImportance(p=2),
+        "l1": lambda: imp.GroupMagnitudeImportance(p=1),
+        "taylor": lambda: imp.GroupTaylorImportance(),
+        "group_norm": lambda: imp.GroupMagnitudeImportance(p=2, normalizer=None),
+        "bn_scale": lambda: imp.BNScaleImportance(),
+        "random": lambda: imp.RandomImportance(),
+    }[criterion]()
+
+
+def _shape(value: Any) -> Any:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def output_layers(model: nn.Module, example: Any) -> list[str]:
+    """Layers whose output width is fixed by the model's output: the classifier head(s)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    order: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda mod, _i, out: order.append((names[id(mod)], out)))
+             for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    try:
+        with torch.no_grad():
+            output = call_model(model, example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    heads = []
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        classifiers = get_classifier()
+        for classifier in classifiers if isinstance(classifiers, (tuple, list)) else [classifiers]:
+            if isinstance(classifier, nn.Module) and id(classifier) in names and any(
+                    isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) for m in classifier.modules()):
+                heads.append(names[id(classifier)])
+    if isinstance(output, torch.Tensor) and not heads:
+        for name, out in reversed(order):  # the last layer whose output width is the model's
+            if isinstance(out, torch.Tensor) and out.dim() == output.dim() and out.shape[-1] == output.shape[-1]:
+                heads.append(name)
+                break
+    return heads
+
+
+def attention_modules(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """Attention blocks with a fused qkv Linear and a num_heads attribute (timm ViT, DeiT, ...)."""
+    return {m.qkv: m for m in model.modules()
+            if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)}
+
+
+def labelled_batches(context: Any, limit: int) -> list[tuple[Any, torch.Tensor]]:
+    pairs = []
+    if context.calibration_data is not None:
+        for item in context.calibration_data():
+            if is_labelled(item):
+                pairs.append((item[0], item[1]))
+            if len(pairs) >= limit:
+                break
+    if not pairs:
+        raise TechniqueError(
+            "the taylor criterion needs a loss, and no labelled calibration data was given",
+            "make calibration_data(dataset_path) yield (inputs, labels) pairs, or choose criterion magnitude",
+        )
+    return pairs
+
+
+def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
+    example = context.require_example_input("torch-pruning structured")
+    modules = dict(model.named_modules())
+    unknown = [n for n in options["ignored_layers"] if n not in modules]
+    if unknown:
+        raise TechniqueError(f"ignored_layers names no module {unknown[0]!r}",
+                             "use names from model.named_modules()")
+    try:
+        heads = output_layers(model, example)
+    except Exception as exc:
+        raise TechniqueError(f"the example input {_shape(example)} does not fit the model: "
+                             f"{str(exc).splitlines()[0][:200]}", "pass an input of the model's shape") from None
+    ignored_names = list(dict.fromkeys([*heads, *options["ignored_layers"]]))
+    attention = attention_modules(model)
+    base_ops, base_params = tp.utils.count_ops_and_params(model, example)
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            pruner = tp.pruner.BasePruner(
+                model, example, importance=importance(options["criterion"]),
+                global_pruning=options["global_pruning"], pruning_ratio=options["amount"],
+                iterative_steps=options["iterative_steps"], ignored_layers=[modules[n] for n in ignored_names],
+                round_to=options["round_to"] or None,
+                num_heads={qkv: attn.num_heads for qkv, attn in attention.items()},
+                prune_num_heads=bool(attention) and options["prune_heads"],
+                prune_head_dims=not options["prune_heads"],
+                head_pruning_ratio=options["amount"] if options["prune_heads"] else 0.0,
+            )
+    except Exception as exc:
+        raise TechniqueError(
+            f"torch-pruning could not trace the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+            "add the module that fails to ignored_layers, or pass an example input of the right shape",
+        ) from None
+    for _ in range(options["iterative_steps"]):
+        if options["criterion"] == "taylor":
+            model.zero_grad()
+            with torch.enable_grad():
+                for inputs, labels in labelled_batches(context, options["calibration_batches"]):
+                    loss = nn.functional.cross_entropy(call_model(model, inputs), labels.to(_device(model)))
+                    loss.backward()
+        with torch.enable_grad():
+            pruner.step()
+    model.zero_grad(set_to_none=True)
+    for qkv, attn in attention.items():
+        attn.num_heads = pruner.num_heads[qkv]
+        attn.head_dim = qkv.out_features // (3 * attn.num_heads)
+        if hasattr(attn, "attn_dim"):
+            attn.attn_dim = attn.num_heads * attn.head_dim
+    ops, params = tp.utils.count_ops_and_params(model, example)
+    info: dict[str, Any] = {
+        "channel_ratio": options["amount"],
+        "params_ratio": round(params / base_params, 4),
+        "flops_ratio": round(ops / base_ops, 4) if base_ops else None,
+        "ignored_layers": ignored_names,
+        "note": f"channel ratio {options['amount']} left {params / base_params:.0%} of the parameters "
+                "(a layer loses channels on both its input and its output)",
+    }
+    if attention:
+        info["attention_heads"] = {name: attn.num_heads for name, attn in
+                                   ((n, m) for n, m in model.named_modules() if m in attention.values())}
+    return model, info
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
