@@ -115,6 +115,8 @@ def optimize(
     input_shape: Annotated[str | None, typer.Option(help="Random example input for latency, e.g. "
                                                          "1,3,224,224 (when the script has no "
                                                          "example_input).")] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="Time the optimized model under torch.compile "
+                                                             "with freezing (how int8 gets fast on CPU).")] = False,
     finetune_steps: Annotated[int, typer.Option(help="Recovery fine-tuning steps with the test script's "
                                                      "train(model, dataset_path, steps).")] = 0,
     export: Annotated[bool, typer.Option("--export", help="Also write a torch.export .pt2 beside the output "
@@ -138,6 +140,7 @@ def optimize(
         report = run(model, test_script=test_script, dataset=test_dataset, steps=steps, output=output,
                      device=device, max_accuracy_drop=max_accuracy_drop, trust_model=trust_model,
                      input_shape=parse_shape(input_shape), finetune_steps=finetune_steps, export=export,
+                     compile=compile_,
                      progress=progress)
     except AccuracyBudgetExceeded as err:
         if err.report is not None:

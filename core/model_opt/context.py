@@ -38,6 +38,7 @@ class TechniqueContext:
     """
 
     device: str = "cpu"
+    compile: bool = False
     example_input: Any = None
     calibration_data: Callable[[], Iterable[Any]] | None = None
     train: Callable[..., Any] | None = None

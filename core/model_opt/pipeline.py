@@ -14,7 +14,8 @@ from .atomic import write_text_atomic
 from .context import TechniqueContext, model_input
 from .errors import AccuracyBudgetExceeded, DeviceError, TechniqueError, UsageError
 from .hookspecs import KINDS
-from .measure import call_model, count_flops, count_parameters, model_latency, state_dict_bytes, to_device
+from .measure import compile_model, count_flops, count_parameters, model_latency, state_dict_bytes, to_device
+from .modelinfo import run_checked
 from .plugins import PluginManager, get_plugin_manager
 from .registry import Technique
 from .report import Measurement, Report, StepRecord
@@ -86,10 +87,15 @@ def check_needs(technique: Technique, context: TechniqueContext) -> None:
         context.require_calibration_data(label)
 
 
-def measure(model: Any, script: TestScript, dataset: str, device: str, example_input: Any) -> Measurement:
+def measure(model: Any, script: TestScript, dataset: str, device: str, example_input: Any,
+            compiled: Any = None) -> Measurement:
+    """Metric, parameters, size and FLOPs of ``model``; latency of ``compiled`` when given, else of ``model``."""
     metrics = script.evaluate(model, dataset, device)
     params, nonzero = count_parameters(model)
-    latency = model_latency(model, example_input, device) if example_input is not None else None
+    latency = None
+    if example_input is not None:
+        latency = model_latency(compiled if compiled is not None else model, example_input, device,
+                                runtime="compiled" if compiled is not None else "eager")
     return Measurement(metrics.values, metrics.primary, params, nonzero, state_dict_bytes(model), latency,
                        count_flops(model, example_input))
 
@@ -111,6 +117,7 @@ def optimize(
     input_shape: Sequence[int] | None = None,
     finetune_steps: int = 0,
     export: bool = False,
+    compile: bool = False,
     progress: Callable[[str], None] | None = None,
     manager: PluginManager | None = None,
 ) -> Report:
@@ -138,6 +145,9 @@ def optimize(
     if finetune_steps and not script.has("train"):
         raise UsageError(f"--finetune-steps needs a training hook, and {script.path.name} defines no "
                          "train(model, dataset_path, steps)", "add train() to the test script (see README)")
+    if compile and not input_shape and not script.has("example_input") and not script.has("calibration_data"):
+        raise UsageError("--compile needs an example input to compile and time the model",
+                         "define example_input(dataset_path) in the test script or pass --input-shape")
     planned = plan(steps, manager)
     device = check_device(device)
 
@@ -153,17 +163,11 @@ def optimize(
     model = model.to(device).eval()
     example = example_input(script, dataset, input_shape, device)
     if example is not None:
-        try:
-            with torch.inference_mode():
-                call_model(model, example)
-        except Exception as exc:
-            shape = tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
-            raise UsageError(f"the example input {shape} does not fit the model: {_first_line(exc)}",
-                             "fix example_input() in the test script or --input-shape") from None
+        run_checked(model, example)
     calibration = (lambda: script.call("calibration_data", dataset)) if script.has("calibration_data") else None
     train = (lambda m, d, n: script.call("train", m, d, n)) if script.has("train") else None
-    context = TechniqueContext(device=device, example_input=example, calibration_data=calibration, train=train,
-                               dataset_path=dataset, progress=say)
+    context = TechniqueContext(device=device, compile=compile, example_input=example, calibration_data=calibration,
+                               train=train, dataset_path=dataset, progress=say)
     for technique, _ in planned:
         check_needs(technique, context)
 
@@ -183,8 +187,12 @@ def optimize(
         say(f"recovery fine-tuning: {finetune_steps} steps")
         trained = script.call("train", model, dataset, finetune_steps)
         model = (trained if isinstance(trained, torch.nn.Module) else model).eval()
+    compiled = None
+    if compile:
+        say("compiling the optimized model (torch.compile, inductor freezing)")
+        compiled, report.compile_seconds = compile_model(model, example)
     say("measuring the optimized model")
-    report.after = measure(model, script, dataset, device, example)
+    report.after = measure(model, script, dataset, device, example, compiled)
     report.warnings = speed_warnings(report, planned)
 
     # 4. Keep the input untouched; write nothing when the budget is exceeded.
@@ -256,8 +264,13 @@ def speed_warnings(report: Report, planned: Sequence[tuple[Technique, dict[str, 
     warnings = [f"{s.backend} {s.method} changed nothing: {s.info.get('note', '')}" for s in report.steps
                 if s.info.get("changed") is False]
     warnings += [f"{s.backend} {s.method}: {s.info['warning']}" for s in report.steps if s.info.get("warning")]
+    compiled = report.after is not None and report.after.latency is not None and \
+        report.after.latency.runtime == "compiled"
     for technique, _ in planned:
-        if device not in technique.speeds_up:
+        if device in technique.speeds_up_compiled and device not in technique.speeds_up and not compiled:
+            warnings.append(f"{technique.backend} {technique.method} speeds up on {device} only under "
+                            "torch.compile with freezing: rerun with --compile")
+        elif device not in technique.speeds_up and device not in technique.speeds_up_compiled:
             note = f": {technique.speed_note}" if technique.speed_note else ""
             warnings.append(f"{technique.backend} {technique.method} does not reduce latency on {device}{note}")
     speedup = report.speedup

@@ -140,6 +140,7 @@ class Technique:
     needs: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     speeds_up: tuple[str, ...] = ("cpu", "cuda")
+    speeds_up_compiled: tuple[str, ...] = ()
     speed_note: str = ""
     plugin: str = ""
     extra: str = ""
@@ -206,6 +207,7 @@ class Technique:
             "needs": list(self.needs),
             "requires": list(self.requires),
             "speeds_up": list(self.speeds_up),
+            "speeds_up_compiled": list(self.speeds_up_compiled),
             "speed_note": self.speed_note,
         }
 

@@ -64,6 +64,7 @@ class Report:
     latency_note: str = ""
     recovery: dict[str, Any] | None = None
     exported: str | None = None
+    compile_seconds: float | None = None
 
     @property
     def metric_drop(self) -> float | None:
@@ -102,6 +103,7 @@ class Report:
             "latency_note": self.latency_note,
             "recovery": self.recovery,
             "exported": self.exported,
+            "compile_seconds": self.compile_seconds,
         }
 
     def to_json(self) -> str:
@@ -152,6 +154,9 @@ class Report:
             out.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w)
                                  in enumerate(zip(row, widths, strict=False))))
         out.append(line)
+        if self.compile_seconds is not None:
+            out.append(f"latency after: torch.compile with freezing (one-time compile cost "
+                       f"{self.compile_seconds:.1f}s); before: eager; metrics: eager")
         for warning in self.warnings:
             out.append(f"warning: {warning}")
         if self.output:

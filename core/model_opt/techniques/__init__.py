@@ -18,7 +18,7 @@ from model_opt.context import TechniqueContext
 def run_technique(kind: str, model: Any, *, backend: str | None = None, method: str | None = None,
                   options: dict[str, Any] | None = None, example_input: Any = None,
                   calibration_data: Iterable[Any] | None = None, train: Any = None,
-                  device: str | None = None) -> tuple[Any, dict[str, Any]]:
+                  device: str | None = None, compile: bool = False) -> tuple[Any, dict[str, Any]]:
     """Resolve one technique, check what it needs, and apply it. Returns ``(model, info)``."""
     from model_opt.pipeline import check_needs
     from model_opt.plugins import get_plugin_manager
@@ -28,6 +28,7 @@ def run_technique(kind: str, model: Any, *, backend: str | None = None, method: 
     resolved = technique.resolve_options({k: v for k, v in (options or {}).items() if v is not None})
     context = TechniqueContext(
         device=device or _device_of(model),
+        compile=compile,
         example_input=example_input,
         calibration_data=(lambda: calibration_data) if calibration_data is not None else None,
         train=train,
@@ -37,9 +38,24 @@ def run_technique(kind: str, model: Any, *, backend: str | None = None, method: 
 
 
 def _device_of(model: Any) -> str:
-    for tensor in model.parameters():
-        return str(tensor.device)
-    return "cpu"
+    parameters = getattr(model, "parameters", None)
+    if callable(parameters):
+        for tensor in parameters():
+            return str(tensor.device)
+    return str(getattr(model, "device", "cpu"))  # e.g. a diffusers pipeline
+
+
+def call_plugin_function(kind: str, backend: str, method: str, function: str, *args: Any) -> Any:
+    """Call a module-level helper (such as ``remove_patch``) of the plugin that provides a technique."""
+    from model_opt.errors import TechniqueError
+    from model_opt.plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    technique = manager.registry.find(kind, backend, method)
+    helper = getattr(manager.pm.get_plugin(technique.plugin), function, None)
+    if not callable(helper):
+        raise TechniqueError(f"plugin {technique.plugin!r} offers no {function}()", "see its documentation")
+    return helper(*args)
 
 
 class _Technique:
@@ -56,9 +72,11 @@ class Quantizer(_Technique):
 
     def quantize(self, model: Any, method: str = "int8_weight_only", example_input: Any = None, *,
                  backend: str | None = None, calibration_data: Iterable[Any] | None = None,
-                 device: str | None = None, **options: Any) -> tuple[Any, dict[str, Any]]:
+                 device: str | None = None, compile: bool = False, **options: Any) -> tuple[Any, dict[str, Any]]:
+        """``compile=True`` tells runtime-aware methods (autoquant) that the model will run compiled."""
         model = self._run("quantize", model, backend=backend, method=method, options=options,
-                          example_input=example_input, calibration_data=calibration_data, device=device)
+                          example_input=example_input, calibration_data=calibration_data, device=device,
+                          compile=compile)
         return model, self.info
 
 

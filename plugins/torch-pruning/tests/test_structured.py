@@ -125,7 +125,8 @@ def test_bad_input() -> None:
     x = torch.randn(1, 3, 64, 64)
     with pytest.raises(TechniqueError, match="needs an example input to trace the model"):
         Pruner().prune_model(model, amount=0.3, prune_type="structured")
-    with pytest.raises(TechniqueError, match=r"the example input \(1, 5, 64, 64\) does not fit the model"):
+    with pytest.raises(UsageError,
+                       match=r"the example input \(1, 5, 64, 64\) does not fit the model at layer conv1 \(Conv2d\)"):
         Pruner().prune_model(model, amount=0.3, prune_type="structured", example_input=torch.randn(1, 5, 64, 64))
     with pytest.raises(TechniqueError, match="taylor criterion needs a loss, and no labelled calibration data"):
         Pruner().prune_model(model, amount=0.3, criterion="taylor", prune_type="structured", example_input=x)

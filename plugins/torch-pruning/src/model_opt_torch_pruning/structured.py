@@ -10,6 +10,7 @@ import torch_pruning as tp
 from model_opt.context import is_labelled
 from model_opt.errors import TechniqueError
 from model_opt.measure import call_model
+from model_opt.modelinfo import output_layers, run_checked
 from torch import nn
 
 
@@ -23,38 +24,6 @@ def importance(criterion: str) -> Any:
         "bn_scale": lambda: imp.BNScaleImportance(),
         "random": lambda: imp.RandomImportance(),
     }[criterion]()
-
-
-def _shape(value: Any) -> Any:
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def output_layers(model: nn.Module, example: Any) -> list[str]:
-    """Layers whose output width is fixed by the model's output: the classifier head(s)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    order: list[tuple[str, torch.Tensor]] = []
-    hooks = [m.register_forward_hook(lambda mod, _i, out: order.append((names[id(mod)], out)))
-             for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-    try:
-        with torch.no_grad():
-            output = call_model(model, example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    heads = []
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        classifiers = get_classifier()
-        for classifier in classifiers if isinstance(classifiers, (tuple, list)) else [classifiers]:
-            if isinstance(classifier, nn.Module) and id(classifier) in names and any(
-                    isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) for m in classifier.modules()):
-                heads.append(names[id(classifier)])
-    if isinstance(output, torch.Tensor) and not heads:
-        for name, out in reversed(order):  # the last layer whose output width is the model's
-            if isinstance(out, torch.Tensor) and out.dim() == output.dim() and out.shape[-1] == output.shape[-1]:
-                heads.append(name)
-                break
-    return heads
 
 
 def attention_modules(model: nn.Module) -> dict[nn.Module, nn.Module]:
@@ -86,11 +55,8 @@ def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) ->
     if unknown:
         raise TechniqueError(f"ignored_layers names no module {unknown[0]!r}",
                              "use names from model.named_modules()")
-    try:
-        heads = output_layers(model, example)
-    except Exception as exc:
-        raise TechniqueError(f"the example input {_shape(example)} does not fit the model: "
-                             f"{str(exc).splitlines()[0][:200]}", "pass an input of the model's shape") from None
+    run_checked(model, example)
+    heads = output_layers(model, example)
     ignored_names = list(dict.fromkeys([*heads, *options["ignored_layers"]]))
     attention = attention_modules(model)
     base_ops, base_params = tp.utils.count_ops_and_params(model, example)

@@ -1,16 +1,58 @@
-"""Hook implementations of the torchao plugin.
-
-Its techniques arrive with issue #3; until then it registers none (it never registers a
-technique that does not work).
-"""
+"""Hook implementations of the torchao plugin: int8 weight-only, int8 dynamic, int4/float8 (CUDA), autoquant."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from model_opt.hookspecs import hookimpl
+from model_opt.registry import Option, Technique
+
+COMMON = (
+    Option("skip_head", bool, True, "leave the classifier head in float"),
+    Option("min_features", int, 0, "skip Linear layers with min(in, out) below this", minimum=0),
+    Option("exclude", list, [], "module names (or prefixes) to leave in float"),
+)
+CPU_NOTE = ("torchao int8 runs slower than float in eager mode on CPU; under torch.compile with freezing it is "
+            "faster (--compile)")
+
+
+def _technique(method: str, summary: str, *, options: tuple = (), needs: tuple = (), speeds_up: tuple = ("cuda",),
+               compiled: tuple = ("cpu", "cuda"), note: str = CPU_NOTE) -> Technique:
+    return Technique(kind="quantize", backend="torchao", method=method, summary=summary, options=COMMON + options,
+                     needs=needs, requires=("torchao",), speeds_up=speeds_up, speeds_up_compiled=compiled,
+                     speed_note=note)
+
+
+TECHNIQUES = (
+    _technique("int8_weight_only", "int8 weights, float activations (torchao Int8WeightOnlyConfig)."),
+    _technique("int8_dynamic", "int8 weights and dynamically quantized int8 activations "
+               "(torchao Int8DynamicActivationInt8WeightConfig)."),
+    _technique("int4_weight_only", "int4 grouped weights for bf16 models on CUDA (torchao Int4WeightOnlyConfig).",
+               options=(Option("group_size", int, 128, "weights per scale", choices=(32, 64, 128, 256)),),
+               needs=("cuda",), compiled=("cuda",), note="runs only on CUDA"),
+    _technique("float8_dynamic", "float8 weights and activations on CUDA compute capability 8.9+ "
+               "(torchao Float8DynamicActivationFloat8WeightConfig).", needs=("cuda",), compiled=("cuda",),
+               note="runs only on CUDA GPUs of compute capability 8.9 or newer"),
+    _technique("autoquant", "Per layer shape, time float, int8 weight-only, int8 dynamic (and the CUDA kernels "
+               "where available) under the runtime you will use, and keep the fastest within a tolerance.",
+               options=(Option("tolerance", float, 0.05, "largest relative output error accepted per layer",
+                               minimum=0.0),
+                        Option("candidates", list, [], "methods to consider (default: all this device runs)")),
+               needs=("example_input",), speeds_up=("cpu", "cuda"), compiled=("cpu", "cuda"),
+               note="each layer keeps float where no quantized kernel was measured faster"),
+)
 
 
 @hookimpl
 def register_techniques(register: Any) -> None:
-    """Nothing yet: see issue #3."""
+    for technique in TECHNIQUES:
+        register(technique)
+
+
+@hookimpl
+def quantize(model: Any, technique: Technique, options: dict[str, Any], context: Any) -> Any:
+    from .quantize import autoquant, quantize_method
+
+    if technique.method == "autoquant":
+        return autoquant(model, options, context)
+    return quantize_method(model, technique.method, options, context)

@@ -1,0 +1,127 @@
+"""torchao quantization through model-opt: outputs, size, reload, autoquant, compile runtime, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import model_opt
+import pytest
+import torch
+from model_opt.errors import DeviceError, TechniqueError, UsageError
+from model_opt.techniques import Quantizer
+from torch import nn
+
+
+def mlp(width: int = 256) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, 10)).eval()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def state_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+@pytest.mark.parametrize("method", ["int8_weight_only", "int8_dynamic"])
+def test_int8_methods_keep_outputs_shrink_weights_and_reload(method: str, tmp_path: Path) -> None:
+    model, x = mlp(), torch.randn(32, 64)
+    with torch.no_grad():
+        expected = model(x)
+    float_bytes = state_bytes(model)
+    quantized, info = Quantizer().quantize(model, method=method, example_input=x, skip_head=False)
+    assert info["quantized"] == ["0", "2", "4"]
+    with torch.no_grad():
+        out = quantized(x)
+    assert cosine(out, expected) > 0.999
+    assert state_bytes(quantized) <= 0.3 * float_bytes
+    # model-opt's artifact reloads with the same outputs
+    model_opt.save(quantized, tmp_path / "q.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model_opt.load(tmp_path / "q.pt")(x), out, rtol=0, atol=0)
+    # and the torchao way: weights_only state_dict into the float architecture with assign=True
+    torch.save(quantized.state_dict(), tmp_path / "sd.pt")
+    rebuilt = mlp()
+    rebuilt.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True), assign=True)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), out, rtol=0, atol=0)
+
+
+def test_head_and_small_layers_are_skipped_and_reported() -> None:
+    model, x = mlp(), torch.randn(4, 64)
+    _, info = Quantizer().quantize(model, method="int8_weight_only", example_input=x, min_features=100)
+    assert info["quantized"] == ["2"]
+    assert info["skipped"] == {"0": "min(in, out) below min_features 100", "4": "classifier head (skip_head)"}
+
+
+def test_autoquant_picks_the_fastest_within_tolerance() -> None:
+    model, x = mlp(512), torch.randn(64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    quantized, info = Quantizer().quantize(model, method="autoquant", example_input=x, skip_head=False)
+    assert info["runtime"] == "eager"
+    assert len(info["choices"]) == 3  # three distinct shapes
+    for decision in info["choices"].values():
+        trials = decision["trials"]
+        assert set(trials) == {"float", "int8_weight_only", "int8_dynamic"}
+        ok = {m: t["ms"] for m, t in trials.items() if t.get("ms") is not None and t["error"] <= 0.05}
+        assert decision["choice"] == min(ok, key=ok.get)
+    with torch.no_grad():
+        assert cosine(quantized(x), expected) > 0.99
+
+
+def test_cuda_only_methods_are_refused_on_cpu() -> None:
+    with pytest.raises(DeviceError, match="torchao int4_weight_only runs only on a CUDA GPU; use --device cuda"):
+        Quantizer().quantize(mlp(), method="int4_weight_only", example_input=torch.randn(2, 64))
+    with pytest.raises(DeviceError, match="float8_dynamic runs only on a CUDA GPU"):
+        Quantizer().quantize(mlp(), method="float8_dynamic")
+
+
+def test_bad_input() -> None:
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3)).eval()
+    with pytest.raises(TechniqueError, match="has no Linear layer that torchao int8_dynamic can quantize"):
+        Quantizer().quantize(conv, method="int8_dynamic", example_input=torch.randn(1, 3, 8, 8))
+    with pytest.raises(UsageError, match=r"the example input \(2, 63\) does not fit the model at layer 0 "
+                                         r"\(Linear\) with input \(2, 63\)"):
+        Quantizer().quantize(mlp(), method="autoquant", example_input=torch.randn(2, 63))
+    with pytest.raises(UsageError, match=r"unknown quantize method of backend 'torchao' 'int8_dynamc' "
+                                         r"\(did you mean 'int8_dynamic'\?\)"):
+        Quantizer().quantize(mlp(), method="int8_dynamc", backend="torchao")
+
+
+def test_cli_eager_warns_and_compile_measures_the_compiled_runtime(cli, digits, tmp_path: Path) -> None:
+    base = ["optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
+            "--quantize", "--quant-method", "int8_dynamic", "--quant-opt", "skip_head=false", "-q"]
+    result = cli(*base, "--output", tmp_path / "eager.pt", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["after"]["latency"]["runtime"] == "eager"
+    assert any("only under torch.compile with freezing: rerun with --compile" in w for w in report["warnings"])
+    assert report["after"]["size_bytes"] < 0.4 * report["before"]["size_bytes"]
+    result = cli(*base, "--output", tmp_path / "compiled.pt", "--compile", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["after"]["latency"]["runtime"] == "compiled"
+    assert report["compile_seconds"] > 0
+    assert not any("rerun with --compile" in w for w in report["warnings"])
+    assert report["after"]["metrics"]["accuracy"] >= report["before"]["metrics"]["accuracy"] - 0.02
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_int4_weight_only_on_cuda() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 16)).to("cuda", torch.bfloat16).eval()
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model(x)
+    quantized, info = Quantizer().quantize(model, method="int4_weight_only", example_input=x)
+    with torch.no_grad():
+        assert cosine(quantized(x).float(), expected.float()) > 0.99
