@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -137,11 +138,12 @@ def optimize(
         steps = build_steps(prune, prune_backend, prune_type, prune_amount, prune_criterion, prune_opt,
                             quantize, quant_backend, quant_method, quant_opt, fuse, fuse_backend, fuse_types,
                             fuse_opt, decompose, decompose_backend, decompose_method, rank_ratio, decompose_opt)
-        report = run(model, test_script=test_script, dataset=test_dataset, steps=steps, output=output,
-                     device=device, max_accuracy_drop=max_accuracy_drop, trust_model=trust_model,
-                     input_shape=parse_shape(input_shape), finetune_steps=finetune_steps, export=export,
-                     compile=compile_,
-                     progress=progress)
+        # Backends and test scripts may print; the report alone goes to stdout.
+        with contextlib.redirect_stdout(sys.stderr):
+            report = run(model, test_script=test_script, dataset=test_dataset, steps=steps, output=output,
+                         device=device, max_accuracy_drop=max_accuracy_drop, trust_model=trust_model,
+                         input_shape=parse_shape(input_shape), finetune_steps=finetune_steps, export=export,
+                         compile=compile_, progress=progress)
     except AccuracyBudgetExceeded as err:
         if err.report is not None:
             typer.echo(err.report.to_json() if as_json else err.report.render())

@@ -34,7 +34,9 @@ class TechniqueContext:
     ``calibration_data`` is a zero-argument callable that returns a fresh iterable of model inputs or
     ``(inputs, labels)`` pairs (so a technique can pass over it more than once; use
     :meth:`calibration_inputs` for inputs only); ``train`` is the test script's
-    ``train(model, dataset_path, steps)`` hook when it defines one.
+    ``train(model, dataset_path, steps)`` hook when it defines one. ``evaluate(model)`` returns the
+    user's primary metric (for accuracy-aware techniques), with ``max_accuracy_drop`` the budget in the
+    metric's units and ``higher_is_better`` its direction.
     """
 
     device: str = "cpu"
@@ -45,6 +47,9 @@ class TechniqueContext:
     dataset_path: str | None = None
     workdir: Path | None = None
     progress: Callable[[str], None] = _quiet
+    evaluate: Callable[[Any], float] | None = None
+    max_accuracy_drop: float | None = None
+    higher_is_better: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def require_example_input(self, technique: str) -> Any:

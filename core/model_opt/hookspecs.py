@@ -65,6 +65,16 @@ def decompose(model: Any, technique: Any, options: dict[str, Any], context: Any)
     """
 
 
+@hookspec(firstresult=True)
+def load_model(path: Any) -> Any:
+    """Optional: open a model file in a format this plugin owns (for example OpenVINO IR ``.xml``).
+
+    Return an ``nn.Module`` (or a module-like callable) for ``path`` (a ``pathlib.Path``), or
+    ``None`` for files that are not yours; the first plugin that returns a model wins.
+    :func:`model_opt.load` asks plugins before trying torch's own formats.
+    """
+
+
 @hookspec
 def register_commands(app: Any) -> None:
     """Optional: add commands to the ``model-opt`` Typer ``app`` (``@app.command()``).

@@ -43,8 +43,15 @@ def to_device(value: Any, device: str) -> Any:
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(parameters, non-zero parameters), each tensor counted once."""
+    """(parameters, non-zero parameters), each tensor counted once.
+
+    A module that runs outside torch (an OpenVINO model) may answer through ``parameter_count()``.
+    """
     import torch
+
+    custom = getattr(model, "parameter_count", None)
+    if callable(custom):
+        return custom()
 
     seen: set[int] = set()
     total = nonzero = 0

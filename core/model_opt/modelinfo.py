@@ -19,7 +19,7 @@ def describe_input(value: Any) -> str:
     return type(value).__name__
 
 
-def run_checked(model: Any, example: Any) -> Any:
+def run_checked(model: Any, example: Any, what: str = "the example input") -> Any:
     """Run ``model`` on ``example``; on failure raise a one-line error naming the failing layer and shape."""
     import torch
 
@@ -40,7 +40,7 @@ def run_checked(model: Any, example: Any) -> Any:
             where = f" at layer {name} ({kind}) with input {describe_input(value)}"
         else:
             where = ""
-        raise UsageError(f"the example input {describe_input(example)} does not fit the model{where}: {reason}",
+        raise UsageError(f"{what} {describe_input(example)} does not fit the model{where}: {reason}",
                          "pass an input of the shape the model expects") from None
     finally:
         for hook in hooks:

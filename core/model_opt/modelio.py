@@ -102,6 +102,12 @@ def load(path: str | os.PathLike[str], *, trust_model: bool = False, map_locatio
     import torch
 
     path = check_readable(path)
+    if not is_artifact(path) and loader is None:
+        from .plugins import get_plugin_manager
+
+        owned = get_plugin_manager().pm.hook.load_model(path=path)
+        if owned is not None:
+            return owned
     if is_artifact(path):
         manifest = read_manifest(path)
         with zipfile.ZipFile(path) as archive:

@@ -167,7 +167,9 @@ def optimize(
     calibration = (lambda: script.call("calibration_data", dataset)) if script.has("calibration_data") else None
     train = (lambda m, d, n: script.call("train", m, d, n)) if script.has("train") else None
     context = TechniqueContext(device=device, compile=compile, example_input=example, calibration_data=calibration,
-                               train=train, dataset_path=dataset, progress=say)
+                               train=train, dataset_path=dataset, progress=say,
+                               evaluate=lambda m: script.evaluate(m, dataset, device).value,
+                               max_accuracy_drop=max_accuracy_drop, higher_is_better=script.higher_is_better)
     for technique, _ in planned:
         check_needs(technique, context)
 
@@ -212,6 +214,9 @@ def optimize(
     }
     say(f"saving {out}")
     modelio.save(model, out, manifest)
+    native = getattr(model, "save_native", None)  # e.g. OpenVINO IR beside the artifact
+    if callable(native):
+        report.native_files = [str(p) for p in native(out)]
     if export:
         report.exported = export_program(model, example, out.with_suffix(".pt2"), report.warnings)
     write_text_atomic(out.with_name("report.json"), report.to_json())

@@ -65,6 +65,7 @@ class Report:
     recovery: dict[str, Any] | None = None
     exported: str | None = None
     compile_seconds: float | None = None
+    native_files: list[str] = field(default_factory=list)
 
     @property
     def metric_drop(self) -> float | None:
@@ -104,6 +105,7 @@ class Report:
             "recovery": self.recovery,
             "exported": self.exported,
             "compile_seconds": self.compile_seconds,
+            "native_files": self.native_files,
         }
 
     def to_json(self) -> str:
@@ -161,6 +163,8 @@ class Report:
             out.append(f"warning: {warning}")
         if self.output:
             out.append(f"saved: {self.output}")
+        for path in self.native_files:
+            out.append(f"also saved: {path}")
         if self.exported:
             out.append(f"exported: {self.exported} (torch.export program; loads with no trust flag)")
         return "\n".join(out)

@@ -1,0 +1,114 @@
+"""NNCF post-training int8 quantization of the model converted to OpenVINO, with optional accuracy control."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from model_opt.errors import TechniqueError
+from model_opt.modelinfo import describe_input, run_checked
+from torch import nn
+
+from .openvino_module import OpenVINOModule
+
+
+def convert(model: nn.Module, example: Any) -> Any:
+    """torch -> OpenVINO; a failure names the unsupported op and leaves the input untouched."""
+    import openvino as ov
+
+    try:
+        return ov.convert_model(model, example_input=example)
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        marker = next((line for line in str(exc).splitlines() if "aten::" in line or "not supported" in line), "")
+        detail = " ".join(marker.split())[:200] or text[:200]
+        raise TechniqueError(f"OpenVINO could not convert the model ({detail})",
+                             "exclude or rewrite that op; the input model is untouched") from None
+
+
+def _numpy(item: Any) -> Any:
+    if isinstance(item, torch.Tensor):
+        return item.detach().cpu().numpy()
+    if isinstance(item, (tuple, list)):
+        return [_numpy(i) for i in item]
+    return item
+
+
+def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
+    import nncf
+
+    example = context.require_example_input("nncf int8_static")
+    calibration = [_numpy(x) for x in context.calibration_inputs("nncf int8_static")]
+    if not calibration:
+        raise TechniqueError("calibration_data(dataset_path) yielded nothing",
+                             "make it yield model inputs (or (inputs, labels) pairs)")
+    first = next(iter(context.calibration_inputs("nncf int8_static")))
+    run_checked(model, first, what="calibration data")
+    shapes = {describe_input(x) for x in context.calibration_inputs("nncf int8_static")}
+    context.progress("converting to OpenVINO")
+    ov_model = convert(model, example)
+    kwargs: dict[str, Any] = {
+        "subset_size": options["subset_size"],
+        "fast_bias_correction": options["fast_bias_correction"],
+        "preset": getattr(nncf.QuantizationPreset, options["preset"].upper()),
+    }
+    if options["model_type"] == "transformer":
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    if options["ignored"]:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=list(options["ignored"]), validate=False)
+    dataset = nncf.Dataset(calibration)
+    info: dict[str, Any] = {"calibration_batches": len(calibration), "calibration_shapes": sorted(shapes)}
+    context.progress(f"NNCF int8 calibration on {len(calibration)} batches")
+    if context.max_accuracy_drop is not None and context.evaluate is not None and options["accuracy_control"]:
+        sign = 1.0 if context.higher_is_better else -1.0
+
+        def validate(compiled_model: Any, _items: Any) -> float:
+            return sign * context.evaluate(_CompiledModule(compiled_model))
+
+        quantized = nncf.quantize_with_accuracy_control(
+            ov_model, dataset, nncf.Dataset([0]), validate, max_drop=context.max_accuracy_drop,
+            drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+        info["accuracy_control"] = {"max_drop": context.max_accuracy_drop}
+    else:
+        quantized = nncf.quantize(ov_model, dataset, **kwargs)
+    module = OpenVINOModule(quantized)
+    fq_layers, float_layers = quantized_layers(quantized)
+    info.update({"runtime": "OpenVINO CPU", "quantized_layers": len(fq_layers), "float_layers": float_layers,
+                 "fake_quantize_ops": module.op_counts().get("FakeQuantize", 0)})
+    return module, info
+
+
+class _CompiledModule(nn.Module):
+    """Wrap an OpenVINO compiled model (as NNCF's validation_fn gets it) so the user's evaluate() runs it."""
+
+    def __init__(self, compiled: Any) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        result = self.compiled([x.detach().cpu().numpy() for x in inputs])
+        return torch.from_numpy(result[self.compiled.outputs[0]].copy())
+
+    def parameters(self, recurse: bool = True):  # evaluate() may ask for the device
+        yield torch.zeros(0)
+
+
+def quantized_layers(ov_model: Any) -> tuple[list[str], list[str]]:
+    """(layers whose weights or inputs go through FakeQuantize, compute layers left in float)."""
+    quantized, floating = [], []
+    for op in ov_model.get_ops():
+        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul"):
+            continue
+        parents = [op.input_value(i).get_node() for i in range(op.get_input_size())]
+        fed_by_fq = any(p.get_type_name() in ("FakeQuantize", "Convert", "Multiply", "Subtract") and
+                        _has_fq_above(p) for p in parents)
+        (quantized if fed_by_fq else floating).append(op.get_friendly_name())
+    return quantized, floating
+
+
+def _has_fq_above(node: Any, depth: int = 3) -> bool:
+    if node.get_type_name() == "FakeQuantize":
+        return True
+    if depth == 0:
+        return False
+    return any(_has_fq_above(node.input_value(i).get_node(), depth - 1) for i in range(node.get_input_size()))

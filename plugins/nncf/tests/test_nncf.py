@@ -1,0 +1,87 @@
+"""NNCF int8 through OpenVINO on the digits example: accuracy, artifacts, accuracy control, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import model_opt
+import numpy as np
+import pytest
+import torch
+from model_opt.errors import TechniqueError, UsageError
+from model_opt.techniques import Quantizer
+from model_opt_nncf.openvino_module import OpenVINOModule
+
+
+def test_digits_int8_agrees_with_float_and_reloads(cli, digits, tmp_path: Path) -> None:
+    out = tmp_path / "int8.pt"
+    result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
+                 "--quantize", "--quant-backend", "nncf", "--quant-method", "int8_static", "--output", out,
+                 "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    info = report["steps"][0]["info"]
+    assert info["runtime"] == "OpenVINO CPU" and info["quantized_layers"] >= 3
+    assert report["after"]["metrics"]["accuracy"] >= report["before"]["metrics"]["accuracy"] - 0.01
+    assert report["native_files"] == [str(out.with_suffix(".xml")), str(out.with_suffix(".bin"))]
+    data = np.load(digits.dataset / "test.npz")
+    x = torch.from_numpy(data["images"]).float().div(16).unsqueeze(1)
+    float_model = model_opt.load(digits.whole_model, trust_model=True).eval()
+    with torch.no_grad():
+        reference = float_model(x).argmax(1)
+    for path in (out, out.with_suffix(".xml")):
+        reloaded = model_opt.load(path)
+        assert isinstance(reloaded, OpenVINOModule)
+        agreement = (reloaded(x).argmax(1) == reference).float().mean().item()
+        assert agreement >= 0.98
+
+
+def test_accuracy_control_uses_the_users_metric(cli, digits, tmp_path: Path) -> None:
+    result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
+                 "--quantize", "--quant-backend", "nncf", "--quant-method", "int8_static", "--output",
+                 tmp_path / "ac.pt", "--max-accuracy-drop", "0.01", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["steps"][0]["info"]["accuracy_control"] == {"max_drop": 0.01}
+    assert report["metric_drop"] <= 0.01
+
+
+def test_python_api_and_bad_calibration(digits) -> None:
+    float_model = model_opt.load(digits.whole_model, trust_model=True).eval()
+    x = torch.rand(8, 1, 8, 8)
+    quantized, info = Quantizer().quantize(float_model, method="int8_static", backend="nncf", example_input=x,
+                                           calibration_data=[torch.rand(16, 1, 8, 8) for _ in range(4)])
+    assert isinstance(quantized, OpenVINOModule) and info["fake_quantize_ops"] > 0
+    with pytest.raises(UsageError, match=r"calibration data \(16, 3, 8, 8\) does not fit the model at layer "
+                                         r"features.0 \(Conv2d\)"):
+        Quantizer().quantize(float_model, method="int8_static", backend="nncf", example_input=x,
+                             calibration_data=[torch.rand(16, 3, 8, 8)])
+    with pytest.raises(TechniqueError, match=r"nncf int8_static needs calibration data; define "
+                                             r"calibration_data\(dataset_path\)"):
+        Quantizer().quantize(float_model, method="int8_static", backend="nncf", example_input=x)
+
+
+def test_no_calibration_function_in_the_script(cli, digits, tmp_path: Path) -> None:
+    script = tmp_path / "eval.py"
+    script.write_text(digits.script.read_text().replace("def calibration_data(", "def _unused_calibration("))
+    shutil.copy(digits.folder / "digits_model.py", tmp_path)
+    result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", script,
+                 "--quantize", "--quant-backend", "nncf", "--output", tmp_path / "o.pt")
+    assert result.exit_code == 1
+    assert "nncf int8_static needs calibration data; define calibration_data(dataset_path) in the test script" \
+        in result.stderr
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_conversion_failure_names_the_op_and_keeps_the_model() -> None:
+    class Unsupported(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.special.bessel_j0(x)
+
+    model = Unsupported()
+    with pytest.raises(TechniqueError, match=r"OpenVINO could not convert the model \(.*bessel_j0.*\); exclude or "
+                                             r"rewrite that op; the input model is untouched"):
+        Quantizer().quantize(model, method="int8_static", backend="nncf", example_input=torch.rand(2, 4),
+                             calibration_data=[torch.rand(2, 4)])
