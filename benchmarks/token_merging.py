@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {machine()}\n")
     print(table("ToMe on timm ViT-B/16 (random weights), eager", vit_rows()))
-    rows = unet_rows("small", SMALL_UNET, 32, rounds=5)
+    rows = unet_rows("small", SMALL_UNET, 32, rounds=5) + unet_rows("small", SMALL_UNET, 64, rounds=5)
     if not args.skip_sd15:
         rows += unet_rows("SD-1.5-sized", SD15_UNET, 64, rounds=2)
     print(table("ToMeSD (random weights), eager", rows))

@@ -101,3 +101,23 @@ def test_register_commands_adds_a_cli_command() -> None:
     manager.register_commands(app)
     result = CliRunner().invoke(app, ["hello", "world"])
     assert result.exit_code == 0 and result.stdout.strip() == "hello world"
+
+
+def test_load_model_hook_opens_a_plugin_owned_format(monkeypatch, tmp_path) -> None:
+    import model_opt
+
+    @hookimpl
+    def load_model(path):
+        if path.suffix != ".lin":
+            return None
+        out_features, in_features = map(int, path.read_text().split())
+        return torch.nn.Linear(in_features, out_features)
+
+    manager = PluginManager(load_entry_points=False)
+    manager.register(plugin_module("linfmt", load_model=load_model), "linfmt")
+    import model_opt.plugins as plugins
+
+    monkeypatch.setattr(plugins, "_MANAGER", manager)
+    (tmp_path / "m.lin").write_text("3 5")
+    model = model_opt.load(tmp_path / "m.lin")
+    assert isinstance(model, torch.nn.Linear) and model.weight.shape == (3, 5)

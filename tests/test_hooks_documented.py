@@ -13,7 +13,8 @@ HOOKS = sorted(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, nam
 
 
 def test_there_are_hooks() -> None:
-    assert HOOKS == ["decompose", "fuse", "prune", "quantize", "register_commands", "register_techniques"]
+    assert HOOKS == ["decompose", "fuse", "load_model", "prune", "quantize", "register_commands",
+                     "register_techniques"]
 
 
 @pytest.mark.parametrize("hook", HOOKS)

@@ -1,16 +1,58 @@
-"""Hook implementations of the neural-compressor plugin.
-
-Its techniques arrive with issue #4; until then it registers none (it never registers a
-technique that does not work).
-"""
+"""Hook implementations of the neural-compressor plugin (Intel Neural Compressor 3.x, PyTorch flavour)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from model_opt.hookspecs import hookimpl
+from model_opt.registry import Option, Technique
+
+REQUIRES = ("neural_compressor",)
+
+TECHNIQUES = (
+    Technique(
+        kind="quantize", backend="neural-compressor", method="int8_static",
+        summary="INC static int8 through its export flow (X86 inductor quantizer), calibrated on your data.",
+        options=(Option("calibration_batches", int, 10, "calibration batches to run", minimum=1),
+                 Option("act_sym", bool, False, "symmetric activations (default asymmetric uint8)")),
+        needs=("example_input", "calibration_data"), requires=REQUIRES, speeds_up=(), speeds_up_compiled=("cpu",),
+        speed_note="INC int8 graphs are fast only under torch.compile with freezing (--compile)",
+    ),
+    Technique(
+        kind="quantize", backend="neural-compressor", method="weight_only",
+        summary="INC weight-only quantization of Linear layers: RTN, or GPTQ when calibration data is given.",
+        options=(Option("bits", int, 4, "weight bits", choices=(4, 8)),
+                 Option("group_size", int, 32, "weights per scale (-1: per channel)", minimum=-1),
+                 Option("algorithm", str, "rtn", "rtn (round to nearest) or gptq (needs calibration data)",
+                        choices=("rtn", "gptq")),
+                 Option("use_sym", bool, True, "symmetric weights")),
+        requires=REQUIRES, speeds_up=(),
+        speed_note="weight-only packing saves memory and size; on CPU it runs dequantize + float matmul, which is "
+                   "not faster",
+    ),
+    Technique(
+        kind="quantize", backend="neural-compressor", method="autotune",
+        summary="INC accuracy-aware tuning over quantization configs, driven by your metric and "
+                "--max-accuracy-drop.",
+        options=(Option("space", str, "static", "configs to try: static int8 variants, or weight-only ones",
+                        choices=("static", "weight_only")),
+                 Option("max_trials", int, 8, "tuning trials at most", minimum=1),
+                 Option("calibration_batches", int, 10, "calibration batches per static trial", minimum=1)),
+        needs=("example_input",), requires=REQUIRES, speeds_up=(), speeds_up_compiled=("cpu",),
+        speed_note="the tuned int8 graph is fast only under torch.compile with freezing (--compile)",
+    ),
+)
 
 
 @hookimpl
 def register_techniques(register: Any) -> None:
-    """Nothing yet: see issue #4."""
+    for technique in TECHNIQUES:
+        register(technique)
+
+
+@hookimpl
+def quantize(model: Any, technique: Technique, options: dict[str, Any], context: Any) -> Any:
+    from . import inc
+
+    return {"int8_static": inc.static_int8, "weight_only": inc.weight_only, "autotune": inc.tune}[
+        technique.method](model, options, context)

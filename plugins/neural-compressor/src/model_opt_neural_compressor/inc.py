@@ -1,0 +1,153 @@
+"""Intel Neural Compressor 3.x flows: static int8 (export, prepare, calibrate, convert), weight-only, autotune."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from itertools import islice
+from typing import Any
+
+import torch
+from model_opt.errors import AccuracyBudgetExceeded, TechniqueError, UsageError
+from model_opt.exported import ExportedModule
+from model_opt.measure import call_model
+from model_opt.modelinfo import run_checked
+from torch import nn
+
+logging.getLogger("neural_compressor").setLevel(logging.WARNING)
+
+
+def _args(example: Any) -> tuple[Any, ...]:
+    return tuple(example) if isinstance(example, (tuple, list)) else (example,)
+
+
+def export_for_quantization(model: nn.Module, example: Any) -> Any:
+    from neural_compressor.torch.export import export
+
+    args = _args(example)
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() else None for a in args)
+    try:
+        exported = export(model, example_inputs=args, dynamic_shapes=dynamic)
+    except Exception:
+        exported = None
+    if exported is None:
+        exported = export(model, example_inputs=args)
+    if exported is None:
+        raise TechniqueError("INC could not export the model with torch.export",
+                             "check that torch.export.export(model, (example,)) works for this model")
+    return exported
+
+
+def _static(model: nn.Module, example: Any, batches: list[Any], act_sym: bool) -> nn.Module:
+    from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
+
+    prepared = prepare(export_for_quantization(model, example), StaticQuantConfig(act_sym=act_sym))
+    with torch.no_grad():
+        for batch in batches:
+            call_model(prepared, batch)
+    return convert(prepared)
+
+
+def _quantized_ops(graph_module: nn.Module) -> int:
+    return sum(1 for node in graph_module.graph.nodes if "quantize_per" in str(node.target)
+               and "dequantize" not in str(node.target))
+
+
+def static_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
+    example = context.require_example_input("neural-compressor int8_static")
+    batches = list(islice(context.calibration_inputs("neural-compressor int8_static"), options["calibration_batches"]))
+    if not batches:
+        raise TechniqueError("calibration_data(dataset_path) yielded nothing", "make it yield model inputs")
+    run_checked(model, batches[0], what="calibration data")
+    context.progress(f"INC static int8: export, calibrate on {len(batches)} batches, convert")
+    quantized = _static(model, example, batches, options["act_sym"])
+    return ExportedModule(quantized, _args(example)), {
+        "calibration_batches": len(batches), "quantize_ops": _quantized_ops(quantized),
+        "runtime_note": "run it under torch.compile with freezing for int8 kernels (--compile)"}
+
+
+def weight_only(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
+    from neural_compressor.torch.quantization import GPTQConfig, RTNConfig, convert, prepare
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise TechniqueError("the model has no Linear layer for weight-only quantization",
+                             "weight-only quantization packs Linear weights; use int8_static for CNNs")
+    common = {"bits": options["bits"], "group_size": options["group_size"], "use_sym": options["use_sym"]}
+    if options["algorithm"] == "gptq":
+        batches = list(islice(context.calibration_inputs("neural-compressor weight_only gptq"), 8))
+        prepared = prepare(model, GPTQConfig(**common, use_layer_wise=False))
+        with torch.no_grad():
+            for batch in batches:
+                call_model(prepared, batch)
+        quantized = convert(prepared)
+    else:
+        quantized = convert(prepare(model, RTNConfig(**common, use_layer_wise=False)))
+    packed = [n for n, m in quantized.named_modules()
+              if type(m).__name__ in ("INCWeightOnlyLinear", "WeightOnlyLinear")]
+    return quantized, {"algorithm": options["algorithm"], "bits": options["bits"],
+                       "group_size": options["group_size"], "packed_layers": len(packed)}
+
+
+def tune(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
+    """INC autotune over a config set, with the user's metric as eval_fn and the drop budget."""
+    from neural_compressor.torch.quantization import (
+        RTNConfig,
+        StaticQuantConfig,
+        TuningConfig,
+        autotune,
+        get_woq_tuning_config,
+    )
+
+    if context.evaluate is None or context.max_accuracy_drop is None:
+        raise UsageError("neural-compressor autotune needs your metric and a budget",
+                         "run it through model-opt optimize with --max-accuracy-drop")
+    example = context.require_example_input("neural-compressor autotune")
+    baseline = context.evaluate(model)
+    if baseline == 0:
+        raise UsageError("autotune needs a non-zero baseline metric", "check the test script")
+    sign = 1.0 if context.higher_is_better else -1.0
+    trials: list[dict[str, Any]] = []
+
+    def eval_fn(candidate: nn.Module) -> float:
+        """INC compares relative losses of a positive score: 1.0 at the baseline, lower when worse."""
+        value = context.evaluate(candidate)
+        trials.append({"trial": len(trials), "metric": value})
+        context.progress(f"autotune trial {len(trials)}: metric {value:.4f}")
+        return 1.0 - sign * (baseline - value) / abs(baseline)
+
+    if options["space"] == "static":
+        batches = list(islice(context.calibration_inputs("neural-compressor autotune"),
+                              options["calibration_batches"]))
+        config_set = [StaticQuantConfig(act_sym=False), StaticQuantConfig(act_sym=True),
+                      StaticQuantConfig(w_granularity="per_tensor")]
+        target = export_for_quantization(model, example)
+
+        def run_fn(prepared: nn.Module) -> None:
+            with torch.no_grad():
+                for batch in batches:
+                    call_model(prepared, batch)
+    else:
+        config_set = [RTNConfig(use_layer_wise=False), RTNConfig(use_sym=False, group_size=32, use_layer_wise=False),
+                      *[c for c in get_woq_tuning_config() if type(c).__name__ == "RTNConfig"]]
+        target, run_fn = copy.deepcopy(model), None
+    relative = context.max_accuracy_drop / abs(baseline)
+    tuning = TuningConfig(config_set=config_set, tolerable_loss=relative, max_trials=options["max_trials"])
+    best = autotune(target, tuning, eval_fn=eval_fn, run_fn=run_fn, example_inputs=_args(example))
+    info = {"space": options["space"], "baseline": baseline, "tolerable_loss_relative": relative,
+            "trials": trials}
+    result = None
+    if best is not None:
+        result = ExportedModule(best, _args(example)) if options["space"] == "static" else best
+        final = context.evaluate(result)  # INC's verdict, checked with the user's own metric
+        if sign * (baseline - final) > context.max_accuracy_drop + 1e-12:
+            result = None
+    if result is None:
+        tried = trials[1:] or trials
+        best_tried = max(tried, key=lambda t: sign * t["metric"]) if tried else None
+        raise AccuracyBudgetExceeded(
+            f"autotune found no config within the allowed drop of {context.max_accuracy_drop:g} "
+            f"(baseline {baseline:.4f}, best tried {best_tried['metric']:.4f})" if best_tried else
+            "autotune found no config within the allowed drop", "allow a larger drop or another space")
+    return result, info

@@ -1,0 +1,83 @@
+"""Intel Neural Compressor through model-opt: static int8, weight-only, autotune with the user's metric."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import shutil
+from pathlib import Path
+
+import model_opt
+import numpy as np
+import torch
+from model_opt.exported import ExportedModule
+from model_opt.techniques import Quantizer
+from torch import nn
+
+
+def digits_tensors(digits) -> tuple[torch.Tensor, torch.Tensor]:
+    data = np.load(digits.dataset / "test.npz")
+    return torch.from_numpy(data["images"]).float().div(16).unsqueeze(1), torch.from_numpy(data["labels"]).long()
+
+
+def test_static_int8_agrees_with_float_and_reloads(digits, tmp_path: Path) -> None:
+    model = model_opt.load(digits.whole_model, trust_model=True).eval()
+    x, _ = digits_tensors(digits)
+    calibration = [x[i:i + 32] for i in range(0, 320, 32)]
+    with torch.no_grad():
+        reference = model(x).argmax(1)
+    quantized, info = Quantizer().quantize(copy.deepcopy(model), method="int8_static", backend="neural-compressor",
+                                           example_input=x[:8], calibration_data=calibration)
+    assert isinstance(quantized, ExportedModule) and info["quantize_ops"] >= 3
+    with torch.no_grad():
+        out = quantized(x)
+    assert (out.argmax(1) == reference).float().mean().item() >= 0.98
+    model_opt.save(quantized, tmp_path / "inc.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model_opt.load(tmp_path / "inc.pt")(x), out)
+
+
+def test_weight_only_rtn_packs_linear_weights() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 64)).eval()
+    x = torch.randn(16, 256)
+    with torch.no_grad():
+        expected = model(x)
+    before = io.BytesIO()
+    torch.save(model.state_dict(), before)
+    quantized, info = Quantizer().quantize(model, method="weight_only", backend="neural-compressor",
+                                           bits=4, group_size=32)
+    assert info["packed_layers"] == 2
+    with torch.no_grad():
+        out = quantized(x)
+    assert nn.functional.cosine_similarity(out.flatten(), expected.flatten(), dim=0) > 0.99
+    after = io.BytesIO()
+    torch.save(quantized.state_dict(), after)
+    assert after.tell() < 0.4 * before.tell()
+
+
+def test_autotune_within_budget_and_refusal_when_none_fits(cli, digits, tmp_path: Path) -> None:
+    base = ["optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
+            "--quantize", "--quant-backend", "neural-compressor", "--quant-method", "autotune", "-q"]
+    result = cli(*base, "--max-accuracy-drop", "0.02", "--output", tmp_path / "tuned.pt", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["steps"][0]["info"]["trials"]) >= 2
+    assert report["metric_drop"] <= 0.02
+    # A metric no quantized model can keep exactly: 1 - the largest logit difference from the float model.
+    strict = tmp_path / "strict" / "eval.py"
+    strict.parent.mkdir()
+    shutil.copy(digits.folder / "digits_model.py", strict.parent)
+    strict.write_text(digits.script.read_text().replace(
+        'return {"accuracy": (predictions == labels).float().mean().item()}',
+        'reference = load_model(Path(dataset_path).parent / "model.pth")(images)\n'
+        '    return {"fidelity": 1 - (model(images) - reference).abs().max().item()}'))
+    out = tmp_path / "never.pt"
+    result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", strict,
+                 "--quantize", "--quant-backend", "neural-compressor", "--quant-method", "autotune",
+                 "--quant-opt", "max_trials=2", "--max-accuracy-drop", "0.000001", "--output", out, "-q")
+    assert result.exit_code == 1, result.stdout
+    assert "autotune found no config within the allowed drop of 1e-06" in result.stderr
+    assert "best tried" in result.stderr
+    assert not out.exists()
