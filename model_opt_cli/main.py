@@ -227,6 +227,96 @@ def demo(
     typer.echo(report.render())
 
 
+@app.command("recommend")
+def recommend_command(
+    model: Annotated[Path, typer.Argument(help="Model file (as for optimize).")],
+    test_script: Annotated[Path | None, typer.Option("--test-script", help="Test script whose load_model "
+                                                                           "builds the model.")] = None,
+    test_dataset: Annotated[str, typer.Option("--test-dataset", help="Dataset path for the printed "
+                                                                     "commands.")] = "data/",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")] = False,
+) -> None:
+    """Detect the architecture family and print the techniques that fit it, with the command for each."""
+    from model_opt import modelio
+    from model_opt.recommend import recommend
+    from model_opt.testscript import TestScript
+
+    try:
+        script = TestScript(test_script) if test_script else None
+        loader = (lambda p: script.call("load_model", p)) if script and script.has("load_model") else None
+        loaded = modelio.load(model, trust_model=trust_model, loader=loader,
+                              search_paths=[script.folder] if script else [])
+        family, evidence, plan = recommend(loaded, device)
+    except ModelOptError as err:
+        raise fail(err) from None
+    typer.echo(f"{model}: {family} ({evidence})")
+    script_arg = test_script or "eval.py"
+    for item in plan:
+        if item.available:
+            typer.echo(f"- {item.kind} {item.backend}:{item.method}: {item.why}")
+            typer.echo(f"    model-opt optimize {model} --test-dataset {test_dataset} --test-script {script_arg} "
+                       f"{item.flags()}")
+        else:
+            typer.echo(f"- {item.kind} {item.backend}:{item.method}: {item.why} [{item.missing}]")
+    typer.echo(f"Search them together, within an accuracy budget: model-opt autotune {model} --test-dataset "
+               f"{test_dataset} --test-script {script_arg} --max-accuracy-drop 0.01")
+
+
+@app.command("autotune")
+def autotune_command(
+    model: Annotated[Path, typer.Argument(help="Model file (as for optimize).")],
+    test_dataset: Annotated[Path, typer.Option("--test-dataset", help="Dataset path passed to the test script.")],
+    test_script: Annotated[Path, typer.Option("--test-script", help="The test script (see optimize).")],
+    max_accuracy_drop: Annotated[float, typer.Option(help="Largest metric drop accepted, in metric units.")],
+    trials: Annotated[int, typer.Option(help="Trials in the study (all workers together).")] = 20,
+    timeout: Annotated[float | None, typer.Option(help="Stop this worker after this many seconds.")] = None,
+    objective: Annotated[str, typer.Option(help="latency, size or both.")] = "latency",
+    study: Annotated[str | None, typer.Option(help="Study name (workers sharing it cooperate).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (postgresql://..., sqlite:///...) "
+                                                     "or journal file; default: a journal beside the "
+                                                     "output.")] = None,
+    backends: Annotated[str | None, typer.Option(help="Only search these backends (comma list).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to save the best model.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    input_shape: Annotated[str | None, typer.Option(help="Random example input, e.g. 1,3,224,224.")] = None,
+    trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")] = False,
+) -> None:
+    """Search combinations of the installed techniques within an accuracy budget (Optuna)."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise fail(ModelOptError("autotune needs optuna and matplotlib", 'pip install "model-opt[autotune]"')) \
+            from None
+    from model_opt.autotune import autotune
+
+    def progress(message: str) -> None:
+        if not quiet:
+            typer.echo(f"model-opt: {message}", err=True)
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = autotune(model, test_script=test_script, dataset=test_dataset,
+                              max_accuracy_drop=max_accuracy_drop, trials=trials, timeout=timeout,
+                              objective=objective, study=study, storage=storage, output=output, device=device,
+                              trust_model=trust_model, input_shape=parse_shape(input_shape),
+                              backends=[b.strip() for b in backends.split(",")] if backends else None,
+                              progress=progress)
+    except AccuracyBudgetExceeded as err:
+        if err.report is not None:
+            typer.echo(json.dumps(err.report.to_dict(), default=str) if as_json else err.report.render())
+        raise fail(err) from None
+    except ModelOptError as err:
+        raise fail(err) from None
+    except KeyboardInterrupt:
+        typer.echo("Interrupted: finished trials are kept in the study; run the same command to resume.",
+                   err=True)
+        raise typer.Exit(130) from None
+    typer.echo(json.dumps(result.to_dict(), indent=2, default=str) if as_json else result.render())
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"model-opt {__version__}")

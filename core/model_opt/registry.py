@@ -144,6 +144,8 @@ class Technique:
     speed_note: str = ""
     plugin: str = ""
     extra: str = ""
+    #: What the autotuner may try: option name -> candidate values ({} = defaults only; None = never tuned).
+    search_space: dict[str, tuple[Any, ...]] | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -209,6 +211,8 @@ class Technique:
             "speeds_up": list(self.speeds_up),
             "speeds_up_compiled": list(self.speeds_up_compiled),
             "speed_note": self.speed_note,
+            "search_space": {k: list(v) for k, v in self.search_space.items()} if self.search_space is not None
+            else None,
         }
 
 

@@ -27,6 +27,7 @@ UNSTRUCTURED = Technique(
         Option("exclude", list, [], "module names (or name prefixes) to leave untouched"),
     ),
     speeds_up=(),
+    search_space={"amount": (0.3, 0.5, 0.7)},
     speed_note="unstructured sparsity keeps dense shapes, so latency and dense size do not change; "
     "use structured pruning (--prune-backend torch-pruning) to remove whole channels",
 )

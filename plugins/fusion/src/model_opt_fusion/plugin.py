@@ -18,6 +18,7 @@ CONV_BN_RELU = Technique(
         Option("exclude", list, [], "module names (or prefixes) to leave untouched"),
     ),
     speeds_up=("cpu", "cuda"),
+    search_space={},
 )
 LINEAR_GELU = Technique(
     kind="fuse",
@@ -30,6 +31,7 @@ LINEAR_GELU = Technique(
         Option("exclude", list, [], "module names (or prefixes) to leave untouched"),
     ),
     speeds_up=("cuda",),
+    search_space={},
     speed_note="on CPU the fused module computes the same ops (the addmm+GELU kernel was measured no faster); "
     "torch.compile fuses them",
 )

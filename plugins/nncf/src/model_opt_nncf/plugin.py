@@ -25,6 +25,7 @@ INT8_STATIC = Technique(
     ),
     needs=("example_input", "calibration_data"),
     requires=("nncf", "openvino"),
+    search_space={},
     speeds_up=("cpu",),
     speed_note="the OpenVINO runtime runs on the CPU here",
 )

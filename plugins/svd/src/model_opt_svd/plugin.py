@@ -23,6 +23,7 @@ SVD = Technique(
         Option("min_features", int, 16, "skip layers with min(in, out) below this", minimum=1),
     ),
     speeds_up=("cpu", "cuda"),
+    search_space={"rank_ratio": (0.25, 0.5)},
     speed_note="a layer speeds up only where the rank is well below the break-even point",
 )
 

@@ -18,6 +18,7 @@ TOKEN_MERGING = Technique(
         Option("prop_attn", bool, True, "proportional attention: add log(token size) to attention logits"),
     ),
     requires=("timm",),
+    search_space={"r": (4, 8, 16)},
     speeds_up=("cpu", "cuda"),
 )
 

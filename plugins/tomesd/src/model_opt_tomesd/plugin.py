@@ -24,6 +24,7 @@ TOKEN_MERGING = Technique(
         Option("merge_mlp", bool, False, "merge tokens for the MLP"),
     ),
     requires=("tomesd", "diffusers"),
+    search_space={"ratio": (0.3, 0.5)},
     speeds_up=("cpu", "cuda"),
 )
 

@@ -29,6 +29,7 @@ STRUCTURED = Technique(
     ),
     needs=("example_input",),
     requires=("torch_pruning",),
+    search_space={"amount": (0.1, 0.2, 0.3, 0.4, 0.5)},
     speeds_up=("cpu", "cuda"),
 )
 

@@ -17,16 +17,16 @@ CPU_NOTE = ("torchao int8 runs slower than float in eager mode on CPU; under tor
 
 
 def _technique(method: str, summary: str, *, options: tuple = (), needs: tuple = (), speeds_up: tuple = ("cuda",),
-               compiled: tuple = ("cpu", "cuda"), note: str = CPU_NOTE) -> Technique:
+               compiled: tuple = ("cpu", "cuda"), note: str = CPU_NOTE, search: dict | None = None) -> Technique:
     return Technique(kind="quantize", backend="torchao", method=method, summary=summary, options=COMMON + options,
                      needs=needs, requires=("torchao",), speeds_up=speeds_up, speeds_up_compiled=compiled,
-                     speed_note=note)
+                     speed_note=note, search_space=search)
 
 
 TECHNIQUES = (
-    _technique("int8_weight_only", "int8 weights, float activations (torchao Int8WeightOnlyConfig)."),
+    _technique("int8_weight_only", "int8 weights, float activations (torchao Int8WeightOnlyConfig).", search={}),
     _technique("int8_dynamic", "int8 weights and dynamically quantized int8 activations "
-               "(torchao Int8DynamicActivationInt8WeightConfig)."),
+               "(torchao Int8DynamicActivationInt8WeightConfig).", search={}),
     _technique("int4_weight_only", "int4 grouped weights for bf16 models on CUDA (torchao Int4WeightOnlyConfig).",
                options=(Option("group_size", int, 128, "weights per scale", choices=(32, 64, 128, 256)),),
                needs=("cuda",), compiled=("cuda",), note="runs only on CUDA"),

@@ -1,0 +1,381 @@
+"""Measured, accuracy-budgeted search over every installed technique, on Optuna storage.
+
+Every candidate is applied to a fresh copy of the model, evaluated with the user's metric and timed on
+the same device and thread count as the baseline; candidates over the budget are kept as evidence.
+Workers on many machines can share one study through any Optuna storage URL.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import modelio
+from .atomic import atomic_path, write_text_atomic
+from .context import TechniqueContext
+from .errors import AccuracyBudgetExceeded, ModelOptError, UsageError
+from .hookspecs import KINDS
+from .measure import count_parameters, model_latency, state_dict_bytes
+from .plugins import PluginManager, get_plugin_manager
+from .recommend import recommend
+from .registry import Technique
+from .testscript import TestScript
+
+OBJECTIVES = ("latency", "size", "both")
+
+
+@dataclass
+class Baseline:
+    metric: float
+    latency_ms: float
+    size_bytes: int
+    parameters: int
+
+
+@dataclass
+class TuneResult:
+    study: str
+    storage: str
+    baseline: Baseline
+    trials: list[dict[str, Any]]
+    pareto: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    output: str | None = None
+    plot: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"study": self.study, "storage": self.storage, "baseline": self.baseline.__dict__,
+                "trials": self.trials, "pareto": self.pareto, "best": self.best, "output": self.output,
+                "plot": self.plot, "warnings": self.warnings}
+
+    def render(self) -> str:
+        lines = [f"autotune study {self.study!r}: {len(self.trials)} trials, baseline metric "
+                 f"{self.baseline.metric:.4f}, latency {self.baseline.latency_ms:.3f} ms"]
+        lines.append("Pareto front within budget (metric vs latency vs size):")
+        header = f"  {'trial':>5}  {'metric':>8}  {'drop':>8}  {'speed-up':>8}  {'size':>6}  techniques"
+        lines.append(header)
+        for row in self.pareto:
+            lines.append(f"  {row['number']:>5}  {row['metric']:>8.4f}  {row['drop']:>8.4f}  "
+                         f"{row['speedup']:>7.2f}x  {row['size_ratio']:>5.2f}x  {row['description']}")
+        if self.best:
+            lines.append(f"best: trial {self.best['number']} ({self.best['description']}), "
+                         f"{self.best['speedup']:.2f}x faster, size {self.best['size_ratio']:.2f}x, "
+                         f"metric {self.best['metric']:.4f}")
+        for warning in self.warnings:
+            lines.append(f"warning: {warning}")
+        if self.output:
+            lines.append(f"saved: {self.output}")
+        if self.plot:
+            lines.append(f"plot: {self.plot}")
+        return "\n".join(lines)
+
+
+def searchable(manager: PluginManager, device: str, has_calibration: bool,
+               backends: Sequence[str] | None) -> dict[str, list[Technique]]:
+    """Techniques with a search space that can run here, by kind."""
+    by_kind: dict[str, list[Technique]] = {kind: [] for kind in KINDS}
+    for technique in manager.registry.techniques.values():
+        if technique.search_space is None or technique.missing_packages():
+            continue
+        if backends and technique.backend not in backends:
+            continue
+        if "cuda" in technique.needs and not device.startswith("cuda"):
+            continue
+        if "calibration_data" in technique.needs and not has_calibration:
+            continue
+        by_kind[technique.kind].append(technique)
+    return {kind: sorted(items, key=lambda t: t.name) for kind, items in by_kind.items() if items}
+
+
+def open_storage(storage: str | None, default_path: Path) -> tuple[Any, str]:
+    """An Optuna storage: a journal file by default (no server), or any Optuna URL; checked before trials."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    if storage is None or "://" not in storage:
+        path = Path(storage) if storage else default_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+        return optuna.storages.JournalStorage(backend), str(path)
+    try:
+        return optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True}), storage
+    except Exception as exc:
+        raise UsageError(f"cannot reach the storage {storage} ({str(exc).splitlines()[0][:160]})",
+                         "check the URL, the server and its credentials; no trial was run") from None
+
+
+def describe(steps: list[dict[str, Any]]) -> str:
+    if not steps:
+        return "(none)"
+    return " + ".join(f"{s['backend']}:{s['method']}" + (
+        f"({', '.join(f'{k}={v}' for k, v in s['options'].items())})" if s["options"] else "") for s in steps)
+
+
+def autotune(
+    model_path: str | os.PathLike[str],
+    *,
+    test_script: str | os.PathLike[str],
+    dataset: str | os.PathLike[str],
+    max_accuracy_drop: float,
+    trials: int = 20,
+    timeout: float | None = None,
+    objective: str = "latency",
+    study: str | None = None,
+    storage: str | None = None,
+    output: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    trust_model: bool = False,
+    input_shape: Sequence[int] | None = None,
+    backends: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    manager: PluginManager | None = None,
+) -> TuneResult:
+    import optuna
+
+    from .pipeline import check_device, default_output, example_input
+    from .pipeline import plan as plan_steps
+
+    say = progress or (lambda message: None)
+    manager = manager or get_plugin_manager()
+    if max_accuracy_drop is None or max_accuracy_drop < 0:
+        raise UsageError(f"--max-accuracy-drop must be 0 or more (got {max_accuracy_drop})",
+                         "pass the largest metric drop you accept, e.g. 0.01")
+    if objective not in OBJECTIVES:
+        raise UsageError(f"unknown objective {objective!r}", f"choose one of: {', '.join(OBJECTIVES)}")
+    if trials < 1:
+        raise UsageError(f"--trials is {trials}", "pass at least 1")
+    model_path = modelio.check_readable(model_path)
+    script = TestScript(test_script)
+    dataset = str(dataset)
+    if not os.path.exists(dataset):
+        raise UsageError(f"test dataset not found: {dataset}", "check the --test-dataset path")
+    out = Path(output) if output else default_output(model_path)
+    if out.resolve() == model_path.resolve():
+        raise UsageError(f"--output {out} would overwrite the input model", "choose another output path")
+    space = searchable(manager, device, script.has("calibration_data"), backends)
+    useful = {t.backend for items in space.values() for t in items} - {"basic"}
+    if not useful:
+        raise UsageError("no technique plugin is installed for the tuner to search (the core's basic pruner "
+                         "alone never speeds a model up)",
+                         'pip install "model-opt[torch-pruning]" "model-opt[torchao]" "model-opt[fusion]" '
+                         '(or "model-opt[all]")')
+    study_name = study or f"model-opt-{model_path.stem}"
+    optuna_storage, storage_label = open_storage(storage, out.with_name(f"{study_name}.journal"))
+    device = check_device(device)
+
+    loader = (lambda p: script.call("load_model", p)) if script.has("load_model") else None
+    original = modelio.load(model_path, trust_model=trust_model, loader=loader,
+                            search_paths=[script.folder, model_path.parent]).to(device).eval()
+    example = example_input(script, dataset, input_shape, device)
+    if example is None:
+        raise UsageError("autotune needs an example input to time candidates",
+                         "define example_input(dataset_path) in the test script or pass --input-shape")
+    sign = 1.0 if script.higher_is_better else -1.0
+    say("measuring the baseline")
+    baseline = Baseline(script.evaluate(original, dataset, device).value,
+                        model_latency(original, example, device).median_ms, state_dict_bytes(original),
+                        count_parameters(original)[0])
+    if max_accuracy_drop > abs(baseline.metric) > 0:
+        raise UsageError(f"--max-accuracy-drop {max_accuracy_drop:g} is larger than the metric itself "
+                         f"({baseline.metric:.4f}), which would accept any model",
+                         "pass a drop in the metric's own units, e.g. 0.01 for one accuracy point")
+    calibration = (lambda: script.call("calibration_data", dataset)) if script.has("calibration_data") else None
+
+    directions = {"latency": ["minimize"], "size": ["minimize"], "both": ["minimize", "minimize"]}[objective]
+    sampler = optuna.samplers.TPESampler(seed=None)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    the_study = optuna.create_study(study_name=study_name, storage=optuna_storage, directions=directions,
+                                    sampler=sampler, load_if_exists=True)
+    seed_recommendations(the_study, original, device, space, manager)
+
+    def objective_fn(trial: Any) -> Any:
+        steps = []
+        for kind in KINDS:
+            techniques = space.get(kind, [])
+            if not techniques:
+                continue
+            choice = trial.suggest_categorical(kind, ["none", *[t.name for t in techniques]])
+            if choice == "none":
+                continue
+            technique = next(t for t in techniques if t.name == choice)
+            options = {name: trial.suggest_categorical(f"{technique.name}.{name}", list(values))
+                       for name, values in (technique.search_space or {}).items()}
+            steps.append({"kind": kind, "backend": technique.backend, "method": technique.method,
+                          "options": options})
+        trial.set_user_attr("steps", steps)
+        trial.set_user_attr("description", describe(steps))
+        trial.set_user_attr("worker", os.getpid())
+        if not steps:
+            trial.set_user_attr("error", "no technique chosen")
+            raise optuna.TrialPruned("no technique chosen")
+        from .pipeline import Step, apply
+
+        try:
+            planned = plan_steps([Step(s["kind"], s["backend"], s["method"], s["options"]) for s in steps], manager)
+            context = TechniqueContext(device=device, example_input=example, calibration_data=calibration,
+                                       dataset_path=dataset)
+            candidate, _ = apply(copy.deepcopy(original), planned, context, manager)
+            candidate = candidate.eval()
+            metric = script.evaluate(candidate, dataset, device).value
+            latency = model_latency(candidate, example, device).median_ms
+            size = state_dict_bytes(candidate)
+        except ModelOptError as exc:
+            trial.set_user_attr("error", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        drop = sign * (baseline.metric - metric)
+        speedup = baseline.latency_ms / latency
+        size_ratio = size / baseline.size_bytes if baseline.size_bytes else 1.0
+        trial.set_user_attr("metric", metric)
+        trial.set_user_attr("drop", drop)
+        trial.set_user_attr("speedup", speedup)
+        trial.set_user_attr("size_ratio", size_ratio)
+        trial.set_user_attr("within_budget", drop <= max_accuracy_drop + 1e-12)
+        trial.set_constraint("metric_drop_over_budget", drop - max_accuracy_drop)
+        values = {"latency": [1 / speedup], "size": [size_ratio], "both": [1 / speedup, size_ratio]}[objective]
+        return values[0] if len(values) == 1 else values
+
+    started = time.time()
+    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done_before = len(the_study.get_trials(deepcopy=False, states=finished_states))
+    remaining = max(0, trials - done_before)
+    if done_before:
+        say(f"resuming study {study_name!r}: {done_before} finished trials kept")
+
+    def report_progress(study_: Any, trial: Any) -> None:
+        finished = study_.get_trials(deepcopy=False, states=finished_states)
+        feasible = [t for t in finished if t.user_attrs.get("within_budget")]
+        best = max((t.user_attrs["speedup"] for t in feasible), default=None)
+        elapsed = time.time() - started
+        per_trial = elapsed / max(1, len(finished) - done_before)
+        left = per_trial * max(0, trials - len(finished))
+        if timeout:
+            left = min(left, max(0.0, timeout - elapsed))
+        attrs = trial.user_attrs
+        result = (f"error: {attrs['error']}" if "error" in attrs else
+                  f"metric {attrs['metric']:.4f} ({'within budget' if attrs['within_budget'] else 'over budget'}), "
+                  f"{attrs['speedup']:.2f}x faster, size {attrs['size_ratio']:.2f}x")
+        say(f"[{len(finished)}/{trials}] trial {trial.number}: {attrs.get('description')} -> {result} | best "
+            f"within budget: {'%.2fx' % best if best else '-'} | ~{left:.0f}s left")
+
+    if remaining:
+        the_study.optimize(objective_fn, n_trials=remaining, timeout=timeout, gc_after_trial=True,
+                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished_states),
+                                      report_progress])
+    return finish(the_study, storage_label, baseline, objective, original, out, example, device, manager,
+                  max_accuracy_drop, calibration, dataset, say)
+
+
+def seed_recommendations(study: Any, model: Any, device: str, space: dict[str, list[Technique]],
+                         manager: PluginManager) -> None:
+    """Start from the recommendation: enqueue its techniques (those the search space has) once per study."""
+    if study.user_attrs.get("seeded") or study.get_trials(deepcopy=False):
+        return
+    study.set_user_attr("seeded", True)
+    _, _, plan = recommend(model, device, manager)
+    names = {t.name for items in space.values() for t in items}
+    for item in plan:
+        name = f"{item.kind}:{item.backend}:{item.method}"
+        if not item.available or name not in names:
+            continue
+        technique = manager.registry.techniques[(item.kind, item.backend, item.method)]
+        params: dict[str, Any] = {kind: "none" for kind in space}
+        params[item.kind] = name
+        for option, values in (technique.search_space or {}).items():
+            wanted = item.options.get(option)
+            params[f"{name}.{option}"] = wanted if wanted in values else values[0]
+        study.enqueue_trial(params, skip_if_exists=True)
+
+
+def pareto_front(rows: list[dict[str, Any]], higher_is_better: bool = True) -> list[dict[str, Any]]:
+    """Rows not dominated on (metric drop, latency, size)."""
+    def better_or_equal(a: dict, b: dict) -> bool:
+        return a["drop"] <= b["drop"] and a["speedup"] >= b["speedup"] and a["size_ratio"] <= b["size_ratio"]
+
+    front = []
+    for row in rows:
+        dominated = any(better_or_equal(other, row) and other is not row and (
+            other["drop"] < row["drop"] or other["speedup"] > row["speedup"] or other["size_ratio"] < row["size_ratio"])
+            for other in rows)
+        if not dominated:
+            front.append(row)
+    return sorted(front, key=lambda r: -r["speedup"])
+
+
+def finish(study: Any, storage: str, baseline: Baseline, objective: str, original: Any, out: Path, example: Any,
+           device: str, manager: PluginManager, budget: float, calibration: Any, dataset: str,
+           say: Callable[[str], None]) -> TuneResult:
+    import optuna
+
+    from .pipeline import Step, apply
+    from .pipeline import plan as plan_steps
+
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        row = {"number": trial.number, "state": trial.state.name, "description": attrs.get("description", ""),
+               "steps": attrs.get("steps", []), "worker": attrs.get("worker")}
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            row.update({k: attrs[k] for k in ("metric", "drop", "speedup", "size_ratio", "within_budget")})
+        elif "error" in attrs:
+            row["error"] = attrs["error"]
+        rows.append(row)
+    measured = [r for r in rows if "metric" in r]
+    feasible = [r for r in measured if r["within_budget"]]
+    result = TuneResult(study.study_name, storage, baseline, rows, pareto_front(feasible), None)
+    if not feasible:
+        closest = min(measured, key=lambda r: r["drop"]) if measured else None
+        detail = (f"; the closest was trial {closest['number']} ({closest['description']}) with a drop of "
+                  f"{closest['drop']:.4f}" if closest else "")
+        raise AccuracyBudgetExceeded(f"no candidate stayed within --max-accuracy-drop {budget:g} after "
+                                     f"{len(rows)} trials{detail}; nothing was saved",
+                                     "allow a larger drop, more trials, or other techniques", report=result)
+    key = {"latency": lambda r: (-r["speedup"], r["drop"]), "size": lambda r: (r["size_ratio"], r["drop"]),
+           "both": lambda r: (r["size_ratio"] / r["speedup"], r["drop"])}[objective]
+    best = min(feasible, key=key)
+    result.best = best
+    if best["speedup"] < 1.0 and objective != "size":
+        result.warnings.append(f"no candidate within budget was faster than the original on {device}")
+    say(f"re-applying the best candidate (trial {best['number']}) and saving it")
+    planned = plan_steps([Step(s["kind"], s["backend"], s["method"], s["options"]) for s in best["steps"]], manager)
+    context = TechniqueContext(device=device, example_input=example, calibration_data=calibration,
+                               dataset_path=dataset)
+    model, records = apply(copy.deepcopy(original), planned, context, manager)
+    modelio.save(model.eval(), out, {"steps": [r.to_dict() for r in records], "autotune": {
+        "study": study.study_name, "trial": best["number"], "storage": storage}})
+    result.output = str(out)
+    result.plot = plot(measured, result.pareto, best, out.with_name(f"{out.stem}.pareto.png"))
+    write_text_atomic(out.with_name("report.json"), __import__("json").dumps(result.to_dict(), indent=2,
+                                                                                 default=str))
+    return result
+
+
+def plot(measured: list[dict[str, Any]], front: list[dict[str, Any]], best: dict[str, Any], path: Path) -> str:
+    """Metric drop against speed-up; marker area is the size ratio; the Pareto front is joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for within, color, label in ((True, "tab:green", "within budget"), (False, "tab:red", "over budget")):
+        rows = [r for r in measured if r["within_budget"] == within]
+        axes.scatter([r["speedup"] for r in rows], [r["drop"] for r in rows],
+                     s=[40 + 200 * r["size_ratio"] for r in rows], c=color, alpha=0.6, label=label)
+    axes.plot([r["speedup"] for r in front], [r["drop"] for r in front], "k--", lw=1, label="Pareto front")
+    axes.scatter([best["speedup"]], [best["drop"]], marker="*", s=300, c="gold", edgecolors="k", label="best")
+    axes.axvline(1.0, color="grey", lw=0.8)
+    axes.set_xlabel("speed-up over the original (x)")
+    axes.set_ylabel("metric drop (metric units)")
+    axes.set_title("model-opt autotune: marker area = size ratio")
+    axes.legend(loc="best", fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+    return str(path)

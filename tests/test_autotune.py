@@ -1,0 +1,145 @@
+"""`model-opt recommend` and `model-opt autotune` on the repo's example."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from model_opt.recommend import detect_family
+
+
+def tune_args(digits, *extra) -> list[str]:
+    return ["autotune", str(digits.model), "--test-dataset", str(digits.dataset), "--test-script",
+            str(digits.script), *map(str, extra)]
+
+
+def finished_trials(journal: Path, study: str) -> list:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal), JournalFileOpenLock(str(journal))))
+    loaded = optuna.load_study(study_name=study, storage=storage)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return loaded.get_trials(deepcopy=False, states=states)
+
+
+def test_detect_family() -> None:
+    from diffusers import UNet2DConditionModel
+
+    assert detect_family(timm.create_model("resnet18", pretrained=False))[0] == "cnn"
+    assert detect_family(timm.create_model("vit_tiny_patch16_224", pretrained=False))[0] == "vit"
+    assert detect_family(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()))[0] == "transformer"
+    hybrid = torch.nn.ModuleDict({"stem": torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3)),
+                                  "attn": torch.nn.MultiheadAttention(8, 2)})
+    assert detect_family(hybrid)[0] == "hybrid"
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8, layers_per_block=1)
+    assert detect_family(unet)[0] == "diffusion"
+
+
+def test_recommend_prints_why_and_the_command(cli, digits) -> None:
+    result = cli("recommend", digits.model, "--test-script", digits.script, "--test-dataset", digits.dataset)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"{digits.model}: cnn (2 convolutions, no attention)")
+    assert "- prune torch-pruning:structured: removing 30-50% of channels" in result.stdout
+    assert (f"model-opt optimize {digits.model} --test-dataset {digits.dataset} --test-script {digits.script} "
+            "--prune --prune-backend torch-pruning --prune-type structured --prune-opt amount=0.3") in result.stdout
+
+
+def test_finds_a_faster_candidate_within_budget_and_saves_it(cli, digits, tmp_path: Path) -> None:
+    out = tmp_path / "best.pt"
+    result = cli(*tune_args(digits, "--max-accuracy-drop", "0.3", "--trials", "6", "--backends", "torch-pruning",
+                            "--output", out, "--json", "-q"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    best = report["best"]
+    assert best["drop"] <= 0.3 and best["speedup"] > 1.0
+    assert best["steps"][0]["backend"] == "torch-pruning"
+    assert out.exists() and Path(report["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "report.json").read_text())["best"]["number"] == best["number"]
+    import model_opt
+
+    assert sum(p.numel() for p in model_opt.load(out).parameters()) < report["baseline"]["parameters"]
+
+
+def test_no_candidate_within_budget_fails_and_saves_nothing(cli, digits, tmp_path: Path) -> None:
+    strict = tmp_path / "eval.py"
+    shutil.copy(digits.folder / "digits_model.py", tmp_path)
+    strict.write_text(digits.script.read_text().replace(
+        'return {"accuracy": (predictions == labels).float().mean().item()}',
+        'reference = load_model(Path(dataset_path).parent / "model.pth")(images)\n'
+        '    return {"fidelity": 1 - (model(images) - reference).abs().max().item()}'))
+    out = tmp_path / "never.pt"
+    result = cli("autotune", digits.model, "--test-dataset", digits.dataset, "--test-script", strict,
+                 "--max-accuracy-drop", "0", "--trials", "3", "--backends", "torch-pruning,svd",
+                 "--output", out, "-q")
+    assert result.exit_code == 1
+    assert "no candidate stayed within --max-accuracy-drop 0 after 3 trials; the closest was trial" in result.stderr
+    assert "Pareto front within budget" in result.stdout
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--max-accuracy-drop", "-0.1"], "--max-accuracy-drop must be 0 or more"),
+    (["--max-accuracy-drop", "5"], "is larger than the metric itself"),
+    (["--max-accuracy-drop", "0.01", "--backends", "basic"], "no technique plugin is installed for the tuner"),
+    (["--max-accuracy-drop", "0.01", "--storage", "sqlite:////no/such/dir/study.db"], "cannot reach the storage "
+                                                                                      "sqlite:////no/such/dir"),
+])
+def test_bad_input(cli, digits, tmp_path: Path, extra, message) -> None:
+    result = cli(*tune_args(digits, *extra, "--output", tmp_path / "o.pt", "-q"))
+    assert result.exit_code != 0
+    assert message in result.stderr, result.stderr
+    assert not (tmp_path / "o.pt").exists()
+
+
+def run_worker(digits, journal: Path, out: Path, trials: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "model_opt_cli.main",
+                             *tune_args(digits, "--max-accuracy-drop", "0.5", "--trials", trials, "--backends",
+                                        "fusion,svd,torch-pruning", "--study", "shared", "--storage", journal,
+                                        "--output", out, "-q")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_workers_share_one_study_without_running_a_trial_twice(digits, tmp_path: Path) -> None:
+    journal = tmp_path / "study.journal"
+    workers = [run_worker(digits, journal, tmp_path / f"w{i}" / "best.pt", 10) for i in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err
+    trials = finished_trials(journal, "shared")
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert 10 <= len(trials) <= 11  # one shared budget of 10 (a worker may start one as the other finishes)
+
+
+def test_a_killed_run_resumes_without_redoing_finished_trials(cli, digits, tmp_path: Path) -> None:
+    journal = tmp_path / "study.journal"
+    worker = run_worker(digits, journal, tmp_path / "best.pt", 8)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if journal.exists() and len(finished_trials(journal, "shared")) >= 2:
+            break
+        time.sleep(0.5)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    before = {t.number: t.user_attrs.get("description") for t in finished_trials(journal, "shared")}
+    assert 2 <= len(before) < 8
+    result = cli(*tune_args(digits, "--max-accuracy-drop", "0.5", "--trials", "8", "--backends",
+                            "fusion,svd,torch-pruning", "--study", "shared", "--storage", journal,
+                            "--output", tmp_path / "best.pt"))
+    assert result.exit_code == 0, result.stderr
+    assert f"resuming study 'shared': {len(before)} finished trials kept" in result.stderr
+    after = {t.number: t.user_attrs.get("description") for t in finished_trials(journal, "shared")}
+    assert len(after) == 8
+    assert all(after[number] == description for number, description in before.items())
