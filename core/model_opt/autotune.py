@@ -260,8 +260,9 @@ def autotune(
         result = (f"error: {attrs['error']}" if "error" in attrs else
                   f"metric {attrs['metric']:.4f} ({'within budget' if attrs['within_budget'] else 'over budget'}), "
                   f"{attrs['speedup']:.2f}x faster, size {attrs['size_ratio']:.2f}x")
+        best_text = f"{best:.2f}x" if best else "-"
         say(f"[{len(finished)}/{trials}] trial {trial.number}: {attrs.get('description')} -> {result} | best "
-            f"within budget: {'%.2fx' % best if best else '-'} | ~{left:.0f}s left")
+            f"within budget: {best_text} | ~{left:.0f}s left")
 
     if remaining:
         the_study.optimize(objective_fn, n_trials=remaining, timeout=timeout, gc_after_trial=True,
