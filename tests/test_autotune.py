@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import write_fidelity_script
 from model_opt.recommend import detect_family
 
 
@@ -73,12 +73,7 @@ def test_finds_a_faster_candidate_within_budget_and_saves_it(cli, digits, tmp_pa
 
 
 def test_no_candidate_within_budget_fails_and_saves_nothing(cli, digits, tmp_path: Path) -> None:
-    strict = tmp_path / "eval.py"
-    shutil.copy(digits.folder / "digits_model.py", tmp_path)
-    strict.write_text(digits.script.read_text().replace(
-        'return {"accuracy": (predictions == labels).float().mean().item()}',
-        'reference = load_model(Path(dataset_path).parent / "model.pth")(images)\n'
-        '    return {"fidelity": 1 - (model(images) - reference).abs().max().item()}'))
+    strict = write_fidelity_script(digits, tmp_path / "strict")
     out = tmp_path / "never.pt"
     result = cli("autotune", digits.model, "--test-dataset", digits.dataset, "--test-script", strict,
                  "--max-accuracy-drop", "0", "--trials", "3", "--backends", "torch-pruning,svd",

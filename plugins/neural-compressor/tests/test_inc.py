@@ -5,12 +5,12 @@ from __future__ import annotations
 import copy
 import io
 import json
-import shutil
 from pathlib import Path
 
 import model_opt
 import numpy as np
 import torch
+from helpers import write_fidelity_script
 from model_opt.exported import ExportedModule
 from model_opt.techniques import Quantizer
 from torch import nn
@@ -65,14 +65,7 @@ def test_autotune_within_budget_and_refusal_when_none_fits(cli, digits, tmp_path
     report = json.loads(result.stdout)
     assert len(report["steps"][0]["info"]["trials"]) >= 2
     assert report["metric_drop"] <= 0.02
-    # A metric no quantized model can keep exactly: 1 - the largest logit difference from the float model.
-    strict = tmp_path / "strict" / "eval.py"
-    strict.parent.mkdir()
-    shutil.copy(digits.folder / "digits_model.py", strict.parent)
-    strict.write_text(digits.script.read_text().replace(
-        'return {"accuracy": (predictions == labels).float().mean().item()}',
-        'reference = load_model(Path(dataset_path).parent / "model.pth")(images)\n'
-        '    return {"fidelity": 1 - (model(images) - reference).abs().max().item()}'))
+    strict = write_fidelity_script(digits, tmp_path / "strict")
     out = tmp_path / "never.pt"
     result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", strict,
                  "--quantize", "--quant-backend", "neural-compressor", "--quant-method", "autotune",
