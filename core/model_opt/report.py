@@ -129,10 +129,9 @@ class Report:
             la = a.latency if a else None
             rows.append((f"latency median ms ({b.latency.runtime}"
                          f"{'' if not la or la.runtime == b.latency.runtime else ' -> ' + la.runtime})",
-                         f"{b.latency.median_ms:.3f}", f"{la.median_ms:.3f}" if la else "-",
-                         f"{self.speedup:.2f}x faster" if self.speedup else "-"))
+                         f"{b.latency.median_ms:.3f}", f"{la.median_ms:.3f}" if la else "-", _speed(self.speedup)))
             rows.append(("latency p90 ms", f"{b.latency.p90_ms:.3f}", f"{la.p90_ms:.3f}" if la else "-",
-                         _ratio(b.latency.p90_ms, la.p90_ms if la else None, "x faster")))
+                         _speed(b.latency.p90_ms / la.p90_ms if la and la.p90_ms else None)))
         else:
             rows.append(("latency", "n/a", "n/a", self.latency_note or "no example input"))
         rows.append(("parameters", f"{b.parameters:,}", f"{a.parameters:,}" if a else "-",
@@ -168,6 +167,13 @@ class Report:
         if self.exported:
             out.append(f"exported: {self.exported} (torch.export program; loads with no trust flag)")
         return "\n".join(out)
+
+
+def _speed(ratio: float | None) -> str:
+    """'1.80x faster' or '1.25x slower' from before/after times."""
+    if not ratio:
+        return "-"
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
 
 
 def _num(value: float | None) -> str:
