@@ -215,3 +215,13 @@ def test_finetune_needs_a_train_hook_and_export_writes_a_safe_program(cli, digit
     assert report["recovery"]["steps"] == 20
     x = torch.rand(3, 1, 8, 8)
     torch.testing.assert_close(model_opt.load(out.with_suffix(".pt2"))(x), model_opt.load(out)(x))
+
+
+def test_recovery_keeps_unstructured_sparsity(cli, digits, tmp_path: Path) -> None:
+    out = tmp_path / "r.pt"
+    result = cli(*args(digits, *PRUNE, "--finetune-steps", "30", "--output", str(out), "--json", "-q"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["after"]["nonzero_parameters"] <= 0.55 * report["before"]["nonzero_parameters"]
+    model = model_opt.load(out)
+    assert (model.classifier[1].weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path
-from .errors import ModelLoadError
+from .errors import ModelLoadError, ModelOptError
 
 MANIFEST = "model_opt.json"
 PAYLOAD = "model.pt"
@@ -170,7 +170,12 @@ def save(model: Any, path: str | os.PathLike[str], manifest: dict[str, Any] | No
     import torch
 
     buffer = io.BytesIO()
-    torch.save(model, buffer)
+    try:
+        torch.save(model, buffer)
+    except Exception as exc:  # a patched class made on the fly, an open handle...: nothing is written
+        raise ModelOptError(f"the optimized model cannot be saved ({type(exc).__name__}: "
+                            f"{_first_line(exc)})", "report this to the plugin that produced it; nothing "
+                            "was written") from None
     meta = {"format": "model-opt", "format_version": FORMAT_VERSION, "torch": torch.__version__,
             **(manifest or {})}
     path = Path(path)

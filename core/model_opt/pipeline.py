@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,8 @@ def optimize(
         report.recovery = {"steps": finetune_steps,
                            "metrics_before_recovery": script.evaluate(model, dataset, device).values}
         say(f"recovery fine-tuning: {finetune_steps} steps")
-        trained = script.call("train", model, dataset, finetune_steps)
+        with keep_pruned_weights_at_zero(model):
+            trained = script.call("train", model, dataset, finetune_steps)
         model = (trained if isinstance(trained, torch.nn.Module) else model).eval()
     compiled = None
     if compile:
@@ -221,6 +223,29 @@ def optimize(
         report.exported = export_program(model, example, out.with_suffix(".pt2"), report.warnings)
     write_text_atomic(out.with_name("report.json"), report.to_json())
     return report
+
+
+@contextlib.contextmanager
+def keep_pruned_weights_at_zero(model: Any, threshold: float = 0.05) -> Iterator[None]:
+    """During recovery fine-tuning, keep weights that pruning zeroed at zero (gradients masked, and masks
+    re-applied at the end against weight decay), so that recovery does not undo unstructured sparsity."""
+    import torch
+
+    masks = {}
+    for parameter in model.parameters():
+        if parameter.dim() > 1 and parameter.is_floating_point():
+            mask = parameter.detach() != 0
+            if (~mask).float().mean().item() > threshold:
+                masks[parameter] = mask
+    hooks = [p.register_hook(lambda grad, m=m: grad * m) for p, m in masks.items()]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        with torch.no_grad():
+            for parameter, mask in masks.items():
+                parameter.mul_(mask)
 
 
 def export_program(model: Any, example: Any, path: Path, warnings: list[str]) -> str | None:
