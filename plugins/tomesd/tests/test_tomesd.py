@@ -49,6 +49,19 @@ def test_small_ratio_stays_close_and_removal_restores_exactly() -> None:
     assert torch.equal(run(restored), expected)
 
 
+def test_patched_unet_saves_and_reloads_patched(tmp_path) -> None:
+    import model_opt
+
+    model = unet()
+    patched = StableDiffusionPruner().apply_patch(model, ratio=0.4, use_rand=False)
+    expected = run(patched)
+    model_opt.save(patched, tmp_path / "tomesd.pt")
+    reloaded = model_opt.load(tmp_path / "tomesd.pt")
+    assert hasattr(reloaded.unet, "_tome_info")
+    assert torch.equal(run(reloaded), expected)
+    assert torch.equal(run(patched), expected)  # saving did not unpatch the live model
+
+
 def test_pipeline_is_accepted_and_patches_its_unet() -> None:
     pipe = TinyPipeline(unet(), DDIMScheduler())
     expected = run(pipe.unet)

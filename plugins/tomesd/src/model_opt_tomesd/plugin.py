@@ -39,6 +39,7 @@ def unet_of(model: Any) -> Any:
     from model_opt.errors import TechniqueError
 
     unet = getattr(model, "unet", None) if not hasattr(model, "down_blocks") else model
+    unet = getattr(unet, "unet", unet)  # already wrapped by this plugin
     if unet is None:
         kind = type(getattr(model, "transformer", model)).__name__
         raise TechniqueError(
@@ -61,14 +62,25 @@ def prune(model: Any, technique: Technique, options: dict[str, Any], context: An
     if options["ratio"] > limit:
         raise UsageError(f"ratio {options['ratio']} is above {limit:.2f}, the most that sx={options['sx']}, "
                          f"sy={options['sy']} can merge", f"pass a ratio of at most {limit:.2f}")
-    tomesd.apply_patch(model, **options)
+    from .wrapper import TokenMergedUNet
+
+    target = model.unet if isinstance(model, TokenMergedUNet) else model
+    tomesd.apply_patch(target, **options)
     patched = sum(type(m).__name__.startswith("ToMeBlock") for m in unet.modules())
-    return model, {"changed": options["ratio"] > 0, "patched_blocks": patched, **options}
+    info = {"changed": options["ratio"] > 0, "patched_blocks": patched, **options}
+    if target is unet:  # a bare UNet: wrapped so that model-opt can save and reload it patched
+        return TokenMergedUNet(unet, options), info
+    return target, info
 
 
 def remove_patch(model: Any) -> Any:
     """Undo the patch: the UNet computes exactly what it did before."""
     import tomesd
 
+    from .wrapper import TokenMergedUNet
+
+    if isinstance(model, TokenMergedUNet):
+        tomesd.remove_patch(model.unet)
+        return model.unet
     tomesd.remove_patch(model)
     return model
