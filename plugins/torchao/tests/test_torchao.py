@@ -61,6 +61,16 @@ def test_head_and_small_layers_are_skipped_and_reported() -> None:
     assert info["skipped"] == {"0": "min(in, out) below min_features 100", "4": "classifier head (skip_head)"}
 
 
+def test_autoquant_result_reloads(tmp_path: Path) -> None:
+    model, x = mlp(512), torch.randn(64, 64)
+    quantized, info = Quantizer().quantize(model, method="autoquant", example_input=x, skip_head=False,
+                                           candidates=["int8_weight_only"], tolerance=1.0)
+    assert info["quantized"] == {"int8_weight_only": ["0", "2", "4"]} or not info["changed"]
+    model_opt.save(quantized, tmp_path / "aq.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model_opt.load(tmp_path / "aq.pt")(x), quantized(x), rtol=0, atol=0)
+
+
 def test_autoquant_picks_the_fastest_within_tolerance() -> None:
     model, x = mlp(512), torch.randn(64, 64)
     with torch.no_grad():
