@@ -13,7 +13,7 @@ COMMON = (
     Option("exclude", list, [], "module names (or prefixes) to leave in float"),
 )
 CPU_NOTE = ("torchao int8 runs slower than float in eager mode on CPU; under torch.compile with freezing it is "
-            "faster (--compile)")
+            "faster on CPUs with VNNI/AMX int8 instructions (--compile)")
 
 
 def _technique(method: str, summary: str, *, options: tuple = (), needs: tuple = (), speeds_up: tuple = ("cuda",),

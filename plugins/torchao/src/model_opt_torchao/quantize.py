@@ -45,6 +45,20 @@ def check_device(method: str, device: str) -> None:
                               f"is {major}.{minor}", "use int8_dynamic or int8_weight_only here")
 
 
+def cpu_int8_warning(device: str) -> str | None:
+    """A warning when this CPU lacks the int8 dot-product instructions (VNNI, AMX) fast int8 GEMMs need."""
+    if not device.startswith("cpu"):
+        return None
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    if any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8")):
+        return None
+    return ("this CPU has no VNNI/AMX int8 instructions, so int8 matmuls run slower than float here even "
+            "compiled (measured in benchmarks/RESULTS.md); prefer structured pruning, token merging or SVD")
+
+
 def _device(model: nn.Module) -> str:
     for tensor in model.parameters():
         return str(tensor.device)
@@ -93,8 +107,12 @@ def quantize_method(model: nn.Module, method: str, options: dict[str, Any], cont
                              f"({len(skipped)} skipped: {', '.join(skipped) or 'none found'})",
                              "torchao quantizes nn.Linear layers; check skip_head/exclude/min_features")
     apply_config(model, method, chosen, options)
-    return model, {"method": method, "quantized": chosen, "skipped": skipped,
-                   "runtime_note": "fast on CPU only under torch.compile with freezing"}
+    info = {"method": method, "quantized": chosen, "skipped": skipped,
+            "runtime_note": "fast on CPU only under torch.compile with freezing"}
+    warning = cpu_int8_warning(device) if method == "int8_dynamic" else None
+    if warning:
+        info["warning"] = warning
+    return model, info
 
 
 # -- autoquant ------------------------------------------------------------------------------------
