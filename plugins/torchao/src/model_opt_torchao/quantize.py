@@ -56,7 +56,9 @@ def cpu_int8_warning(device: str) -> str | None:
     if any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8")):
         return None
     return ("this CPU has no VNNI/AMX int8 instructions, so int8 matmuls run slower than float here even "
-            "compiled (measured in benchmarks/RESULTS.md); prefer structured pruning, token merging or SVD")
+            "compiled (measured in benchmarks/RESULTS.md); static int8 convolutions (nncf int8_static, or "
+            "neural-compressor int8_static with --compile) are fast here, and so are structured pruning, token "
+            "merging and SVD")
 
 
 def _device(model: nn.Module) -> str:
