@@ -1,0 +1,118 @@
+"""The autotuner's best model within budget against the best single technique at its default settings.
+
+    python benchmarks/autotune.py [--trials 15]
+
+Subjects: the repo's digits example (a trained CNN) and timm resnet18 (random weights; its metric is
+top-1 agreement with the float model on fixed inputs). Every single technique that applies runs through
+the same pipeline at its defaults; the best within the budget is compared with the tuner's best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, table  # noqa: E402
+from model_opt.autotune import autotune  # noqa: E402
+from model_opt.errors import ModelOptError  # noqa: E402
+from model_opt.pipeline import Step, optimize  # noqa: E402
+
+RESNET_SCRIPT = '''
+from pathlib import Path
+import timm, torch
+
+def load_model(path):
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model
+
+def _data(dataset_path):
+    return torch.load(Path(dataset_path) / "data.pt")
+
+def evaluate(model, dataset_path):
+    data = _data(dataset_path)
+    with torch.no_grad():
+        predictions = torch.cat([model(b) for b in data["inputs"].split(32)]).argmax(1)
+    return {"agreement": (predictions == data["reference"]).float().mean().item()}
+
+def example_input(dataset_path):
+    return _data(dataset_path)["inputs"][:8]
+
+def calibration_data(dataset_path):
+    return list(_data(dataset_path)["inputs"].split(16))[:4]
+'''
+
+SINGLES = [Step("prune", "torch-pruning", "structured"), Step("prune", "basic", "unstructured"),
+           Step("decompose", "svd", "svd"), Step("fuse", "fusion", "conv_bn_relu"),
+           Step("quantize", "torchao", "int8_dynamic"), Step("quantize", "torchao", "int8_weight_only"),
+           Step("quantize", "nncf", "int8_static"), Step("quantize", "neural-compressor", "int8_static")]
+
+
+def resnet_subject(folder: Path) -> tuple[Path, Path, Path]:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    (folder / "data").mkdir(parents=True)
+    inputs = torch.randn(128, 3, 96, 96)
+    with torch.no_grad():
+        reference = model(inputs).argmax(1)
+    torch.save({"inputs": inputs, "reference": reference}, folder / "data" / "data.pt")
+    torch.save(model.state_dict(), folder / "model.pth")
+    (folder / "eval.py").write_text(RESNET_SCRIPT)
+    return folder / "model.pth", folder / "data", folder / "eval.py"
+
+
+def compare(name: str, model: Path, data: Path, script: Path, budget: float, trials: int) -> list[dict]:
+    singles = []
+    for step in SINGLES:
+        try:
+            report = optimize(model, test_script=script, dataset=data, steps=[step],
+                              output=model.with_name(f"single-{step.backend}.pt"))
+        except ModelOptError as exc:
+            print(f"  {step.backend}:{step.method} skipped: {exc}", file=sys.stderr)
+            continue
+        singles.append({"technique": f"{step.backend}:{step.method}", "speedup": report.speedup,
+                        "drop": report.metric_drop})
+    feasible = [s for s in singles if s["drop"] <= budget]
+    best_single = max(feasible, key=lambda s: s["speedup"]) if feasible else None
+    result = autotune(model, test_script=script, dataset=data, max_accuracy_drop=budget, trials=trials,
+                      output=model.with_name("tuned.pt"), study=f"bench-{name}")
+    best = result.best
+    first_at_least = next((t["number"] + 1 for t in result.trials if t.get("within_budget") and best_single
+                           and t["speedup"] >= best_single["speedup"]), None)
+    return [{
+        "subject": name, "budget": budget,
+        "best single (defaults)": best_single["technique"] if best_single else "-",
+        "single speed-up": best_single["speedup"] if best_single else "-",
+        "single drop": best_single["drop"] if best_single else "-",
+        "tuner best": best["description"], "tuner speed-up": best["speedup"], "tuner drop": best["drop"],
+        "trials": len(result.trials), "trials to match single": first_at_least or "-",
+    }]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trials", type=int, default=15)
+    args = parser.parse_args()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="model-opt-bench-"))
+    print(f"machine: {machine()}\n")
+    from model_opt.examples.digits import prepare
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="model-opt-bench-") as tmp:
+        digits = prepare(Path(tmp) / "digits")
+        rows += compare("digits CNN (trained)", digits.model, digits.dataset, digits.script, 0.01, args.trials)
+        model, data, script = resnet_subject(Path(tmp) / "resnet18")
+        rows += compare("timm resnet18 b8 (agreement)", model, data, script, 0.02, args.trials)
+    print(table("Autotune against the best single technique at its defaults (speed-up over the original)", rows))
+
+
+if __name__ == "__main__":
+    main()
