@@ -27,7 +27,10 @@ def finished_trials(journal: Path, study: str) -> list:
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal), JournalFileOpenLock(str(journal))))
-    loaded = optuna.load_study(study_name=study, storage=storage)
+    try:
+        loaded = optuna.load_study(study_name=study, storage=storage)
+    except KeyError:  # the worker has created the journal file but not the study yet
+        return []
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return loaded.get_trials(deepcopy=False, states=states)
 
