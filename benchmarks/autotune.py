@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, table  # noqa: E402
+from common import machine, table, time_models  # noqa: E402
 from model_opt.autotune import autotune  # noqa: E402
 from model_opt.errors import ModelOptError  # noqa: E402
 from model_opt.pipeline import Step, optimize  # noqa: E402
@@ -87,13 +87,27 @@ def compare(name: str, model: Path, data: Path, script: Path, budget: float, tri
     best = result.best
     first_at_least = next((t["number"] + 1 for t in result.trials if t.get("within_budget") and best_single
                            and t["speedup"] >= best_single["speedup"]), None)
+    # Final word: the original, the best single and the tuned model timed side by side, interleaved.
+    import model_opt
+    from model_opt.pipeline import example_input
+    from model_opt.testscript import TestScript
+
+    test = TestScript(script)
+    original = model_opt.load(model, loader=lambda p: test.call("load_model", p), search_paths=[script.parent])
+    x = example_input(test, str(data), None, "cpu")
+    contenders = {"original": original.eval(), "tuned": model_opt.load(model.with_name("tuned.pt"))}
+    if best_single:
+        backend = best_single["technique"].split(":")[0]
+        contenders["single"] = model_opt.load(model.with_name(f"single-{backend}.pt"))
+    times = time_models(contenders, x, rounds=7, per_round=3)
     return [{
         "subject": name, "budget": budget,
         "best single (defaults)": best_single["technique"] if best_single else "-",
-        "single speed-up": best_single["speedup"] if best_single else "-",
+        "single speed-up": times["original"] / times["single"] if best_single else "-",
         "single drop": best_single["drop"] if best_single else "-",
-        "tuner best": best["description"], "tuner speed-up": best["speedup"], "tuner drop": best["drop"],
-        "trials": len(result.trials), "trials to match single": first_at_least or "-",
+        "tuner best": best["description"], "tuner speed-up": times["original"] / times["tuned"],
+        "tuner drop": best["drop"], "trials": len(result.trials),
+        "trials to match single": first_at_least or "-",
     }]
 
 

@@ -7,8 +7,6 @@ side by side, interleaved round by round so that drifts hit every candidate alik
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,19 +26,10 @@ def compiled(model: torch.nn.Module, example: Any) -> torch.nn.Module:
 
 def time_interleaved(candidates: dict[str, Callable[[], Any]], rounds: int = 7, per_round: int = 3,
                      warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds per call of each candidate, measured in interleaved rounds."""
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    with torch.inference_mode():
-        for fn in candidates.values():
-            for _ in range(warmup):
-                fn()
-        for _ in range(rounds):
-            for name, fn in candidates.items():
-                started = time.perf_counter()
-                for _ in range(per_round):
-                    fn()
-                samples[name].append((time.perf_counter() - started) * 1000 / per_round)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    """Median milliseconds per call of each candidate, measured in interleaved rounds (model-opt's own)."""
+    from model_opt.measure import interleaved_ms
+
+    return interleaved_ms(candidates, rounds=rounds, per_round=per_round, warmup=warmup)
 
 
 def table(title: str, rows: list[dict[str, Any]]) -> str:

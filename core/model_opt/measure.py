@@ -132,6 +132,28 @@ def compile_model(model: Any, example_input: Any) -> tuple[Any, float]:
     return compiled, time.perf_counter() - started
 
 
+def interleaved_ms(candidates: dict[str, Callable[[], Any]], rounds: int = 7, per_round: int = 3,
+                   warmup: int = 2, sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median milliseconds per call of each candidate, timed in interleaved rounds so that drifts of a
+    shared machine hit every candidate alike (used to compare candidates against each other)."""
+    import torch
+
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.inference_mode():
+        for fn in candidates.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(rounds):
+            for name, fn in candidates.items():
+                started = time.perf_counter()
+                for _ in range(per_round):
+                    fn()
+                if sync:
+                    sync()
+                samples[name].append((time.perf_counter() - started) * 1000 / per_round)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def model_latency(model: Any, example_input: Any, device: str, runtime: str = "eager") -> Latency:
     import torch
 
