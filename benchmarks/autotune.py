@@ -89,11 +89,12 @@ def compare(name: str, model: Path, data: Path, script: Path, budget: float, tri
                            and t["speedup"] >= best_single["speedup"]), None)
     # Final word: the original, the best single and the tuned model timed side by side, interleaved.
     import model_opt
+    from model_opt import modelio
     from model_opt.pipeline import example_input
     from model_opt.testscript import TestScript
 
     test = TestScript(script)
-    original = model_opt.load(model, loader=lambda p: test.call("load_model", p), search_paths=[script.parent])
+    original = modelio.load(model, loader=lambda p: test.call("load_model", p), search_paths=[script.parent])
     x = example_input(test, str(data), None, "cpu")
     contenders = {"original": original.eval(), "tuned": model_opt.load(model.with_name("tuned.pt"))}
     if best_single:
