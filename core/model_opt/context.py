@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ class TechniqueContext:
     evaluate: Callable[[Any], float] | None = None
     max_accuracy_drop: float | None = None
     higher_is_better: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def require_example_input(self, technique: str) -> Any:
         if self.example_input is None:

@@ -8,8 +8,6 @@ from typing import Any
 from .plugins import PluginManager, get_plugin_manager
 from .registry import install_hint
 
-FAMILIES = ("cnn", "vit", "hybrid", "diffusion", "transformer")
-
 
 @dataclass
 class Recommendation:

@@ -28,7 +28,6 @@ from typing import Any
 from .errors import TestScriptError
 
 METRIC_LINE = re.compile(r"^\s*([A-Za-z_][\w.\-/@ ]*?)\s*[=:]\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*%?\s*$")
-OPTIONAL_HOOKS = ("load_model", "example_input", "calibration_data", "train")
 
 
 @dataclass
