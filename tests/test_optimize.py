@@ -225,3 +225,30 @@ def test_recovery_keeps_unstructured_sparsity(cli, digits, tmp_path: Path) -> No
     assert report["after"]["nonzero_parameters"] <= 0.55 * report["before"]["nonzero_parameters"]
     model = model_opt.load(out)
     assert (model.classifier[1].weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_backend_crash_is_one_line_and_writes_nothing(digits, tmp_path: Path, monkeypatch) -> None:
+    from helpers import plugin_module
+    from model_opt.errors import TechniqueError
+    from model_opt.hookspecs import hookimpl
+    from model_opt.pipeline import Step, optimize
+    from model_opt.plugins import PluginManager
+    from model_opt.registry import Technique
+
+    @hookimpl
+    def register_techniques(register):
+        register(Technique("quantize", "crashing", "boom", "raises a backend error"))
+
+    @hookimpl
+    def quantize(model, technique, options, context):
+        raise RuntimeError("kernel not found for this dtype\nmore detail")
+
+    manager = PluginManager(load_entry_points=False)
+    manager.register(plugin_module("crashing", register_techniques=register_techniques, quantize=quantize), "crashing")
+    monkeypatch.delenv("MODEL_OPT_DEBUG", raising=False)
+    with pytest.raises(TechniqueError) as err:
+        optimize(digits.model, test_script=digits.script, dataset=digits.dataset, output=tmp_path / "o.pt",
+                 steps=[Step("quantize", "crashing")], manager=manager)
+    assert str(err.value) == ("crashing boom failed on this model (RuntimeError: kernel not found for this dtype); "
+                              "the input is untouched; set MODEL_OPT_DEBUG=1 to see the traceback")
+    assert os.listdir(tmp_path) == []

@@ -13,7 +13,7 @@ from typing import Any
 from . import modelio
 from .atomic import write_text_atomic
 from .context import TechniqueContext, model_input
-from .errors import AccuracyBudgetExceeded, DeviceError, TechniqueError, UsageError
+from .errors import AccuracyBudgetExceeded, DeviceError, ModelOptError, TechniqueError, UsageError
 from .hookspecs import KINDS
 from .measure import compile_model, count_flops, count_parameters, model_latency, state_dict_bytes, to_device
 from .modelinfo import run_checked
@@ -67,7 +67,16 @@ def apply(model: Any, planned: Sequence[tuple[Technique, dict[str, Any]]], conte
         check_needs(technique, context)
         context.progress(f"applying {technique.kind} {technique.backend}:{technique.method}")
         started = time.perf_counter()
-        model, info = manager.apply(technique, model, options, context)
+        try:
+            model, info = manager.apply(technique, model, options, context)
+        except ModelOptError:
+            raise
+        except Exception as exc:  # a backend's own error: one line, unless debugging
+            if os.environ.get("MODEL_OPT_DEBUG"):
+                raise
+            raise TechniqueError(f"{technique.backend} {technique.method} failed on this model "
+                                 f"({type(exc).__name__}: {_first_line(exc)})",
+                                 "the input is untouched; set MODEL_OPT_DEBUG=1 to see the traceback") from None
         records.append(StepRecord(technique.kind, technique.backend, technique.method, technique.plugin,
                                   options, info, time.perf_counter() - started))
     unchanged = [r for r in records if r.info.get("changed") is False]
