@@ -142,3 +142,27 @@ def test_cli_fuses_the_digits_example_and_refuses_nothing_to_fuse(cli, digits, t
     assert "nothing was optimized (fusion linear_gelu: nothing to fuse: no GELU directly follows a Linear)" \
         in result.stderr
     assert not (tmp_path / "g.pt").exists()
+
+
+def test_untraceable_regions_fall_back_to_module_order_with_a_warning() -> None:
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this module
+                x = x * 2
+            return self.bn(self.conv(x))
+
+    model = randomize_bn(nn.Sequential(Untraceable(), nn.ReLU()))
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        expected = model(x)
+    fuser = LayerFuser()
+    fused = fuser.fuse_conv_bn_relu(model)
+    with torch.no_grad():
+        assert rel_error(fused(x), expected) < 1e-5
+    assert fuser.info["folded_by_module_order"][0].startswith("0.conv -> 0.bn (could not trace 0:")
+    assert "paired by module order" in fuser.info["warning"]
