@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import model_opt
+import numpy as np
 import pytest
 import torch
 from helpers import file_hash, plugin_module
@@ -38,7 +39,7 @@ def test_in_process_contract_end_to_end(cli, digits, tmp_path: Path) -> None:
     assert file_hash(digits.model) == before
     # The saved model reloads and reproduces the reported metric.
     model = model_opt.load(out)
-    data = __import__("numpy").load(digits.dataset / "test.npz")
+    data = np.load(digits.dataset / "test.npz")
     x = torch.from_numpy(data["images"]).float().div(16).unsqueeze(1)
     accuracy = (model(x).argmax(1) == torch.from_numpy(data["labels"]).long()).float().mean().item()
     assert accuracy == pytest.approx(report["after"]["metrics"]["accuracy"])

@@ -8,6 +8,7 @@ Workers on many machines can share one study through any Optuna storage URL.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -370,8 +371,7 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
         "study": study.study_name, "trial": best["number"], "storage": storage}})
     result.output = str(out)
     result.plot = plot(measured, result.pareto, best, out.with_name(f"{out.stem}.pareto.png"))
-    write_text_atomic(out.with_name("report.json"), __import__("json").dumps(result.to_dict(), indent=2,
-                                                                                 default=str))
+    write_text_atomic(out.with_name("report.json"), json.dumps(result.to_dict(), indent=2, default=str))
     return result
 
 

@@ -30,6 +30,17 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def fuse_exactly(model: nn.Module, x: torch.Tensor, method: str = "fuse_conv_bn_relu") -> tuple[nn.Module, LayerFuser]:
+    """Fuse with ``method`` and assert the outputs stay within 1e-5 relative of the original."""
+    with torch.no_grad():
+        expected = model(x)
+    fuser = LayerFuser()
+    fused = getattr(fuser, method)(model)
+    with torch.no_grad():
+        assert rel_error(fused(x), expected) < 1e-5
+    return fused, fuser
+
+
 MODELS = {
     "torchvision_resnet18": lambda: torchvision.models.resnet18(),
     "timm_resnet18": lambda: timm.create_model("resnet18", pretrained=False),
@@ -42,13 +53,7 @@ MODELS = {
 @pytest.mark.parametrize("name", MODELS)
 def test_conv_bn_folding_keeps_outputs(name: str) -> None:
     model = randomize_bn(MODELS[name]())
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(x)
-    fuser = LayerFuser()
-    fused = fuser.fuse_conv_bn_relu(model)
-    with torch.no_grad():
-        assert rel_error(fused(x), expected) < 1e-5
+    fused, fuser = fuse_exactly(model, torch.randn(2, 3, 64, 64))
     assert fuser.info["folded_batchnorms"] >= 20
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
 
@@ -80,24 +85,14 @@ def test_grouped_depthwise_1d_3d_and_linear_bn1d() -> None:
     conv3d = randomize_bn(nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.ReLU()))
     for net, x in ((model, torch.randn(3, 8, 8, 8)), (conv1d, torch.randn(2, 3, 10)),
                    (conv3d, torch.randn(1, 2, 6, 6, 6))):
-        with torch.no_grad():
-            expected = net(x)
-        fuser = LayerFuser()
-        with torch.no_grad():
-            assert rel_error(fuser.fuse_conv_bn_relu(net)(x), expected) < 1e-5
+        _, fuser = fuse_exactly(net, x)
     assert fuser.info["folded_batchnorms"] == 1 and fuser.info["fused_activations"] == 1
 
 
 def test_linear_gelu_on_a_vit_mlp_keeps_outputs() -> None:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=16).eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(x)
-    fuser = LayerFuser()
-    fused = fuser.fuse_linear_gelu(model)
-    with torch.no_grad():
-        assert rel_error(fused(x), expected) < 1e-5
+    fused, fuser = fuse_exactly(model, torch.randn(2, 3, 64, 64), "fuse_linear_gelu")
     assert fuser.info["fused"] == 12
     assert type(fused.blocks[0].mlp.fc1).__name__ == "LinearGELU"
 
@@ -157,12 +152,6 @@ def test_untraceable_regions_fall_back_to_module_order_with_a_warning() -> None:
             return self.bn(self.conv(x))
 
     model = randomize_bn(nn.Sequential(Untraceable(), nn.ReLU()))
-    x = torch.randn(2, 3, 10, 10)
-    with torch.no_grad():
-        expected = model(x)
-    fuser = LayerFuser()
-    fused = fuser.fuse_conv_bn_relu(model)
-    with torch.no_grad():
-        assert rel_error(fused(x), expected) < 1e-5
+    _, fuser = fuse_exactly(model, torch.randn(2, 3, 10, 10))
     assert fuser.info["folded_by_module_order"][0].startswith("0.conv -> 0.bn (could not trace 0:")
     assert "paired by module order" in fuser.info["warning"]

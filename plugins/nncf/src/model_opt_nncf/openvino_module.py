@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,7 +38,7 @@ class OpenVINOModule(nn.Module):
 
         core = ov.Core()
         self.ov_model = core.read_model(model=self._xml.decode(), weights=ov.Tensor(
-            __import__("numpy").frombuffer(self._bin, dtype="uint8").copy()))
+            np.frombuffer(self._bin, dtype="uint8").copy()))
         self.compiled = core.compile_model(self.ov_model, self.ov_device)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
