@@ -121,3 +121,91 @@ def test_load_model_hook_opens_a_plugin_owned_format(monkeypatch, tmp_path) -> N
     (tmp_path / "m.lin").write_text("3 5")
     model = model_opt.load(tmp_path / "m.lin")
     assert isinstance(model, torch.nn.Linear) and model.weight.shape == (3, 5)
+
+
+def _acme(calls: list[str], fail_in_wrapper: bool = False):
+    """A third-party plugin as CONTRIBUTING.md shows: its own prune technique and an observing prune wrapper."""
+    from model_opt.registry import Option
+
+    @hookimpl
+    def register_techniques(register):
+        register(Technique("prune", "acme", "shrink_mlp", "shrink MLPs", options=(Option("width", int, 4),),
+                           speeds_up=()))
+
+    @hookimpl
+    def prune(model, technique, options, context):
+        calls.append(f"acme prune width={options['width']}")
+        return model, {"by": "acme"}
+
+    @hookimpl(wrapper=True, specname="prune")
+    def observe_prune(model, technique, options, context):
+        calls.append(f"acme observes {technique.name}")
+        if fail_in_wrapper:
+            raise RuntimeError("tracking server down")
+        return (yield)
+
+    return plugin_module("acme", register_techniques=register_techniques, prune=prune, observe_prune=observe_prune)
+
+
+def test_a_plugin_that_wraps_and_implements_does_not_take_over_other_techniques(monkeypatch) -> None:
+    calls: list[str] = []
+    manager = PluginManager(load_entry_points=False)
+    manager.register(_acme(calls), "acme")
+    import model_opt.plugins as plugins
+
+    monkeypatch.setattr(plugins, "_MANAGER", manager)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    pruner = Pruner()
+    pruner.prune_model(model, amount=0.5, backend="basic")
+    assert calls == ["acme observes prune:basic:unstructured"]
+    assert pruner.info["sparsity"] == 0.5
+    calls.clear()
+    pruner.prune_model(model, prune_type="shrink_mlp", backend="acme", amount=None, width=2)
+    assert calls == ["acme observes prune:acme:shrink_mlp", "acme prune width=2"]
+
+
+def test_a_failing_wrapper_is_named(monkeypatch) -> None:
+    import pytest
+    from model_opt.errors import TechniqueError
+
+    manager = PluginManager(load_entry_points=False)
+    manager.register(_acme([], fail_in_wrapper=True), "acme")
+    import model_opt.plugins as plugins
+
+    monkeypatch.setattr(plugins, "_MANAGER", manager)
+    with pytest.raises(TechniqueError, match=r"^plugin 'acme', which wraps the prune hook, failed around "
+                                             r"prune:basic:unstructured \(RuntimeError: tracking server down\); "
+                                             r"fix or uninstall 'acme'; prune:basic:unstructured itself did not fail$"):
+        Pruner().prune_model(torch.nn.Linear(4, 4), amount=0.5)
+
+
+def test_a_technique_registered_twice_is_flagged_in_plugins() -> None:
+    @hookimpl
+    def register_techniques(register):
+        register(Technique("prune", "basic", "unstructured", "a copy", speeds_up=()))
+
+    manager = PluginManager(load_entry_points=False)
+    manager.register(plugin_module("copycat", register_techniques=register_techniques), "copycat")
+    for name in ("basic", "copycat"):
+        record = manager.records[name]
+        assert record.status == "conflict"
+        assert "prune:basic:unstructured is also registered by" in record.reason
+
+
+def test_a_load_model_hook_that_raises_names_its_plugin(monkeypatch, tmp_path) -> None:
+    import model_opt
+    import pytest
+    from model_opt.errors import ModelLoadError
+
+    @hookimpl
+    def load_model(path):
+        raise ValueError("bad header")
+
+    manager = PluginManager(load_entry_points=False)
+    manager.register(plugin_module("fmt", load_model=load_model), "fmt")
+    import model_opt.plugins as plugins
+
+    monkeypatch.setattr(plugins, "_MANAGER", manager)
+    (tmp_path / "m.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match=r"^plugin 'fmt' could not open m.bin \(ValueError: bad header\)"):
+        model_opt.load(tmp_path / "m.bin")

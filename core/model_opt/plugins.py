@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -10,8 +12,9 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import TechniqueError
+from .errors import ModelOptError, TechniqueError
 from .registry import KNOWN_BACKENDS, Registry, Technique, install_hint
+from .result import TechniqueResult
 
 #: Plugins that ship inside the core, registered through the same hooks as any other.
 DEFAULT_PLUGINS: dict[str, str] = {
@@ -27,7 +30,7 @@ class PluginRecord:
     module: str
     distribution: str | None = None
     version: str | None = None
-    status: str = "ok"  # ok | unavailable | broken
+    status: str = "ok"  # ok | unavailable | broken | conflict
     reason: str = ""
     hint: str = ""
     techniques: list[Technique] = field(default_factory=list)
@@ -59,6 +62,20 @@ class PluginManager:
                                                  version=_version("model-opt")))
         if load_entry_points:
             self._load_entry_points()
+        self._flag_conflicts()
+
+    def _flag_conflicts(self) -> None:
+        """A backend+method registered by two plugins is unusable: say so on both plugins' records."""
+        for key, owners in self.registry.conflicts.items():
+            for owner in owners:
+                record = self.records.get(owner)
+                if record is None:
+                    continue
+                others = " and ".join(o for o in owners if o != owner)
+                record.status = "conflict"
+                reason = f"{key[0]}:{key[1]}:{key[2]} is also registered by {others}"
+                record.reason = f"{record.reason}; {reason}" if record.reason else reason
+                record.hint = "uninstall one of the two plugins (pip uninstall ...)"
 
     # -- loading -----------------------------------------------------------------------------
     def _load_entry_points(self) -> None:
@@ -75,8 +92,11 @@ class PluginManager:
                 self.records[f"{ep.name} ({ep.value})"] = record
                 continue
             try:
-                plugin = ep.load()
-            except Exception as exc:  # each entry point on its own: one broken plugin breaks nothing else
+                with contextlib.redirect_stdout(sys.stderr):  # a print() at import must not reach --json output
+                    plugin = ep.load()
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # each entry point on its own (sys.exit() included): it breaks nothing else
                 record.status = "broken"
                 record.reason = f"import failed: {type(exc).__name__}: {exc}".splitlines()[0]
                 record.hint = _hint_for(ep.name)
@@ -88,6 +108,7 @@ class PluginManager:
         """Register a plugin object in-process (for tests and embedding applications)."""
         record = PluginRecord(name=name, module=getattr(plugin, "__name__", type(plugin).__name__))
         self._add(name, plugin, record)
+        self._flag_conflicts()
         return record
 
     def _add(self, name: str, plugin: Any, record: PluginRecord) -> None:
@@ -107,9 +128,12 @@ class PluginManager:
             found.append(_replace(technique, plugin=name, extra=extra))
 
         try:
-            for impl in impls:
-                impl.function(register=register)
-        except Exception as exc:
+            with contextlib.redirect_stdout(sys.stderr):
+                for impl in impls:
+                    impl.function(register=register)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
             record.status = "broken"
             record.reason = f"register_techniques failed: {type(exc).__name__}: {exc}".splitlines()[0]
             self.pm.unregister(name=name)
@@ -124,35 +148,90 @@ class PluginManager:
             record.hint = install_hint(found[0].extra)
 
     # -- dispatch ----------------------------------------------------------------------------
-    def apply(self, technique: Technique, model: Any, options: dict[str, Any], context: Any) -> tuple[Any, dict]:
+    def apply(self, technique: Technique, model: Any, options: dict[str, Any], context: Any) -> TechniqueResult:
         """Call the technique's hook on its own plugin only; wrappers of every plugin wrap the call."""
         technique.validate_environment()
-        hook = getattr(self.pm.hook, technique.kind)
-        keep = {technique.plugin}
-        keep |= {impl.plugin_name for impl in hook.get_hookimpls() if impl.hookwrapper or impl.wrapper}
-        remove = [p for n, p in self.pm.list_name_plugin() if n not in keep]
-        caller = self.pm.subset_hook_caller(technique.kind, remove_plugins=remove)
-        result = caller(model=model, technique=technique, options=options, context=context)
-        if result is None:
+        value = self._call_owner(technique.kind, technique, model=model, technique=technique, options=options,
+                                 context=context)
+        if value is None:
             raise TechniqueError(
                 f"plugin {technique.plugin!r} registered {technique.name} but its {technique.kind} hook "
                 "returned nothing",
                 "report this to the plugin's authors",
             )
-        if not (isinstance(result, tuple) and len(result) == 2):
+        result = TechniqueResult.coerce(value)
+        if result is None:
             raise TechniqueError(
-                f"plugin {technique.plugin!r} returned {type(result).__name__} from {technique.kind}",
-                "a technique hook must return (model, info)",
+                f"plugin {technique.plugin!r} returned {type(value).__name__} from {technique.kind}",
+                "a technique hook must return a TechniqueResult or (model, info)",
             )
-        new_model, info = result
-        return new_model, dict(info or {})
+        return result
+
+    def can_restore(self, technique: Technique) -> bool:
+        """True when the technique's own plugin implements the ``restore`` hook."""
+        return any(impl.plugin_name == technique.plugin and not (impl.wrapper or impl.hookwrapper)
+                   for impl in self.pm.hook.restore.get_hookimpls())
+
+    def restore(self, technique: Technique, model: Any, options: dict[str, Any], state: dict[str, Any],
+                context: Any) -> Any:
+        """Replay one recorded step through the ``restore`` hook of the technique's own plugin."""
+        technique.validate_environment()
+        restored = self._call_owner("restore", technique, model=model, technique=technique, options=options,
+                                    state=state, context=context)
+        if restored is None:
+            raise TechniqueError(f"plugin {technique.plugin!r} could not restore {technique.name} "
+                                 "(its restore hook returned nothing)", "report this to the plugin's authors")
+        return restored
+
+    def _call_owner(self, hook_name: str, owner: Technique, /, **kwargs: Any) -> Any:
+        """Run ``hook_name`` with the owner plugin's implementation and every plugin's wrappers only.
+
+        pluggy's subset callers drop whole plugins; a plugin that both wraps a hook (to observe) and
+        implements it (for its own technique) must keep its wrapper without its implementation.
+        """
+        hook = getattr(self.pm.hook, hook_name)
+        impls = [impl for impl in hook.get_hookimpls()
+                 if impl.wrapper or impl.hookwrapper or impl.plugin_name == owner.plugin]
+        try:
+            return self.pm._hookexec(hook.name, impls, kwargs, True)
+        except BaseException as exc:
+            culprit = _failing_wrapper(exc, impls)
+            if culprit is None or isinstance(exc, (KeyboardInterrupt, ModelOptError)):
+                raise
+            raise TechniqueError(
+                f"plugin {culprit!r}, which wraps the {hook_name} hook, failed around {owner.name} "
+                f"({type(exc).__name__}: {_first_line(exc)})",
+                f"fix or uninstall {culprit!r}; {owner.name} itself did not fail",
+            ) from None
+
+    def open_model(self, path: Any) -> Any:
+        """Ask each plugin's ``load_model`` hook for ``path``; the first model returned wins. A hook that
+        raises is a one-line error naming its plugin."""
+        from .errors import ModelLoadError
+
+        for impl in reversed(self.pm.hook.load_model.get_hookimpls()):
+            try:
+                model = impl.function(path=path)
+            except KeyboardInterrupt:
+                raise
+            except ModelOptError:
+                raise
+            except BaseException as exc:
+                raise ModelLoadError(f"plugin {impl.plugin_name!r} could not open {path.name} "
+                                     f"({type(exc).__name__}: {_first_line(exc)})",
+                                     "check that the file is complete, or ask the plugin's authors") from None
+            if model is not None:
+                return model
+        return None
 
     def register_commands(self, app: Any) -> None:
         for impl in self.pm.hook.register_commands.get_hookimpls():
             record = self.records.get(impl.plugin_name)
             try:
                 impl.function(app=app)
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
                 if record:
                     record.status = "broken"
                     record.reason = f"register_commands failed: {exc}".splitlines()[0]
@@ -162,6 +241,27 @@ def _replace(technique: Technique, **changes: Any) -> Technique:
     from dataclasses import replace
 
     return replace(technique, **changes)
+
+
+def _failing_wrapper(exc: BaseException, impls: list[Any]) -> str | None:
+    """The plugin whose wrapper raised ``exc``: the innermost hook implementation in the traceback is a
+    wrapper (an exception from the owner's implementation has the owner's frame deeper down)."""
+    codes = {getattr(impl.function, "__code__", None): impl for impl in impls}
+    innermost = None
+    tb = exc.__traceback__
+    while tb is not None:
+        impl = codes.get(tb.tb_frame.f_code)
+        if impl is not None:
+            innermost = impl
+        tb = tb.tb_next
+    if innermost is None or not (innermost.wrapper or innermost.hookwrapper):
+        return None
+    return innermost.plugin_name
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _version(dist: str) -> str | None:

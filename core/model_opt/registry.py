@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +118,9 @@ class Option:
             for item in items:
                 if item not in self.choices:
                     raise choose_one_of(f"{label} value", str(item), map(str, self.choices))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{label} is {value}, not a finite number",
+                             f"pass a number{' in ' + self.describe_range() if self.describe_range() else ''}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             too_low = self.minimum is not None and (
                 value <= self.minimum if self.exclusive_minimum else value < self.minimum)
@@ -144,6 +148,8 @@ class Technique:
     speed_note: str = ""
     plugin: str = ""
     extra: str = ""
+    #: Chosen when the user names only the kind and this method (several backends may offer the method).
+    default: bool = False
     #: What the autotuner may try: option name -> candidate values ({} = defaults only; None = never tuned).
     search_space: dict[str, tuple[Any, ...]] | None = field(default=None, hash=False, compare=False)
 
@@ -211,6 +217,7 @@ class Technique:
             "speeds_up": list(self.speeds_up),
             "speeds_up_compiled": list(self.speeds_up_compiled),
             "speed_note": self.speed_note,
+            "default": self.default,
             "search_space": {k: list(v) for k, v in self.search_space.items()} if self.search_space is not None
             else None,
         }
@@ -249,6 +256,11 @@ class Registry:
         if backend is not None:
             by_backend = [t for t in candidates if t.backend == backend]
             if not by_backend:
+                offered = sorted(f"{t.kind}:{t.method}" for t in self.techniques.values() if t.backend == backend)
+                if offered:
+                    raise UsageError(f"backend {backend!r} offers no {kind} technique",
+                                     f"it offers {', '.join(offered)}; for {kind}, choose one of: "
+                                     f"{', '.join(sorted({t.backend for t in candidates})) or 'none installed'}")
                 if backend in KNOWN_BACKENDS:
                     raise BackendNotInstalled(
                         f"the {kind} backend {backend!r} is not installed", install_hint(backend))
@@ -269,6 +281,10 @@ class Registry:
         if not candidates:
             raise BackendNotInstalled(f"no installed plugin provides a {kind} technique",
                                       'pip install "model-opt[all]"')
+        if len(candidates) > 1 and method is not None:
+            defaults = [t for t in candidates if t.default]
+            if len(defaults) == 1:
+                return defaults[0]
         if len(candidates) > 1:
             names = ", ".join(sorted(f"{t.backend}:{t.method}" for t in candidates))
             what = "backend" if method is not None else "method"
