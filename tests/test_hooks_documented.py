@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -14,13 +15,17 @@ HOOKS = sorted(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, nam
 
 def test_there_are_hooks() -> None:
     assert HOOKS == ["decompose", "fuse", "load_model", "prune", "quantize", "register_commands",
-                     "register_techniques"]
+                     "register_techniques", "restore"]
 
 
 @pytest.mark.parametrize("hook", HOOKS)
 def test_hook_is_documented(hook: str) -> None:
+    """Each hook has a section whose first code line is the spec's exact signature (parameter names)."""
     text = (ROOT / "CONTRIBUTING.md").read_text()
-    assert re.search(rf"^### {hook}$", text, re.M), f"CONTRIBUTING.md has no '### {hook}' section"
+    section = re.search(rf"^### {hook}\n(.*?)(?=^##)", text, re.M | re.S)
+    assert section, f"CONTRIBUTING.md has no '### {hook}' section"
+    parameters = ", ".join(inspect.signature(getattr(hookspecs, hook)).parameters)
+    assert f"def {hook}({parameters})" in section.group(1), f"the {hook} section does not show def {hook}({parameters})"
     assert getattr(hookspecs, hook).__doc__.strip()
 
 

@@ -1,25 +1,42 @@
-"""A module backed by a torch.export program: it pickles as the serialized program (the graph modules
-that quantization flows produce do not pickle) and rebuilds itself when unpickled."""
+"""A module backed by a torch.export program.
+
+Quantization flows (INC, pt2e) produce graph modules that do not pickle, and ``.eval()`` on a loaded
+``.pt2`` module raises. This wrapper runs the graph, ignores train/eval switches, and keeps its state
+as the serialized program (``torch.export.save`` bytes): its ``state_dict`` is that one uint8 tensor,
+and ``load_state_dict`` rebuilds the graph from it, so artifacts hold it as plain weights.
+"""
 
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import nn
 
+PROGRAM_KEY = "program"
+
 
 class ExportedModule(nn.Module):
-    """Run ``program.module()``; save as ``torch.export.save`` bytes inside model-opt artifacts."""
+    """Run ``module`` (a graph module from torch.export); save it as ``torch.export.save`` bytes."""
 
-    def __init__(self, module: nn.Module, example_inputs: tuple[Any, ...], dynamic_batch: bool = True) -> None:
+    def __init__(self, module: nn.Module | None = None, example_inputs: tuple[Any, ...] = (),
+                 dynamic_batch: bool = True, program: bytes | None = None) -> None:
         super().__init__()
         self.module_ = module
         self._example = example_inputs
         self._dynamic_batch = dynamic_batch
+        self._program = program
+
+    @classmethod
+    def from_bytes(cls, program: bytes) -> ExportedModule:
+        """Open ``torch.export.save`` bytes (a ``.pt2`` file's content)."""
+        return cls(torch.export.load(io.BytesIO(program)).module(), program=program)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.module_ is None:
+            raise RuntimeError("this ExportedModule holds no program yet; load_state_dict() gives it one")
         return self.module_(*args, **kwargs)
 
     def train(self, mode: bool = True) -> ExportedModule:
@@ -27,7 +44,10 @@ class ExportedModule(nn.Module):
         self.training = mode
         return self
 
-    def _program_bytes(self) -> bytes:
+    def program_bytes(self) -> bytes:
+        """The serialized program, exported once from the graph (dynamic batch where the graph allows)."""
+        if self._program is not None:
+            return self._program
         program = None
         if self._dynamic_batch:
             batch = torch.export.Dim("batch", min=1)
@@ -40,13 +60,31 @@ class ExportedModule(nn.Module):
             program = torch.export.export(self.module_, self._example)
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
-        return buffer.getvalue()
+        self._program = buffer.getvalue()
+        return self._program
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        destination = OrderedDict() if destination is None else destination
+        destination[prefix + PROGRAM_KEY] = torch.frombuffer(bytearray(self.program_bytes()), dtype=torch.uint8)
+        return destination
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Rebuild the graph from the serialized program (a .pt2 loads without unpickling code)."""
+        unexpected = [k for k in state_dict if k != PROGRAM_KEY]
+        if PROGRAM_KEY not in state_dict or (strict and unexpected):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: expected only "
+                               f"{PROGRAM_KEY!r}, got {sorted(state_dict)[:5]}")
+        program = state_dict[PROGRAM_KEY].cpu().numpy().tobytes()
+        self.module_ = torch.export.load(io.BytesIO(program)).module()
+        self._program = program
+        return nn.modules.module._IncompatibleKeys([], unexpected)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"program": self._program_bytes(), "example": self._example, "dynamic_batch": self._dynamic_batch}
+        return {"program": self.program_bytes(), "example": self._example, "dynamic_batch": self._dynamic_batch}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         nn.Module.__init__(self)
         self._example = state["example"]
         self._dynamic_batch = state["dynamic_batch"]
+        self._program = state["program"]
         self.module_ = torch.export.load(io.BytesIO(state["program"])).module()

@@ -6,9 +6,16 @@ functions decorated by :data:`hookimpl`. See CONTRIBUTING.md for the reference a
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    from .context import TechniqueContext
+    from .registry import Technique
+    from .result import TechniqueResult
 
 PROJECT = "model_opt"
 
@@ -17,7 +24,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def register_techniques(register: Any) -> None:
+def register_techniques(register: Callable[[Technique], None]) -> None:
     """Call ``register(Technique(...))`` once for each technique this plugin provides.
 
     The :class:`model_opt.registry.Technique` record carries the kind (``quantize``, ``prune``,
@@ -29,19 +36,22 @@ def register_techniques(register: Any) -> None:
 
 
 @hookspec(firstresult=True)
-def quantize(model: Any, technique: Any, options: dict[str, Any], context: Any) -> Any:
+def quantize(model: Any, technique: Technique, options: dict[str, Any],
+             context: TechniqueContext) -> TechniqueResult | tuple[Any, dict[str, Any]]:
     """Quantize ``model`` with ``technique`` (a Technique of kind ``quantize``).
 
     ``options`` are already validated and hold every option with its default filled in;
     ``context`` is a :class:`model_opt.context.TechniqueContext` (device, example input,
-    calibration data, training hook, progress callback). Return ``(new_model, info)`` where
-    ``info`` is a JSON-serializable mapping describing what was done. Only the plugin that
-    registered the technique is called; wrappers of every plugin wrap the call.
+    calibration data, training hook, progress callback). Return a
+    :class:`model_opt.result.TechniqueResult` (new model, JSON-serializable ``info`` for the report,
+    and the JSON ``state`` that :func:`restore` replays), or a plain ``(new_model, info)`` tuple. Only
+    the plugin that registered the technique is called; wrappers of every plugin wrap the call.
     """
 
 
 @hookspec(firstresult=True)
-def prune(model: Any, technique: Any, options: dict[str, Any], context: Any) -> Any:
+def prune(model: Any, technique: Technique, options: dict[str, Any],
+          context: TechniqueContext) -> TechniqueResult | tuple[Any, dict[str, Any]]:
     """Prune ``model`` with ``technique`` (kind ``prune``). Return ``(new_model, info)``.
 
     Same contract as :func:`quantize`: ``options`` are validated with defaults filled in, and the
@@ -50,7 +60,8 @@ def prune(model: Any, technique: Any, options: dict[str, Any], context: Any) -> 
 
 
 @hookspec(firstresult=True)
-def fuse(model: Any, technique: Any, options: dict[str, Any], context: Any) -> Any:
+def fuse(model: Any, technique: Technique, options: dict[str, Any],
+         context: TechniqueContext) -> TechniqueResult | tuple[Any, dict[str, Any]]:
     """Fuse layers of ``model`` with ``technique`` (kind ``fuse``). Return ``(new_model, info)``.
 
     Same contract as :func:`quantize`.
@@ -58,7 +69,8 @@ def fuse(model: Any, technique: Any, options: dict[str, Any], context: Any) -> A
 
 
 @hookspec(firstresult=True)
-def decompose(model: Any, technique: Any, options: dict[str, Any], context: Any) -> Any:
+def decompose(model: Any, technique: Technique, options: dict[str, Any],
+              context: TechniqueContext) -> TechniqueResult | tuple[Any, dict[str, Any]]:
     """Decompose layers of ``model`` with ``technique`` (kind ``decompose``). Return ``(new_model, info)``.
 
     Same contract as :func:`quantize`.
@@ -66,7 +78,22 @@ def decompose(model: Any, technique: Any, options: dict[str, Any], context: Any)
 
 
 @hookspec(firstresult=True)
-def load_model(path: Any) -> Any:
+def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any],
+            context: TechniqueContext) -> Any:
+    """Replay one applied step on ``model``, a fresh copy of the architecture the step was applied to.
+
+    ``options`` and ``state`` are what the step recorded (its resolved options and its result's
+    ``state``, both from JSON). Rebuild the structure the technique produced (new layer shapes,
+    factorized layers, patched blocks, quantized tensor layouts) and return the model; its weights do
+    not matter, because :func:`model_opt.load` loads the saved weights into the result (with
+    ``load_state_dict(strict=True, assign=True)``). Only the plugin that registered the technique is
+    called. A technique whose plugin does not implement this hook is saved as a pickled model, which
+    reopens only with ``trust_model=True``.
+    """
+
+
+@hookspec(firstresult=True)
+def load_model(path: Path) -> Any:
     """Optional: open a model file in a format this plugin owns (for example OpenVINO IR ``.xml``).
 
     Return an ``nn.Module`` (or a module-like callable) for ``path`` (a ``pathlib.Path``), or

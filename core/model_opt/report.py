@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,10 @@ class StepRecord:
     options: dict[str, Any]
     info: dict[str, Any]
     seconds: float
+    #: The JSON state the plugin's ``restore`` hook replays, and whether that plugin has the hook.
+    state: dict[str, Any] = field(default_factory=dict)
+    replayable: bool = False
+    standalone: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -109,7 +114,7 @@ class Report:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str)
+        return dumps(self.to_dict())
 
     def render(self) -> str:
         """A plain-text table, before and after."""
@@ -144,6 +149,11 @@ class Report:
         if b.flops is not None or (a and a.flops is not None):
             rows.append(("FLOPs", _big(b.flops), _big(a.flops if a else None),
                          _ratio(a.flops if a else None, b.flops, "x of before")))
+        if b.latency and b.latency.interleaved:
+            spread = max(b.latency.spread, a.latency.spread if a and a.latency else 0.0)
+            rows.append(("latency spread (p90-p10)/median", f"{b.latency.spread:.0%}",
+                         f"{a.latency.spread:.0%}" if a and a.latency else "-",
+                         "unstable" if spread > UNSTABLE_SPREAD else "stable"))
         widths = [max(len(r[i]) for r in [("", "before", "after", "change"), *rows]) for i in range(4)]
         line = "  ".join("-" * w for w in widths)
         out = [f"model-opt report: {self.model} on {self.device} ({self.threads} threads)"]
@@ -167,6 +177,26 @@ class Report:
         if self.exported:
             out.append(f"exported: {self.exported} (torch.export program; loads with no trust flag)")
         return "\n".join(out)
+
+
+#: Above this spread of the timings, the report says the measurement was unstable.
+UNSTABLE_SPREAD = 0.5
+
+
+def finite(value: Any) -> Any:
+    """``value`` with non-finite floats as strings ("inf", "nan"), so that the JSON is valid."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Strict JSON (no bare NaN/Infinity) of a report mapping."""
+    return json.dumps(finite(value), indent=2, default=str, allow_nan=False)
 
 
 def _speed(ratio: float | None) -> str:
@@ -204,7 +234,7 @@ def _bytes(n: int | None) -> str:
 
 def _big(n: int | None) -> str:
     if n is None:
-        return "-"
+        return "not counted"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f}{unit}"

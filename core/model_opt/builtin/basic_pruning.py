@@ -27,6 +27,7 @@ UNSTRUCTURED = Technique(
         Option("exclude", list, [], "module names (or name prefixes) to leave untouched"),
     ),
     speeds_up=(),
+    default=True,
     search_space={"amount": (0.3, 0.5, 0.7)},
     speed_note="unstructured sparsity keeps dense shapes, so latency and dense size do not change; "
     "use structured pruning (--prune-backend torch-pruning) to remove whole channels",
@@ -77,3 +78,9 @@ def prune(model: Any, technique: Technique, options: dict[str, Any], context: An
         "zeroed_weights": zeroed,
         "note": "dense shapes are unchanged: expect no speed-up or size saving without a sparse runtime",
     }
+
+
+@hookimpl
+def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any], context: Any) -> Any:
+    """Zeroed weights keep every shape: the architecture is the original one, and the weights carry the zeros."""
+    return model

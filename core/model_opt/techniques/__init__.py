@@ -9,40 +9,37 @@ names the ``pip install "model-opt[...]"`` to run.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any
-
-from model_opt.context import TechniqueContext
 
 
 def run_technique(kind: str, model: Any, *, backend: str | None = None, method: str | None = None,
                   options: dict[str, Any] | None = None, example_input: Any = None,
                   calibration_data: Iterable[Any] | None = None, train: Any = None,
                   device: str | None = None, compile: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Resolve one technique, check what it needs, and apply it. Returns ``(model, info)``."""
-    from model_opt.pipeline import check_needs
+    """Resolve one technique, check what it needs, and apply it. Returns ``(model, info)``.
+
+    The step is recorded on the returned model, so that :func:`model_opt.save` writes an artifact that
+    :func:`model_opt.load` replays on the original architecture (``model_opt.load(path, model=base)``).
+    """
+    from model_opt.job import apply_step, technique_context
+    from model_opt.modelio import STEPS_ATTR
+    from model_opt.modules import device_of
     from model_opt.plugins import get_plugin_manager
 
     manager = get_plugin_manager()
     technique = manager.registry.find(kind, backend, method)
     resolved = technique.resolve_options({k: v for k, v in (options or {}).items() if v is not None})
-    context = TechniqueContext(
-        device=device or _device_of(model),
-        compile=compile,
-        example_input=example_input,
-        calibration_data=(lambda: calibration_data) if calibration_data is not None else None,
-        train=train,
-    )
-    check_needs(technique, context)
-    return manager.apply(technique, model, resolved, context)
-
-
-def _device_of(model: Any) -> str:
-    parameters = getattr(model, "parameters", None)
-    if callable(parameters):
-        for tensor in parameters():
-            return str(tensor.device)
-    return str(getattr(model, "device", "cpu"))  # e.g. a diffusers pipeline
+    batches = list(calibration_data) if calibration_data is not None else None  # a generator is read once
+    context = technique_context(
+        device=device or device_of(model), compile=compile, example_input=example_input,
+        calibration_data=(lambda: iter(batches)) if batches is not None else None, train=train)
+    previous = list(getattr(model, STEPS_ATTR, []))
+    new_model, record = apply_step(model, technique, resolved, context, manager)
+    with contextlib.suppress(AttributeError, TypeError):
+        object.__setattr__(new_model, STEPS_ATTR, [*previous, record.to_dict()])
+    return new_model, record.info
 
 
 def call_plugin_function(kind: str, backend: str, method: str, function: str, *args: Any) -> Any:
@@ -86,8 +83,6 @@ class Pruner(_Technique):
     def prune_model(self, model: Any, amount: float = 0.5, criterion: str | None = None,
                     prune_type: str = "unstructured", example_input: Any = None, *,
                     backend: str | None = None, device: str | None = None, **options: Any) -> Any:
-        if backend is None and prune_type == "unstructured":
-            backend = "basic"
         return self._run("prune", model, backend=backend, method=prune_type,
                          options={"amount": amount, "criterion": criterion, **options},
                          example_input=example_input, device=device)

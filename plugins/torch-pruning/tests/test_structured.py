@@ -87,12 +87,14 @@ def test_pruned_model_reloads_in_a_fresh_process_and_as_export(name: str, tmp_pa
     warnings: list[str] = []
     assert export_program(pruned, x, tmp_path / "pruned.pt2", warnings) and not warnings
     torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
-    code = """
-import sys, torch, model_opt
+    code = f"""
+import sys, timm, torch, model_opt
 io = torch.load(sys.argv[1])
+base = timm.create_model({name!r}, pretrained=False, num_classes=10, **{kwargs!r})
 for path in sys.argv[2:]:
     with torch.no_grad():
-        torch.testing.assert_close(model_opt.load(path)(io["x"]), io["expected"], rtol=1e-5, atol=1e-5)
+        model = model_opt.load(path, model=base) if path.endswith(".pt") else model_opt.load(path)
+        torch.testing.assert_close(model(io["x"]), io["expected"], rtol=1e-5, atol=1e-5)
 print("same")
 """
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "io.pt"), str(tmp_path / "pruned.pt"),

@@ -45,7 +45,7 @@ def test_int8_methods_keep_outputs_shrink_weights_and_reload(method: str, tmp_pa
     # model-opt's artifact reloads with the same outputs
     model_opt.save(quantized, tmp_path / "q.pt")
     with torch.no_grad():
-        torch.testing.assert_close(model_opt.load(tmp_path / "q.pt")(x), out, rtol=0, atol=0)
+        torch.testing.assert_close(model_opt.load(tmp_path / "q.pt", model=mlp())(x), out, rtol=0, atol=0)
     # and the torchao way: weights_only state_dict into the float architecture with assign=True
     torch.save(quantized.state_dict(), tmp_path / "sd.pt")
     rebuilt = mlp()
@@ -68,7 +68,7 @@ def test_autoquant_result_reloads(tmp_path: Path) -> None:
     assert info["quantized"] == {"int8_weight_only": ["0", "2", "4"]} or not info["changed"]
     model_opt.save(quantized, tmp_path / "aq.pt")
     with torch.no_grad():
-        torch.testing.assert_close(model_opt.load(tmp_path / "aq.pt")(x), quantized(x), rtol=0, atol=0)
+        torch.testing.assert_close(model_opt.load(tmp_path / "aq.pt", model=mlp(512))(x), quantized(x), rtol=0, atol=0)
 
 
 def test_autoquant_picks_the_fastest_within_tolerance() -> None:

@@ -57,3 +57,13 @@ def fuse(model: Any, technique: Technique, options: dict[str, Any], context: Any
     if technique.method == "conv_bn_relu":
         return fuse_conv_bn(model, fold_activation=options["fold_activation"], exclude=options["exclude"])
     return fuse_linear_gelu(model, allow_tanh=options["allow_tanh"], exclude=options["exclude"])
+
+
+@hookimpl
+def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any], context: Any) -> Any:
+    """Fuse the recorded layer pairs again; the fused weights come from the artifact."""
+    from .fuse import replay_conv_bn, replay_linear_gelu
+
+    if technique.method == "conv_bn_relu":
+        return replay_conv_bn(model, state)
+    return replay_linear_gelu(model, state, options["allow_tanh"])

@@ -12,6 +12,7 @@ from model_opt.errors import AccuracyBudgetExceeded, TechniqueError, UsageError
 from model_opt.exported import ExportedModule
 from model_opt.measure import call_model
 from model_opt.modelinfo import run_checked
+from model_opt.result import TechniqueResult
 from torch import nn
 
 logging.getLogger("neural_compressor").setLevel(logging.WARNING)
@@ -62,9 +63,10 @@ def static_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tupl
     run_checked(model, batches[0], what="calibration data")
     context.progress(f"INC static int8: export, calibrate on {len(batches)} batches, convert")
     quantized = _static(model, example, batches, options["act_sym"])
-    return ExportedModule(quantized, _args(example)), {
+    return TechniqueResult(ExportedModule(quantized, _args(example)), {
         "calibration_batches": len(batches), "quantize_ops": _quantized_ops(quantized),
-        "runtime_note": "run it under torch.compile with freezing for int8 kernels (--compile)"}
+        "runtime_note": "run it under torch.compile with freezing for int8 kernels (--compile)"}, {"graph": "export"},
+        standalone=True)
 
 
 def weight_only(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
@@ -86,8 +88,24 @@ def weight_only(model: nn.Module, options: dict[str, Any], context: Any) -> tupl
         quantized = convert(prepare(model, RTNConfig(**common, use_layer_wise=False)))
     packed = [n for n, m in quantized.named_modules()
               if type(m).__name__ in ("INCWeightOnlyLinear", "WeightOnlyLinear")]
-    return quantized, {"algorithm": options["algorithm"], "bits": options["bits"],
-                       "group_size": options["group_size"], "packed_layers": len(packed)}
+    return TechniqueResult(quantized, {"algorithm": options["algorithm"], "bits": options["bits"],
+                                       "group_size": options["group_size"], "packed_layers": len(packed)},
+                           {"graph": "weight_only", "bits": options["bits"], "group_size": options["group_size"],
+                            "use_sym": options["use_sym"]})
+
+
+def restore(model: nn.Module, method: str, options: dict[str, Any], state: dict[str, Any]) -> nn.Module:
+    """The structure of a saved INC result on a fresh architecture, ready for the saved weights."""
+    if state.get("graph") == "export":
+        return ExportedModule()
+    if state.get("graph") == "weight_only":
+        from neural_compressor.torch.quantization import RTNConfig, convert, prepare
+
+        config = RTNConfig(bits=state["bits"], group_size=state["group_size"], use_sym=state["use_sym"],
+                           use_layer_wise=False)
+        return convert(prepare(model, config))
+    raise UsageError(f"neural-compressor {method}: the saved state names no known graph ({state.get('graph')!r})",
+                     "re-create the file with model-opt optimize")
 
 
 def tune(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
@@ -150,4 +168,7 @@ def tune(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Mo
             f"autotune found no config within the allowed drop of {context.max_accuracy_drop:g} "
             f"(baseline {baseline:.4f}, best tried {best_tried['metric']:.4f})" if best_tried else
             "autotune found no config within the allowed drop", "allow a larger drop or another space")
-    return result, info
+    # INC does not expose the weight-only config it chose, so that result cannot be replayed: it is saved
+    # pickled and reopens with trust_model=True. The static result is a torch.export program.
+    static = options["space"] == "static"
+    return TechniqueResult(result, info, {"graph": "export"} if static else None, standalone=static)

@@ -57,3 +57,12 @@ def quantize(model: Any, technique: Technique, options: dict[str, Any], context:
 
     return {"int8_static": inc.static_int8, "weight_only": inc.weight_only, "autotune": inc.tune}[
         technique.method](model, options, context)
+
+
+@hookimpl
+def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any], context: Any) -> Any:
+    """Static int8 is a torch.export program saved as the weights; weight-only packing is redone with RTN on
+    the fresh architecture (same bits, group size and symmetry), and the packed weights are then loaded."""
+    from . import inc
+
+    return inc.restore(model, technique.method, options, state)

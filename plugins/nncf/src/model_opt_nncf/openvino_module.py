@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,15 @@ def _serialize(ov_model: Any) -> tuple[bytes, bytes]:
 class OpenVINOModule(nn.Module):
     """A compiled OpenVINO model behind ``forward``: torch tensors in, torch tensors out."""
 
-    def __init__(self, ov_model: Any, device: str = "CPU") -> None:
+    def __init__(self, ov_model: Any = None, device: str = "CPU") -> None:
+        """``ov_model=None`` makes an empty module that :meth:`load_state_dict` fills from saved IR."""
         super().__init__()
         # test scripts often ask next(model.parameters()).device: an empty CPU parameter answers
         self.device_anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
         self.ov_device = device
-        self._xml, self._bin = _serialize(ov_model)
-        self._compile()
+        if ov_model is not None:
+            self._xml, self._bin = _serialize(ov_model)
+            self._compile()
 
     def _compile(self) -> None:
         import openvino as ov
@@ -79,10 +82,25 @@ class OpenVINOModule(nn.Module):
             tmp.write_bytes(self._xml.replace(b"model.bin", xml.with_suffix(".bin").name.encode()))
         return [xml, xml.with_suffix(".bin")]
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The IR as tensors, so that size-on-disk measurements see the deployed weights."""
-        return {"ir_xml": torch.frombuffer(bytearray(self._xml), dtype=torch.uint8),
-                "ir_bin": torch.frombuffer(bytearray(self._bin), dtype=torch.uint8)}
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The IR as uint8 tensors: model-opt artifacts save it as plain weights, and size-on-disk
+        measurements see the deployed model."""
+        destination = OrderedDict() if destination is None else destination
+        destination[prefix + "ir_xml"] = torch.frombuffer(bytearray(self._xml), dtype=torch.uint8)
+        destination[prefix + "ir_bin"] = torch.frombuffer(bytearray(self._bin), dtype=torch.uint8)
+        return destination
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Compile the IR held in ``state_dict`` (OpenVINO IR is read without running code from it)."""
+        expected = {"ir_xml", "ir_bin"}
+        unexpected = [k for k in state_dict if k not in expected]
+        if not expected <= set(state_dict) or (strict and unexpected):
+            raise RuntimeError(f"Error(s) in loading state_dict for OpenVINOModule: expected ir_xml and ir_bin, "
+                               f"got {sorted(state_dict)[:5]}")
+        self._xml = state_dict["ir_xml"].cpu().numpy().tobytes()
+        self._bin = state_dict["ir_bin"].cpu().numpy().tobytes()
+        self._compile()
+        return nn.modules.module._IncompatibleKeys([], unexpected)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -26,6 +26,7 @@ INT8_STATIC = Technique(
     needs=("example_input", "calibration_data"),
     requires=("nncf", "openvino"),
     search_space={},
+    default=True,
     speeds_up=("cpu",),
     speed_note="the OpenVINO runtime runs on the CPU here",
 )
@@ -45,6 +46,14 @@ def quantize(model: Any, technique: Technique, options: dict[str, Any], context:
     if context.device.startswith("cuda"):
         raise DeviceError("nncf int8_static deploys to the OpenVINO CPU runtime", "use --device cpu")
     return quantize_int8(model, options, context)
+
+
+@hookimpl
+def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any], context: Any) -> Any:
+    """The quantized model is OpenVINO IR, saved as the artifact's weights: an empty module takes it."""
+    from .openvino_module import OpenVINOModule
+
+    return OpenVINOModule()
 
 
 @hookimpl

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from model_opt.errors import TechniqueError
 from model_opt.modelinfo import describe_input, run_checked
+from model_opt.result import TechniqueResult
 from torch import nn
 
 from .openvino_module import OpenVINOModule
@@ -75,7 +76,7 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
     fq_layers, float_layers = quantized_layers(quantized)
     info.update({"runtime": "OpenVINO CPU", "quantized_layers": len(fq_layers), "float_layers": float_layers,
                  "fake_quantize_ops": module.op_counts().get("FakeQuantize", 0)})
-    return module, info
+    return TechniqueResult(module, info, {}, standalone=True)
 
 
 class _CompiledModule(nn.Module):

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from model_opt.modules import selected, set_module
+from model_opt.result import TechniqueResult
 from torch import nn
 
-from .lowrank import choose_rank, factor_params, low_rank_conv, low_rank_linear, singular_values
-
-
-def _selected(name: str, include: list[str], exclude: list[str]) -> bool:
-    def hit(patterns: list[str]) -> bool:
-        return any(name == p or name.startswith(f"{p}.") for p in patterns)
-
-    return (not include or hit(include)) and not hit(exclude)
+from .lowrank import (
+    LowRankConv2d,
+    LowRankLinear,
+    choose_rank,
+    factor_params,
+    low_rank_conv,
+    low_rank_linear,
+    singular_values,
+)
 
 
 def decompose_model(model: nn.Module, rank_ratio: float | None = 0.5, energy: float | None = None,
@@ -27,7 +30,7 @@ def decompose_model(model: nn.Module, rank_ratio: float | None = 0.5, energy: fl
         rank_ratio = None
     targets = [(name, module) for name, module in model.named_modules()
                if (type(module) is nn.Linear or (conv and type(module) is nn.Conv2d and module.groups == 1))
-               and _selected(name, list(include), list(exclude))]
+               and selected(name, include, exclude)]
     replaced: dict[str, dict[str, int]] = {}
     skipped: dict[str, str] = {}
     before = after = 0
@@ -49,8 +52,7 @@ def decompose_model(model: nn.Module, rank_ratio: float | None = 0.5, energy: fl
                              f"({factored} >= {full}; break-even rank ratio {break_even:.2f})")
             continue
         new = low_rank_linear(layer, rank) if isinstance(layer, nn.Linear) else low_rank_conv(layer, rank)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        set_module(model, name, new)
         replaced[name] = {"rank": rank, "full_rank": min(out_f, in_f), "params_before": full,
                           "params_after": factored}
         before += full
@@ -65,4 +67,18 @@ def decompose_model(model: nn.Module, rank_ratio: float | None = 0.5, energy: fl
     }
     if not replaced:
         info["note"] = "nothing to decompose: no Linear/Conv2d layer would get fewer parameters at this rank"
-    return model, info
+    return TechniqueResult(model, info, {"ranks": {name: layer["rank"] for name, layer in replaced.items()}})
+
+
+def rebuild(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """The factorized layers' structure on a fresh copy of the architecture (weights come from the artifact)."""
+    for name, rank in ranks.items():
+        layer = model.get_submodule(name)
+        if type(layer) is nn.Linear:
+            new = LowRankLinear(layer.in_features, layer.out_features, rank, bias=layer.bias is not None)
+        elif type(layer) is nn.Conv2d:
+            new = LowRankConv2d(layer, rank)
+        else:
+            raise ValueError(f"{name} is a {type(layer).__name__}, not the Linear/Conv2d that was factorized")
+        set_module(model, name, new.to(layer.weight.device))
+    return model

@@ -38,3 +38,11 @@ def decompose(model: Any, technique: Technique, options: dict[str, Any], context
     from .decompose import decompose_model
 
     return decompose_model(model, **options)
+
+
+@hookimpl
+def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any], context: Any) -> Any:
+    """Replace each recorded layer by an (empty) low-rank pair of the recorded rank."""
+    from .decompose import rebuild
+
+    return rebuild(model, state["ranks"])

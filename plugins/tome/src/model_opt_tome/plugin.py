@@ -6,6 +6,7 @@ from typing import Any
 
 from model_opt.hookspecs import hookimpl
 from model_opt.registry import Option, Technique
+from model_opt.result import TechniqueResult
 
 TOKEN_MERGING = Technique(
     kind="prune",
@@ -54,7 +55,16 @@ def prune(model: Any, technique: Technique, options: dict[str, Any], context: An
     info["changed"] = sum(rs) > 0
     if not info["changed"]:
         info["note"] = "r=0 merges no token"
-    return model, info
+    return TechniqueResult(model, info, {"r": rs, "prop_attn": options["prop_attn"]})
+
+
+@hookimpl
+def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any], context: Any) -> Any:
+    """Patch the fresh ViT with the recorded per-block r; token merging adds no weights."""
+    from .patch import apply_patch
+
+    apply_patch(model, [int(r) for r in state["r"]], prop_attn=bool(state["prop_attn"]))
+    return model
 
 
 def remove_patch(model: Any) -> Any:

@@ -54,8 +54,20 @@ def unet_of(model: Any) -> Any:
 
 @hookimpl
 def prune(model: Any, technique: Technique, options: dict[str, Any], context: Any) -> Any:
+    return patch(model, options)
+
+
+@hookimpl
+def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any], context: Any) -> Any:
+    """Patch the fresh UNet (or pipeline) with the recorded settings; tomesd adds no weights."""
+    return patch(model, options).model
+
+
+def patch(model: Any, options: dict[str, Any]) -> Any:
+    """Apply tomesd; a bare UNet is wrapped so that it can be saved and reloaded patched."""
     import tomesd
     from model_opt.errors import UsageError
+    from model_opt.result import TechniqueResult
 
     unet = unet_of(model)
     limit = 1 - 1 / (options["sx"] * options["sy"])
@@ -69,8 +81,8 @@ def prune(model: Any, technique: Technique, options: dict[str, Any], context: An
     patched = sum(type(m).__name__.startswith("ToMeBlock") for m in unet.modules())
     info = {"changed": options["ratio"] > 0, "patched_blocks": patched, **options}
     if target is unet:  # a bare UNet: wrapped so that model-opt can save and reload it patched
-        return TokenMergedUNet(unet, options), info
-    return target, info
+        return TechniqueResult(TokenMergedUNet(unet, options), info)
+    return TechniqueResult(target, info)
 
 
 def remove_patch(model: Any) -> Any:

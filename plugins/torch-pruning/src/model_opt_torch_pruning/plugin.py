@@ -44,3 +44,11 @@ def prune(model: Any, technique: Technique, options: dict[str, Any], context: An
     from .structured import prune_structured
 
     return prune_structured(model, options, context)
+
+
+@hookimpl
+def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any], context: Any) -> Any:
+    """Give the fresh architecture the pruned shapes (and head counts) recorded when it was pruned."""
+    from model_opt.modules import rebuild_structure
+
+    return rebuild_structure(model, state)

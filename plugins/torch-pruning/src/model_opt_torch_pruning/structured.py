@@ -11,6 +11,8 @@ from model_opt.context import is_labelled
 from model_opt.errors import TechniqueError
 from model_opt.measure import call_model
 from model_opt.modelinfo import output_layers, run_checked
+from model_opt.modules import structure_changes, structure_snapshot
+from model_opt.result import TechniqueResult
 from torch import nn
 
 
@@ -60,6 +62,7 @@ def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) ->
     ignored_names = list(dict.fromkeys([*heads, *options["ignored_layers"]]))
     attention = attention_modules(model)
     base_ops, base_params = tp.utils.count_ops_and_params(model, example)
+    before = structure_snapshot(model)
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
@@ -105,7 +108,7 @@ def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) ->
     if attention:
         info["attention_heads"] = {name: attn.num_heads for name, attn in
                                    ((n, m) for n, m in model.named_modules() if m in attention.values())}
-    return model, info
+    return TechniqueResult(model, info, structure_changes(before, model))
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -56,3 +56,13 @@ def quantize(model: Any, technique: Technique, options: dict[str, Any], context:
     if technique.method == "autoquant":
         return autoquant(model, options, context)
     return quantize_method(model, technique.method, options, context)
+
+
+@hookimpl
+def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any], context: Any) -> Any:
+    """torchao's quantized weights are tensor subclasses that torchao registers as safe globals for
+    ``torch.load(weights_only=True)``; ``load_state_dict(assign=True)`` puts them into the float layers.
+    Importing torchao registers them; the architecture itself is the original one."""
+    import torchao  # noqa: F401
+
+    return model

@@ -2,13 +2,14 @@
 
 from model_opt.hookspecs import hookimpl
 from model_opt.registry import Option, Technique
+from model_opt.result import TechniqueResult
 
 STRIP = Technique(
     kind="fuse",
     backend="example",
     method="strip_dropout",
     summary="Replace Dropout layers by Identity (inference only).",
-    options=(Option("keep", list, [], "module names to keep"),),
+    options=(Option("exclude", list, [], "module names (or prefixes) to keep"),),
     speeds_up=(),
     speed_note="Dropout is already a no-op in eval mode",
 )
@@ -19,15 +20,26 @@ def register_techniques(register):
     register(STRIP)
 
 
+def strip(model, names):
+    import torch  # heavy imports go inside the hooks, never at module level
+    from model_opt.modules import set_module
+
+    for name in names:
+        set_module(model, name, torch.nn.Identity())
+    return model
+
+
 @hookimpl
 def fuse(model, technique, options, context):
-    import torch  # heavy imports go inside the hook, never at module level
+    import torch
+    from model_opt.modules import excluded
 
-    replaced = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, torch.nn.Dropout) and full not in options["keep"]:
-                setattr(module, child_name, torch.nn.Identity())
-                replaced.append(full)
-    return model, {"replaced": replaced}
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Dropout) and not excluded(name, options["exclude"])]
+    return TechniqueResult(strip(model, names), info={"replaced": names}, state={"replaced": names})
+
+
+@hookimpl
+def restore(model, technique, options, state, context):
+    # Rebuild the result on a fresh copy of the original architecture; the weights are loaded after.
+    return strip(model, state["replaced"])
