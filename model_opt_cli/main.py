@@ -55,8 +55,22 @@ def build_steps(prune: bool, prune_backend: str | None, prune_type: str | None, 
                 fuse: bool, fuse_backend: str | None, fuse_types: str | None, fuse_opt: list[str] | None,
                 decompose: bool, decompose_backend: str | None, decompose_method: str | None,
                 rank_ratio: float | None, decompose_opt: list[str] | None) -> list[Any]:
-    from model_opt.pipeline import Step
+    from model_opt.job import Step
 
+    given = {
+        "prune": (prune, {"--prune-backend": prune_backend, "--prune-type": prune_type, "--prune-amount": prune_amount,
+                          "--prune-criterion": prune_criterion, "--prune-opt": prune_opt}),
+        "quantize": (quantize, {"--quant-backend": quant_backend, "--quant-method": quant_method,
+                                "--quant-opt": quant_opt}),
+        "fuse": (fuse, {"--fuse-backend": fuse_backend, "--fuse-types": fuse_types, "--fuse-opt": fuse_opt}),
+        "decompose": (decompose, {"--decompose-backend": decompose_backend, "--decompose-method": decompose_method,
+                                  "--rank-ratio": rank_ratio, "--decompose-opt": decompose_opt}),
+    }
+    for kind, (enabled, flags) in given.items():
+        stray = [flag for flag, value in flags.items() if value not in (None, [])]
+        if stray and not enabled:
+            raise UsageError(f"{stray[0]} is set, but --{kind} is not, so it would do nothing",
+                             f"add --{kind}, or drop {stray[0]}")
     steps = []
     if prune:
         options: dict[str, Any] = parse_pairs(prune_opt, "--prune-opt")
@@ -64,8 +78,8 @@ def build_steps(prune: bool, prune_backend: str | None, prune_type: str | None, 
             options["amount"] = prune_amount
         if prune_criterion is not None:
             options["criterion"] = prune_criterion
-        backend = prune_backend or ("basic" if prune_type in (None, "unstructured") else None)
-        steps.append(Step("prune", backend, prune_type, options))
+        method = prune_type or (None if prune_backend else "unstructured")  # the seed's default prune
+        steps.append(Step("prune", prune_backend, method, options))
     if decompose:
         options = parse_pairs(decompose_opt, "--decompose-opt")
         if rank_ratio is not None:
@@ -89,7 +103,8 @@ def optimize(
     test_script: Annotated[Path, typer.Option("--test-script", help="eval.py: defines evaluate(model, "
                                                                     "dataset_path), or prints 'name = number'.")],
     prune: Annotated[bool, typer.Option("--prune", help="Prune the model.")] = False,
-    prune_backend: Annotated[str | None, typer.Option(help="Pruning backend (default: basic).")] = None,
+    prune_backend: Annotated[str | None, typer.Option(help="Pruning backend (default: the default for the "
+                                                           "method, basic for unstructured).")] = None,
     prune_type: Annotated[str | None, typer.Option("--prune-type", "--prune-method",
                                                    help="unstructured or structured.")] = None,
     prune_amount: Annotated[float | None, typer.Option(help="Fraction to prune, in (0, 1).")] = None,
@@ -208,10 +223,14 @@ def demo(
     epochs: Annotated[int, typer.Option(help="Training epochs for the example model.")] = 12,
 ) -> None:
     """Train the shipped digits example and run `optimize` on it, printing the report."""
-    from model_opt.examples.digits import prepare
+    from model_opt.examples.digits import check_demo_folder, prepare
     from model_opt.pipeline import Step
     from model_opt.pipeline import optimize as run
 
+    try:
+        check_demo_folder(folder)
+    except ModelOptError as err:
+        raise fail(err) from None
     typer.echo(f"model-opt: training the digits example in {folder}", err=True)
     example = prepare(folder, epochs=epochs)
     command = (f"model-opt optimize {example.model} --test-dataset {example.dataset} --test-script "
@@ -331,11 +350,24 @@ def root(
     """model-opt: quantization, pruning, token merging, fusion and decomposition, measured."""
 
 
+def handle_sigterm() -> None:
+    """SIGTERM (kill) interrupts like Ctrl-C, so that partly written temporary files are removed."""
+    import signal
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
 def main() -> None:
     """Console entry point: plugin commands are added, then the app runs."""
     from model_opt.plugins import get_plugin_manager
 
-    get_plugin_manager().register_commands(app)
+    handle_sigterm()
+    with contextlib.redirect_stdout(sys.stderr):  # a plugin's print() at import must not reach --json output
+        manager = get_plugin_manager()
+    manager.register_commands(app)
     try:
         app()
     except KeyboardInterrupt:

@@ -69,10 +69,11 @@ def test_finds_a_faster_candidate_within_budget_and_saves_it(cli, digits, tmp_pa
     assert best["drop"] <= 0.3 and best["speedup"] > 1.0
     assert best["steps"][0]["backend"] == "torch-pruning"
     assert out.exists() and Path(report["plot"]).read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "report.json").read_text())["best"]["number"] == best["number"]
+    assert json.loads((tmp_path / "best.report.json").read_text())["best"]["number"] == best["number"]
     import model_opt
 
-    assert sum(p.numel() for p in model_opt.load(out).parameters()) < report["baseline"]["parameters"]
+    reloaded = model_opt.load(out, test_script=digits.script)
+    assert sum(p.numel() for p in reloaded.parameters()) < report["baseline"]["parameters"]
 
 
 def test_no_candidate_within_budget_fails_and_saves_nothing(cli, digits, tmp_path: Path) -> None:

@@ -11,5 +11,5 @@ def test_demo_runs_end_to_end(cli, tmp_path: Path) -> None:
     assert "accuracy (primary)" in result.stdout
     assert "non-zero parameters" in result.stdout
     assert (tmp_path / "demo" / "model.optimized.pt").exists()
-    assert (tmp_path / "demo" / "report.json").exists()
+    assert (tmp_path / "demo" / "model.optimized.report.json").exists()
     assert "model-opt optimize" in result.stderr  # the equivalent command is shown

@@ -30,15 +30,15 @@ def test_in_process_contract_end_to_end(cli, digits, tmp_path: Path) -> None:
     for label in ("accuracy (primary)", "latency median ms (eager)", "latency p90 ms", "parameters",
                   "non-zero parameters", "size on disk", "FLOPs", "does not reduce latency on cpu"):
         assert label in table
-    report = json.loads((out.parent / "report.json").read_text())
+    report = json.loads((out.parent / "pruned.report.json").read_text())
     assert report["before"]["metrics"]["accuracy"] > 0.9
     assert report["after"]["nonzero_parameters"] < 0.6 * report["before"]["nonzero_parameters"]
     assert report["steps"][0]["info"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert report["before"]["latency"]["median_ms"] > 0 and report["before"]["latency"]["p90_ms"] > 0
     assert report["before"]["flops"] > 0
     assert file_hash(digits.model) == before
-    # The saved model reloads and reproduces the reported metric.
-    model = model_opt.load(out)
+    # The saved model reloads (rebuilt by the test script's load_model) and reproduces the reported metric.
+    model = model_opt.load(out, test_script=digits.script)
     data = np.load(digits.dataset / "test.npz")
     x = torch.from_numpy(data["images"]).float().div(16).unsqueeze(1)
     accuracy = (model(x).argmax(1) == torch.from_numpy(data["labels"]).long()).float().mean().item()
@@ -63,7 +63,7 @@ def test_default_output_is_beside_the_input(cli, digits, tmp_path: Path) -> None
     result = cli("optimize", folder / "model.pth", "--test-dataset", folder / "data", "--test-script",
                  folder / "eval.py", *PRUNE, "-q")
     assert result.exit_code == 0, result.stderr
-    assert (folder / "model.optimized.pt").exists() and (folder / "report.json").exists()
+    assert (folder / "model.optimized.pt").exists() and (folder / "model.optimized.report.json").exists()
 
 
 def test_max_accuracy_drop_fails_and_writes_nothing(cli, digits, tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_max_accuracy_drop_fails_and_writes_nothing(cli, digits, tmp_path: Path)
     assert result.exit_code == 1
     assert "more than --max-accuracy-drop 0.0001; nothing was written" in result.stderr
     assert "accuracy (primary)" in result.stdout
-    assert not out.exists() and not (tmp_path / "report.json").exists()
+    assert not out.exists() and not (tmp_path / "never.report.json").exists()
     assert os.listdir(tmp_path) == []
 
 
@@ -116,7 +116,8 @@ def test_output_that_would_overwrite_the_input(cli, digits) -> None:
     before = file_hash(digits.model)
     result = cli(*args(digits, *PRUNE, "--output", str(digits.model)))
     assert result.exit_code == 2
-    assert "would overwrite the input model; choose another output path" in result.stderr
+    assert f"--output {digits.model} would overwrite model.pth with the output; choose another --output path" \
+        in result.stderr
     assert file_hash(digits.model) == before
 
 
@@ -124,7 +125,7 @@ def test_bad_files(cli, digits, tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_text("not a model")
     cases = [
         (args(digits, *PRUNE, model=tmp_path / "missing.pth"), "model file not found"),
-        (args(digits, *PRUNE, model=tmp_path), "is a folder, not a model file"),
+        (args(digits, *PRUNE, model=tmp_path, script=digits.program_script), "is a folder, not a model file"),
         (args(digits, *PRUNE, model=tmp_path / "junk.pth", script=digits.program_script),
          "junk.pth is not a PyTorch model file"),
         (args(digits, *PRUNE, model=digits.whole_model, script=digits.program_script),
@@ -215,7 +216,8 @@ def test_finetune_needs_a_train_hook_and_export_writes_a_safe_program(cli, digit
     assert report["exported"] == str(out.with_suffix(".pt2"))
     assert report["recovery"]["steps"] == 20
     x = torch.rand(3, 1, 8, 8)
-    torch.testing.assert_close(model_opt.load(out.with_suffix(".pt2"))(x), model_opt.load(out)(x))
+    torch.testing.assert_close(model_opt.load(out.with_suffix(".pt2"))(x),
+                               model_opt.load(out, test_script=digits.script)(x))
 
 
 def test_recovery_keeps_unstructured_sparsity(cli, digits, tmp_path: Path) -> None:
@@ -224,7 +226,7 @@ def test_recovery_keeps_unstructured_sparsity(cli, digits, tmp_path: Path) -> No
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["after"]["nonzero_parameters"] <= 0.55 * report["before"]["nonzero_parameters"]
-    model = model_opt.load(out)
+    model = model_opt.load(out, test_script=digits.script)
     assert (model.classifier[1].weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
 
 

@@ -11,15 +11,31 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def load(path: str, *, trust_model: bool = False, map_location: str = "cpu", search_paths: Any = ()) -> Any:
-    """Reload a model written by model-opt (or a .pt2 / TorchScript file) as an nn.Module."""
+def load(path: str, *, model: Any = None, test_script: str | None = None, trust_model: bool = False,
+         map_location: str = "cpu", search_paths: Any = ()) -> Any:
+    """Reopen a model written by model-opt (or a .pt2 / TorchScript / OpenVINO IR file) as an nn.Module.
+
+    An artifact is rebuilt, without unpickling, on ``model`` (the original architecture) or else on the
+    source model its recipe names, opened safely or by ``test_script``'s ``load_model``; then each step
+    is replayed and the saved weights are loaded. Pickled models need ``trust_model=True``.
+    """
     from .modelio import load as _load
 
-    return _load(path, trust_model=trust_model, map_location=map_location, search_paths=search_paths)
+    loader = None
+    if test_script is not None:
+        from .testscript import TestScript
+
+        script = TestScript(test_script)
+        if script.has("load_model"):
+            loader = lambda p: script.call("load_model", p)  # noqa: E731
+        search_paths = [*search_paths, script.folder]
+    return _load(path, model=model, trust_model=trust_model, map_location=map_location, search_paths=search_paths,
+                 loader=loader)
 
 
 def save(model: Any, path: str, manifest: dict[str, Any] | None = None) -> Any:
-    """Write ``model`` as a model-opt artifact, atomically."""
+    """Write ``model`` as a model-opt artifact (recipe + weights), atomically; reopen it with
+    ``model_opt.load(path, model=<original architecture>)``."""
     from .modelio import save as _save
 
     return _save(model, path, manifest)

@@ -8,7 +8,6 @@ Workers on many machines can share one study through any Optuna storage URL.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -17,16 +16,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from . import modelio
 from .atomic import atomic_path, write_text_atomic
 from .context import TechniqueContext
 from .errors import AccuracyBudgetExceeded, ModelOptError, UsageError
 from .hookspecs import KINDS
+from .job import Job, check_finite, output_lock, report_path
 from .measure import call_model, count_parameters, interleaved_ms, model_latency, state_dict_bytes
-from .plugins import PluginManager, get_plugin_manager
+from .plugins import PluginManager
 from .recommend import recommend
 from .registry import Technique
-from .testscript import TestScript
+from .report import dumps
 
 OBJECTIVES = ("latency", "size", "both")
 
@@ -141,26 +140,21 @@ def autotune(
 ) -> TuneResult:
     import optuna
 
-    from .pipeline import check_device, default_output, example_input
-    from .pipeline import plan as plan_steps
-
-    say = progress or (lambda message: None)
-    manager = manager or get_plugin_manager()
-    if max_accuracy_drop is None or max_accuracy_drop < 0:
+    if max_accuracy_drop is None:
+        raise UsageError("--max-accuracy-drop is required", "pass the largest metric drop you accept, e.g. 0.01")
+    check_finite(max_accuracy_drop, "--max-accuracy-drop")
+    if max_accuracy_drop < 0:
         raise UsageError(f"--max-accuracy-drop must be 0 or more (got {max_accuracy_drop})",
                          "pass the largest metric drop you accept, e.g. 0.01")
     if objective not in OBJECTIVES:
         raise UsageError(f"unknown objective {objective!r}", f"choose one of: {', '.join(OBJECTIVES)}")
     if trials < 1:
         raise UsageError(f"--trials is {trials}", "pass at least 1")
-    model_path = modelio.check_readable(model_path)
-    script = TestScript(test_script)
-    dataset = str(dataset)
-    if not os.path.exists(dataset):
-        raise UsageError(f"test dataset not found: {dataset}", "check the --test-dataset path")
-    out = Path(output) if output else default_output(model_path)
-    if out.resolve() == model_path.resolve():
-        raise UsageError(f"--output {out} would overwrite the input model", "choose another output path")
+    job = Job.prepare(model_path, test_script=test_script, dataset=dataset, output=output, device=device,
+                      trust_model=trust_model, input_shape=input_shape, max_accuracy_drop=max_accuracy_drop,
+                      progress=progress, manager=manager, output_flag="--output")
+    script, dataset, device, say, manager, out = job.script, job.dataset, job.device, job.say, job.manager, job.output
+    model_path = job.model_path
     space = searchable(manager, device, script.has("calibration_data"), backends)
     useful = {t.backend for items in space.values() for t in items} - {"basic"}
     if not useful:
@@ -169,16 +163,12 @@ def autotune(
                          'pip install "model-opt[torch-pruning]" "model-opt[torchao]" "model-opt[fusion]" '
                          '(or "model-opt[all]")')
     study_name = study or f"model-opt-{model_path.stem}"
-    optuna_storage, storage_label = open_storage(storage, out.with_name(f"{study_name}.journal"))
-    device = check_device(device)
-
-    loader = (lambda p: script.call("load_model", p)) if script.has("load_model") else None
-    original = modelio.load(model_path, trust_model=trust_model, loader=loader,
-                            search_paths=[script.folder, model_path.parent]).to(device).eval()
-    example = example_input(script, dataset, input_shape, device)
+    original = job.load()
+    example = job.example
     if example is None:
         raise UsageError("autotune needs an example input to time candidates",
                          "define example_input(dataset_path) in the test script or pass --input-shape")
+    optuna_storage, storage_label = open_storage(storage, out.with_name(f"{study_name}.journal"))
     sign = 1.0 if script.higher_is_better else -1.0
     say("measuring the baseline")
     baseline = Baseline(script.evaluate(original, dataset, device).value,
@@ -188,7 +178,7 @@ def autotune(
         raise UsageError(f"--max-accuracy-drop {max_accuracy_drop:g} is larger than the metric itself "
                          f"({baseline.metric:.4f}), which would accept any model",
                          "pass a drop in the metric's own units, e.g. 0.01 for one accuracy point")
-    calibration = (lambda: script.call("calibration_data", dataset)) if script.has("calibration_data") else None
+    context = job.context()
 
     directions = {"latency": ["minimize"], "size": ["minimize"], "both": ["minimize", "minimize"]}[objective]
     sampler = optuna.samplers.TPESampler(seed=None)
@@ -217,12 +207,11 @@ def autotune(
         if not steps:
             trial.set_user_attr("error", "no technique chosen")
             raise optuna.TrialPruned("no technique chosen")
-        from .pipeline import Step, apply
+        from .job import Step, apply
+        from .job import plan as plan_steps
 
         try:
             planned = plan_steps([Step(s["kind"], s["backend"], s["method"], s["options"]) for s in steps], manager)
-            context = TechniqueContext(device=device, example_input=example, calibration_data=calibration,
-                                       dataset_path=dataset)
             candidate, _ = apply(copy.deepcopy(original), planned, context, manager)
             candidate = candidate.eval()
             metric = script.evaluate(candidate, dataset, device).value
@@ -271,8 +260,7 @@ def autotune(
         the_study.optimize(objective_fn, n_trials=remaining, timeout=timeout, gc_after_trial=True,
                            callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished_states),
                                       report_progress])
-    return finish(the_study, storage_label, baseline, objective, original, out, example, device, manager,
-                  max_accuracy_drop, calibration, dataset, say)
+    return finish(the_study, storage_label, baseline, objective, original, job, context, max_accuracy_drop)
 
 
 def seed_recommendations(study: Any, model: Any, device: str, space: dict[str, list[Technique]],
@@ -311,13 +299,13 @@ def pareto_front(rows: list[dict[str, Any]], higher_is_better: bool = True) -> l
     return sorted(front, key=lambda r: -r["speedup"])
 
 
-def finish(study: Any, storage: str, baseline: Baseline, objective: str, original: Any, out: Path, example: Any,
-           device: str, manager: PluginManager, budget: float, calibration: Any, dataset: str,
-           say: Callable[[str], None]) -> TuneResult:
+def finish(study: Any, storage: str, baseline: Baseline, objective: str, original: Any, job: Job,
+           context: TechniqueContext, budget: float) -> TuneResult:
     import optuna
 
-    from .pipeline import Step, apply
-    from .pipeline import plan as plan_steps
+    say, manager, device, example, out = job.say, job.manager, job.device, job.example, job.output
+    from .job import Step, apply
+    from .job import plan as plan_steps
 
     rows = []
     for trial in study.get_trials(deepcopy=False):
@@ -341,8 +329,6 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
                                      "allow a larger drop, more trials, or other techniques", report=result)
     key = {"latency": lambda r: (-r["speedup"], r["drop"]), "size": lambda r: (r["size_ratio"], r["drop"]),
            "both": lambda r: (r["size_ratio"] / r["speedup"], r["drop"])}[objective]
-    context = TechniqueContext(device=device, example_input=example, calibration_data=calibration,
-                               dataset_path=dataset)
     # One trial's timing is noisy on a shared machine: re-apply the top candidates and time them against
     # the original in interleaved rounds before choosing.
     finalists = sorted(feasible, key=key)[:3]
@@ -367,11 +353,12 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
         result.warnings.append(f"no candidate within budget was faster than the original on {device}")
     say(f"saving the best candidate (trial {best['number']})")
     model, records = built[best["number"]]
-    modelio.save(model, out, {"steps": [r.to_dict() for r in records], "autotune": {
-        "study": study.study_name, "trial": best["number"], "storage": storage}})
     result.output = str(out)
-    result.plot = plot(measured, result.pareto, best, out.with_name(f"{out.stem}.pareto.png"))
-    write_text_atomic(out.with_name("report.json"), json.dumps(result.to_dict(), indent=2, default=str))
+    with output_lock(out):
+        job.save(model, records, {"autotune": {"study": study.study_name, "trial": best["number"],
+                                               "storage": storage}})
+        result.plot = plot(measured, result.pareto, best, out.with_name(f"{out.stem}.pareto.png"))
+        write_text_atomic(report_path(out), dumps(result.to_dict()))
     return result
 
 

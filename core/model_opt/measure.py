@@ -16,6 +16,10 @@ class Latency:
     p90_ms: float
     runs: int
     runtime: str = "eager"
+    #: (p90 - p10) / median of the samples: how much the timings moved.
+    spread: float = 0.0
+    #: Timed in the same interleaved rounds as the other side of a before/after comparison.
+    interleaved: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,15 +89,18 @@ def count_flops(model: Any, example_input: Any) -> int | None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    if example_input is None:
+    if example_input is None or not isinstance(model, torch.nn.Module):
         return None
+    if any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in model.parameters()):
+        return None  # quantized tensor subclasses run int8 kernels the counter does not see
     try:
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
             call_model(model, example_input)
-        return int(counter.get_total_flops())
+        flops = int(counter.get_total_flops())
     except Exception:
         return None
+    return flops or None  # 0 means the work ran outside torch (OpenVINO): not counted, not free
 
 
 def measure_latency(fn: Callable[[], Any], warmup: int = 3, repeats: int = 30, budget_s: float = 3.0,
@@ -111,9 +118,7 @@ def measure_latency(fn: Callable[[], Any], warmup: int = 3, repeats: int = 30, b
         if sync:
             sync()
         times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    return Latency(statistics.median(times), p90, len(times), runtime)
+    return _latency(times, runtime, False)
 
 
 def compile_model(model: Any, example_input: Any) -> tuple[Any, float]:
@@ -152,6 +157,44 @@ def interleaved_ms(candidates: dict[str, Callable[[], Any]], rounds: int = 7, pe
                     sync()
                 samples[name].append((time.perf_counter() - started) * 1000 / per_round)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _latency(samples: list[float], runtime: str, interleaved: bool) -> Latency:
+    times = sorted(samples)
+
+    def pct(q: float) -> float:
+        return times[min(len(times) - 1, int(round(q * (len(times) - 1))))]
+
+    median = statistics.median(times)
+    return Latency(median, pct(0.9), len(times), runtime, (pct(0.9) - pct(0.1)) / median if median else 0.0,
+                   interleaved)
+
+
+def paired_latency(before: Callable[[], Any], after: Callable[[], Any], *, runtimes: tuple[str, str] = ("eager",
+                   "eager"), sync: Callable[[], None] | None = None, rounds: int = 15, budget_s: float = 6.0,
+                   warmup: int = 3) -> tuple[Latency, Latency]:
+    """Time ``before`` and ``after`` in the same interleaved rounds (alternating which goes first), so that
+    a burst of other work on a shared machine hits both alike; at least 5 rounds, up to ``rounds`` or
+    ``budget_s`` seconds."""
+    for _ in range(warmup):
+        before()
+        after()
+    if sync:
+        sync()
+    samples: tuple[list[float], list[float]] = ([], [])
+    started = time.perf_counter()
+    index = 0
+    while index < rounds and (index < 5 or time.perf_counter() - started < budget_s):
+        order = (0, 1) if index % 2 == 0 else (1, 0)
+        for which in order:
+            fn = before if which == 0 else after
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            samples[which].append((time.perf_counter() - t0) * 1000)
+        index += 1
+    return _latency(samples[0], runtimes[0], True), _latency(samples[1], runtimes[1], True)
 
 
 def model_latency(model: Any, example_input: Any, device: str, runtime: str = "eager") -> Latency:

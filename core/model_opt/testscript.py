@@ -127,10 +127,15 @@ class TestScript:
     @property
     def higher_is_better(self) -> bool:
         if "HIGHER_IS_BETTER" in self.constants:
-            return bool(self.constants["HIGHER_IS_BETTER"])
-        if self.mode == "in_process" and "HIGHER_IS_BETTER" in self.defined:
-            return bool(getattr(self.module, "HIGHER_IS_BETTER", True))
-        return True
+            value = self.constants["HIGHER_IS_BETTER"]
+        elif self.mode == "in_process" and "HIGHER_IS_BETTER" in self.defined:
+            value = getattr(self.module, "HIGHER_IS_BETTER", True)
+        else:
+            return True
+        if not isinstance(value, bool):
+            raise TestScriptError(f"{self.path.name} sets HIGHER_IS_BETTER = {value!r}, which is not True or False",
+                                  "write HIGHER_IS_BETTER = True or HIGHER_IS_BETTER = False (no quotes)")
+        return value
 
     def call(self, hook: str, *args: Any) -> Any:
         """Call one of the script's functions; its own error is shown on one line."""
@@ -175,9 +180,9 @@ class TestScript:
                 raise TestScriptError(
                     f"{self.path.name} evaluate() returned {type(value).__name__} {value!r} for {name!r}, "
                     "not a number", "return a float or a dict of floats") from None
-            if math.isnan(number):
-                raise TestScriptError(f"{self.path.name} evaluate() returned NaN for {name!r}",
-                                      "check the model's outputs and the metric")
+            if not math.isfinite(number):
+                raise TestScriptError(f"{self.path.name} evaluate() returned {number} for {name!r}",
+                                      "return a finite number; check the model's outputs and the metric")
             values[str(name)] = number
         if not values:
             raise TestScriptError(f"{self.path.name} evaluate() returned no metric",

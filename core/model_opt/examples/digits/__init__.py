@@ -13,6 +13,23 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 FILES = ("digits_model.py", "eval.py", "eval_program.py")
+#: Left in a folder the demo wrote, so that running it again there may replace its own files.
+MARKER = ".model-opt-demo"
+WRITES = (*FILES, "data", "model.pth", "model_whole.pth")
+
+
+def check_demo_folder(folder: str | Path) -> None:
+    """Refuse a folder where the example would replace files the demo did not write."""
+    from model_opt.errors import UsageError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--folder {folder} is a file", "pass a new or empty folder for the demo")
+    if folder.is_dir() and not (folder / MARKER).exists():
+        clashes = [name for name in WRITES if (folder / name).exists()]
+        if clashes:
+            raise UsageError(f"--folder {folder} already holds {', '.join(clashes)}, which the demo would replace",
+                             "pass a new or empty folder, e.g. --folder model-opt-demo")
 
 
 @dataclass
@@ -34,6 +51,7 @@ def prepare(folder: str | Path, epochs: int = 12, seed: int = 0) -> Example:
 
     folder = Path(folder)
     (folder / "data").mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text("written by model-opt demo\n")
     for name in FILES:
         shutil.copy(HERE / name, folder / name)
     data = np.load(HERE / "digits.npz")

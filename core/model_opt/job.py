@@ -1,0 +1,356 @@
+"""One job behind every entry point: check the inputs, load the model, plan, apply, and save.
+
+``optimize``, ``autotune`` and ``recommend`` build a :class:`Job`; the seed API uses :func:`apply_step`
+and :func:`technique_context`. Each entry point adds only what is its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import modelio
+from .context import TechniqueContext, model_input
+from .errors import DeviceError, ModelOptError, TechniqueError, UsageError
+from .hookspecs import KINDS
+from .measure import to_device
+from .modelinfo import run_checked
+from .plugins import PluginManager, get_plugin_manager
+from .registry import Technique
+from .report import StepRecord
+from .testscript import TestScript
+
+#: Suffixes of the files model-opt writes beside an artifact, or reads as other formats.
+RESERVED_SUFFIXES = (".py", ".json", ".pt2", ".xml", ".bin", ".journal", ".png")
+#: The most elements a random --input-shape may have (about 1 GiB of float32).
+MAX_INPUT_ELEMENTS = 2**28
+
+
+@dataclass
+class Step:
+    """One requested technique: kind plus optional backend/method names and raw option values."""
+
+    kind: str
+    backend: str | None = None
+    method: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+Planned = list[tuple[Technique, dict[str, Any]]]
+
+
+def plan(steps: Sequence[Step], manager: PluginManager | None = None) -> Planned:
+    """Resolve and validate every step (no model needed), sorted into pipeline order."""
+    manager = manager or get_plugin_manager()
+    resolved = []
+    for step in sorted(steps, key=lambda s: KINDS.index(s.kind) if s.kind in KINDS else -1):
+        technique = manager.registry.find(step.kind, step.backend, step.method)
+        options = technique.resolve_options(step.options)
+        technique.validate_environment()
+        resolved.append((technique, options))
+    return resolved
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"unknown device {device!r}", "choose one of: cpu, cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for, but no CUDA GPU is available here", "use --device cpu")
+    return device
+
+
+def check_needs(technique: Technique, context: TechniqueContext) -> None:
+    label = f"{technique.backend} {technique.method}"
+    if "cuda" in technique.needs and not context.device.startswith("cuda"):
+        raise DeviceError(f"{label} runs only on a CUDA GPU", "use --device cuda on a machine with a GPU")
+    if "example_input" in technique.needs:
+        context.require_example_input(label)
+    if "calibration_data" in technique.needs and context.calibration_data is None:
+        context.require_calibration_data(label)
+
+
+def check_module_names(model: Any, planned: Planned) -> None:
+    """Every name in an ``exclude`` option must name a module (or a prefix of one) of the model."""
+    import difflib
+
+    names = [name for name, _ in model.named_modules() if name]
+    for technique, options in planned:
+        for entry in options.get("exclude") or []:
+            if not any(n == entry or n.startswith(f"{entry}.") for n in names):
+                close = difflib.get_close_matches(entry, names, n=3, cutoff=0.5)
+                hint = f"did you mean {', '.join(close)}?" if close else "use names from model.named_modules()"
+                raise UsageError(f"{technique.backend} {technique.method} exclude={entry} names no module of "
+                                 "the model", hint)
+
+
+def apply_step(model: Any, technique: Technique, options: dict[str, Any], context: TechniqueContext,
+               manager: PluginManager | None = None) -> tuple[Any, StepRecord]:
+    """Apply one technique through its plugin; a backend's own exception becomes a one-line error."""
+    manager = manager or get_plugin_manager()
+    check_needs(technique, context)
+    context.progress(f"applying {technique.kind} {technique.backend}:{technique.method}")
+    started = time.perf_counter()
+    try:
+        result = manager.apply(technique, model, options, context)
+    except ModelOptError:
+        raise
+    except Exception as exc:  # a backend's own error: one line, unless debugging
+        if os.environ.get("MODEL_OPT_DEBUG"):
+            raise
+        raise TechniqueError(f"{technique.backend} {technique.method} failed on this model "
+                             f"({type(exc).__name__}: {_first_line(exc)})",
+                             "the input is untouched; set MODEL_OPT_DEBUG=1 to see the traceback") from None
+    record = StepRecord(technique.kind, technique.backend, technique.method, technique.plugin, options,
+                        result.info, time.perf_counter() - started, state=result.state or {},
+                        replayable=result.state is not None and manager.can_restore(technique),
+                        standalone=result.standalone)
+    return result.model, record
+
+
+def apply(model: Any, planned: Planned, context: TechniqueContext,
+          manager: PluginManager | None = None) -> tuple[Any, list[StepRecord]]:
+    """Apply each planned technique in order; refuse a run in which no step changed anything."""
+    records = []
+    for technique, options in planned:
+        model, record = apply_step(model, technique, options, context, manager)
+        records.append(record)
+    unchanged = [r for r in records if r.info.get("changed") is False]
+    if records and len(unchanged) == len(records):
+        notes = "; ".join(f"{r.backend} {r.method}: {r.info.get('note', 'no change')}" for r in unchanged)
+        raise TechniqueError(f"nothing was optimized ({notes})", "choose a technique or setting that applies "
+                             "to this model (see model-opt techniques)")
+    return model, records
+
+
+def technique_context(*, device: str, compile: bool = False, example_input: Any = None,
+                      calibration_data: Callable[[], Any] | None = None, train: Callable[..., Any] | None = None,
+                      dataset_path: str | None = None, progress: Callable[[str], None] | None = None,
+                      evaluate: Callable[[Any], float] | None = None, max_accuracy_drop: float | None = None,
+                      higher_is_better: bool = True) -> TechniqueContext:
+    """The one place a TechniqueContext is built."""
+    return TechniqueContext(device=device, compile=compile, example_input=example_input,
+                            calibration_data=calibration_data, train=train, dataset_path=dataset_path,
+                            progress=progress or (lambda message: None), evaluate=evaluate,
+                            max_accuracy_drop=max_accuracy_drop, higher_is_better=higher_is_better)
+
+
+def default_output(model_path: Path) -> Path:
+    name = model_path.name if model_path.is_dir() else model_path.stem
+    return model_path.with_name(f"{name}.optimized.pt")
+
+
+def report_path(output: Path) -> Path:
+    """The report of a run, beside its output under the output's own name."""
+    return output.with_name(f"{output.stem}.report.json")
+
+
+def check_finite(value: float | None, flag: str) -> None:
+    if value is not None and not math.isfinite(value):
+        raise UsageError(f"{flag} is {value}, not a finite number", f"pass a number, e.g. {flag} 0.01")
+
+
+def check_input_shape(shape: Sequence[int] | None) -> None:
+    if shape and math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise UsageError(f"--input-shape {','.join(map(str, shape))} has {math.prod(shape):,} elements, too many "
+                         "for a random example input", "pass the shape of one real batch, e.g. 1,3,224,224")
+
+
+def check_writable_folder(folder: Path, flag: str = "--output") -> None:
+    """Fail before any work when the output cannot be written (the nearest existing folder is checked)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} folder {folder} cannot be made: {existing} is not a folder",
+                         f"choose a {flag} in a folder you can write")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} folder {existing} is not writable ({exc.strerror or exc})",
+                         f"choose a {flag} in a folder you can write") from None
+
+
+def check_output(out: Path, protected: Sequence[Path], export: bool = False, flag: str = "--output") -> Path:
+    """Refuse an output that would replace the user's files: the input, the test script, the data, an
+    unrelated existing file; or whose side files (report, export) would collide with them."""
+    if out.is_dir():
+        raise UsageError(f"{flag} {out} is a folder", f"pass a file path, e.g. {flag} {out / 'model.optimized.pt'}")
+    resolved = {p.resolve() for p in protected}
+    side = [out, report_path(out), *([out.with_suffix(".pt2")] if export else [])]
+    for path in side:
+        target = path.resolve()
+        folder = next((p for p in resolved if p.is_dir() and p in target.parents), None)
+        if folder is not None:
+            raise UsageError(f"{flag} {out} is inside {folder.name}/, an input folder",
+                             f"choose a {flag} outside the model and dataset folders")
+        if target in resolved:
+            what = "output" if path == out else f"file {path.name} (written beside the output)"
+            raise UsageError(f"{flag} {out} would overwrite {path.name} with the {what}",
+                             f"choose another {flag} path; model-opt never replaces its inputs")
+    if out.suffix.lower() in RESERVED_SUFFIXES:
+        raise UsageError(f"{flag} {out.name} ends in {out.suffix}, which model-opt uses for other files",
+                         f"name the optimized model with .pt, e.g. {flag} {out.with_suffix('.pt')}")
+    if out.exists() and not (out.is_file() and modelio.is_artifact(out)):
+        raise UsageError(f"{flag} {out} exists and is not a model-opt artifact",
+                         "choose another path, or remove the file yourself")
+    check_writable_folder(out.parent, flag)
+    return out
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock while a run writes its output and report, so that two runs writing the
+    same output one after the other leave a consistent pair."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.with_name(f".{out.name}.lock")
+    while True:
+        handle = open(lock_path, "a+")  # noqa: SIM115
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            same = os.path.exists(lock_path) and os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        handle.close()  # another run removed the file we locked: lock the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        handle.close()
+
+
+class Job:
+    """A model, its test script and data, the device, and where the result goes.
+
+    :meth:`prepare` checks everything that can be checked without the model; :meth:`load` opens the
+    model and the inputs techniques need; :meth:`context` is what technique hooks receive.
+    """
+
+    def __init__(self, model_path: Path, script: TestScript, dataset: str, output: Path, device: str,
+                 trust_model: bool, input_shape: Sequence[int] | None, compile: bool,
+                 max_accuracy_drop: float | None, progress: Callable[[str], None], manager: PluginManager) -> None:
+        self.model_path, self.script, self.dataset, self.output = model_path, script, dataset, output
+        self.device, self.trust_model, self.input_shape, self.compile = device, trust_model, input_shape, compile
+        self.max_accuracy_drop, self.say, self.manager = max_accuracy_drop, progress, manager
+        self.model: Any = None
+        self.example: Any = None
+        self.source: dict[str, Any] = {}
+        self.prior_steps: list[dict[str, Any]] = []
+
+    @classmethod
+    def prepare(cls, model_path: str | os.PathLike[str], *, test_script: str | os.PathLike[str],
+                dataset: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, device: str = "cpu",
+                trust_model: bool = False, input_shape: Sequence[int] | None = None, compile: bool = False,
+                max_accuracy_drop: float | None = None, export: bool = False,
+                progress: Callable[[str], None] | None = None, manager: PluginManager | None = None,
+                output_flag: str = "--output") -> Job:
+        script = TestScript(test_script)
+        path = modelio.check_readable(model_path, allow_folder=script.has("load_model"))
+        dataset = str(dataset)
+        if not os.path.exists(dataset):
+            raise UsageError(f"test dataset not found: {dataset}", "check the --test-dataset path")
+        check_finite(max_accuracy_drop, "--max-accuracy-drop")
+        if max_accuracy_drop is not None and max_accuracy_drop < 0:
+            raise UsageError(f"--max-accuracy-drop is {max_accuracy_drop}, which is negative",
+                             "pass the largest drop you accept, in the metric's units (e.g. 0.01)")
+        check_input_shape(input_shape)
+        out = Path(output) if output else default_output(path)
+        if out.is_dir():
+            out = out / default_output(path).name
+        protected = [path, script.path, Path(dataset)]
+        out = check_output(out, protected, export=export, flag=output_flag)
+        return cls(path, script, dataset, out, check_device(device), trust_model, input_shape, compile,
+                   max_accuracy_drop, progress or (lambda message: None), manager or get_plugin_manager())
+
+    # -- the model and its inputs ------------------------------------------------------------
+    def load(self) -> Any:
+        """Open the model (state_dict via load_model, safe formats, artifacts replayed), on the device."""
+        import torch
+
+        self.say(f"loading {self.model_path.name}")
+        loader = (lambda p: self.script.call("load_model", p)) if self.script.has("load_model") else None
+        model = modelio.load(self.model_path, trust_model=self.trust_model, loader=loader,
+                             search_paths=[self.script.folder, self.model_path.parent])
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"{self.model_path.name} did not load as a torch.nn.Module", "check load_model()")
+        self.source, self.prior_steps = self._source(loader is not None)
+        self.model = model.to(self.device).eval()
+        self.example = self._example_input()
+        if self.example is not None:
+            run_checked(self.model, self.example)
+        return self.model
+
+    def _source(self, via_loader: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Where the architecture comes from when the result is reopened, and the steps already applied."""
+        path = self.model_path
+        if path.is_file() and modelio.is_artifact(path):
+            manifest = modelio.read_manifest(path)
+            source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+            return dict(source), modelio.recorded_steps(manifest, path.name)
+        opened_with = "load_model" if via_loader else ("folder" if path.is_dir() else "file")
+        return {"path": str(path.resolve()), "opened_with": opened_with}, []
+
+    def _example_input(self) -> Any:
+        import torch
+
+        script = self.script
+        if script.has("example_input"):
+            value = script.call("example_input", self.dataset)
+        elif self.input_shape:
+            value = torch.randn(*self.input_shape)
+        elif script.has("calibration_data"):
+            value = model_input(next(iter(script.call("calibration_data", self.dataset)), None))
+        else:
+            return None
+        return to_device(value, self.device)
+
+    def context(self) -> TechniqueContext:
+        script, dataset = self.script, self.dataset
+        return technique_context(
+            device=self.device, compile=self.compile, example_input=self.example,
+            calibration_data=(lambda: script.call("calibration_data", dataset)) if script.has("calibration_data")
+            else None,
+            train=(lambda m, d, n: script.call("train", m, d, n)) if script.has("train") else None,
+            dataset_path=dataset, progress=self.say,
+            evaluate=lambda m: script.evaluate(m, dataset, self.device).value,
+            max_accuracy_drop=self.max_accuracy_drop, higher_is_better=script.higher_is_better)
+
+    def plan(self, steps: Sequence[Step]) -> Planned:
+        planned = plan(steps, self.manager)
+        return planned
+
+    def check(self, planned: Planned, context: TechniqueContext) -> None:
+        """What the planned techniques need, checked on the loaded model before any work."""
+        for technique, _ in planned:
+            check_needs(technique, context)
+        check_module_names(self.model, planned)
+
+    # -- saving ------------------------------------------------------------------------------
+    def save(self, model: Any, records: Sequence[StepRecord], extra: dict[str, Any] | None = None) -> Path:
+        """Write the artifact: the recipe (source, every step with its replay state) and the weights."""
+        manifest = {
+            "source": self.source,
+            "steps": [*self.prior_steps, *(r.to_dict() for r in records)],
+            "import_paths": [str(self.script.folder), str(self.model_path.parent.resolve())],
+            **(extra or {}),
+        }
+        self.say(f"saving {self.output}")
+        return modelio.save(model, self.output, manifest)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
