@@ -49,6 +49,16 @@ def parse_shape(text: str | None) -> list[int] | None:
     return shape
 
 
+def default_prune_method(backend: str | None) -> str | None:
+    """The seed's default pruning is unstructured; a backend without that method keeps its only one."""
+    from model_opt.plugins import get_plugin_manager
+
+    if backend is None:
+        return "unstructured"
+    techniques = get_plugin_manager().registry.techniques
+    return "unstructured" if ("prune", backend, "unstructured") in techniques else None
+
+
 def build_steps(prune: bool, prune_backend: str | None, prune_type: str | None, prune_amount: float | None,
                 prune_criterion: str | None, prune_opt: list[str] | None,
                 quantize: bool, quant_backend: str | None, quant_method: str | None, quant_opt: list[str] | None,
@@ -78,7 +88,7 @@ def build_steps(prune: bool, prune_backend: str | None, prune_type: str | None, 
             options["amount"] = prune_amount
         if prune_criterion is not None:
             options["criterion"] = prune_criterion
-        method = prune_type or (None if prune_backend else "unstructured")  # the seed's default prune
+        method = prune_type or default_prune_method(prune_backend)
         steps.append(Step("prune", prune_backend, method, options))
     if decompose:
         options = parse_pairs(decompose_opt, "--decompose-opt")

@@ -63,6 +63,7 @@ CASES: dict[str, tuple[Any, Any]] = {
     "nncf-int8-static": (cnn, image),
     "inc-int8-static": (cnn, image),
     "inc-weight-only": (mlp, lambda: torch.randn(4, 64)),
+    "nncf-prune": (mlp, lambda: torch.randn(4, 64)),
 }
 
 
@@ -101,6 +102,8 @@ def optimize(name: str) -> tuple[Any, Any]:
     elif name == "inc-int8-static":
         model, _ = Quantizer().quantize(model, method="int8_static", backend="neural-compressor", example_input=x,
                                         calibration_data=calibration)
+    elif name == "nncf-prune":
+        model = Pruner().prune_model(model, amount=0.5, backend="nncf", example_input=x)
     elif name == "inc-weight-only":
         model, _ = Quantizer().quantize(model, method="weight_only", backend="neural-compressor")
     return model.eval(), x

@@ -14,26 +14,15 @@ def _quiet(message: str) -> None:
     pass
 
 
-def is_labelled(item: Any) -> bool:
-    """True for an ``(inputs, labels)`` pair: two items, the second an integer tensor."""
-    if not (isinstance(item, (tuple, list)) and len(item) == 2):
-        return False
-    labels = item[1]
-    return hasattr(labels, "is_floating_point") and not labels.is_floating_point() and not labels.is_complex()
-
-
-def model_input(item: Any) -> Any:
-    """The model input of a calibration item, which may be ``inputs`` or an ``(inputs, labels)`` pair."""
-    return item[0] if is_labelled(item) else item
-
-
 @dataclass
 class TechniqueContext:
     """Device, inputs and hooks available to a technique.
 
-    ``calibration_data`` is a zero-argument callable that returns a fresh iterable of model inputs or
-    ``(inputs, labels)`` pairs (so a technique can pass over it more than once; use
-    :meth:`calibration_inputs` for inputs only); ``train`` is the test script's
+    A model input has one of three forms everywhere: a tensor, a tuple of positional tensors, or a dict
+    of keyword tensors (:func:`model_opt.measure.call_model` calls a model on any of them).
+    ``calibration_data`` is a zero-argument callable that returns a fresh iterable of model inputs (so a
+    technique can pass over it more than once); ``labelled_data`` likewise returns ``(inputs, labels)``
+    pairs, for gradient criteria; ``train`` is the test script's
     ``train(model, dataset_path, steps)`` hook when it defines one. ``evaluate(model)`` returns the
     user's primary metric (for accuracy-aware techniques), with ``max_accuracy_drop`` the budget in the
     metric's units and ``higher_is_better`` its direction.
@@ -43,6 +32,7 @@ class TechniqueContext:
     compile: bool = False
     example_input: Any = None
     calibration_data: Callable[[], Iterable[Any]] | None = None
+    labelled_data: Callable[[], Iterable[tuple[Any, Any]]] | None = None
     train: Callable[..., Any] | None = None
     dataset_path: str | None = None
     workdir: Path | None = None
@@ -69,5 +59,13 @@ class TechniqueContext:
         return self.calibration_data()
 
     def calibration_inputs(self, technique: str) -> Iterable[Any]:
-        """Model inputs only, with labels dropped from ``(inputs, labels)`` pairs."""
-        return (model_input(item) for item in self.require_calibration_data(technique))
+        """The calibration items: each one a model input (tensor, tuple of positional tensors, or dict)."""
+        return self.require_calibration_data(technique)
+
+    def require_labelled_data(self, technique: str) -> Iterable[tuple[Any, Any]]:
+        if self.labelled_data is None:
+            raise TechniqueError(
+                f"{technique} needs a loss, and no labelled data was given",
+                "define labelled_data(dataset_path) in the test script, yielding (inputs, labels) pairs",
+            )
+        return self.labelled_data()

@@ -18,11 +18,42 @@ from torch import nn
 PROGRAM_KEY = "program"
 
 
+#: Packages whose output classes (Hugging Face ``ModelOutput``) register themselves with torch's pytree when
+#: imported; a program returning one deserializes only after that import.
+OUTPUT_PACKAGES = {"transformers": "transformers.modeling_outputs", "diffusers": "diffusers.models.modeling_outputs"}
+
+
+def load_program(program: bytes) -> nn.Module:
+    """The runnable module of ``torch.export.save`` bytes. Quantized programs (INC, pt2e) call
+    ``quantized_decomposed`` ops, and Hugging Face models return ``ModelOutput`` classes: both must be
+    registered before deserializing, so those (installed, known) modules are imported first."""
+    import importlib
+    import logging
+
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+    text = program.decode("latin-1")
+    for package, module in OUTPUT_PACKAGES.items():
+        if f"{package}." in text:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        return torch.export.load(io.BytesIO(program)).module()
+    finally:
+        logger.setLevel(level)
+
+
 class ExportedModule(nn.Module):
     """Run ``module`` (a graph module from torch.export); save it as ``torch.export.save`` bytes."""
 
-    def __init__(self, module: nn.Module | None = None, example_inputs: tuple[Any, ...] = (),
+    def __init__(self, module: nn.Module | None = None, example_inputs: Any = (),
                  dynamic_batch: bool = True, program: bytes | None = None) -> None:
+        """``example_inputs``: a model input in any form (tensor, tuple of positional tensors, dict)."""
         super().__init__()
         self.module_ = module
         self._example = example_inputs
@@ -32,7 +63,7 @@ class ExportedModule(nn.Module):
     @classmethod
     def from_bytes(cls, program: bytes) -> ExportedModule:
         """Open ``torch.export.save`` bytes (a ``.pt2`` file's content)."""
-        return cls(torch.export.load(io.BytesIO(program)).module(), program=program)
+        return cls(load_program(program), program=program)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.module_ is None:
@@ -46,18 +77,11 @@ class ExportedModule(nn.Module):
 
     def program_bytes(self) -> bytes:
         """The serialized program, exported once from the graph (dynamic batch where the graph allows)."""
+        from .measure import export_program
+
         if self._program is not None:
             return self._program
-        program = None
-        if self._dynamic_batch:
-            batch = torch.export.Dim("batch", min=1)
-            dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() else None for a in self._example)
-            try:
-                program = torch.export.export(self.module_, self._example, dynamic_shapes=dynamic)
-            except Exception:  # the graph specialized the batch size: save it static
-                program = None
-        if program is None:
-            program = torch.export.export(self.module_, self._example)
+        program = export_program(self.module_, self._example, self._dynamic_batch)
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
         self._program = buffer.getvalue()
@@ -75,7 +99,7 @@ class ExportedModule(nn.Module):
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: expected only "
                                f"{PROGRAM_KEY!r}, got {sorted(state_dict)[:5]}")
         program = state_dict[PROGRAM_KEY].cpu().numpy().tobytes()
-        self.module_ = torch.export.load(io.BytesIO(program)).module()
+        self.module_ = load_program(program)
         self._program = program
         return nn.modules.module._IncompatibleKeys([], unexpected)
 
@@ -87,4 +111,4 @@ class ExportedModule(nn.Module):
         self._example = state["example"]
         self._dynamic_batch = state["dynamic_batch"]
         self._program = state["program"]
-        self.module_ = torch.export.load(io.BytesIO(state["program"])).module()
+        self.module_ = load_program(state["program"])

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import modelio
-from .context import TechniqueContext, model_input
+from .context import TechniqueContext
 from .errors import DeviceError, ModelOptError, TechniqueError, UsageError
 from .hookspecs import KINDS
 from .measure import to_device
@@ -77,6 +77,9 @@ def check_needs(technique: Technique, context: TechniqueContext) -> None:
         context.require_example_input(label)
     if "calibration_data" in technique.needs and context.calibration_data is None:
         context.require_calibration_data(label)
+    if "train" in technique.needs and context.train is None:
+        raise TechniqueError(f"{label} trains the model, and no train(model, dataset_path, steps) hook was given",
+                             "define train() in the test script (CLI), or pass train=... (Python)")
 
 
 def check_module_names(model: Any, planned: Planned) -> None:
@@ -133,13 +136,15 @@ def apply(model: Any, planned: Planned, context: TechniqueContext,
 
 
 def technique_context(*, device: str, compile: bool = False, example_input: Any = None,
-                      calibration_data: Callable[[], Any] | None = None, train: Callable[..., Any] | None = None,
+                      calibration_data: Callable[[], Any] | None = None,
+                      labelled_data: Callable[[], Any] | None = None, train: Callable[..., Any] | None = None,
                       dataset_path: str | None = None, progress: Callable[[str], None] | None = None,
                       evaluate: Callable[[Any], float] | None = None, max_accuracy_drop: float | None = None,
                       higher_is_better: bool = True) -> TechniqueContext:
     """The one place a TechniqueContext is built."""
     return TechniqueContext(device=device, compile=compile, example_input=example_input,
-                            calibration_data=calibration_data, train=train, dataset_path=dataset_path,
+                            calibration_data=calibration_data, labelled_data=labelled_data, train=train,
+                            dataset_path=dataset_path,
                             progress=progress or (lambda message: None), evaluate=evaluate,
                             max_accuracy_drop=max_accuracy_drop, higher_is_better=higher_is_better)
 
@@ -258,7 +263,8 @@ class Job:
                 progress: Callable[[str], None] | None = None, manager: PluginManager | None = None,
                 output_flag: str = "--output") -> Job:
         script = TestScript(test_script)
-        path = modelio.check_readable(model_path, allow_folder=script.has("load_model"))
+        hf_folder = (Path(model_path) / "config.json").is_file()
+        path = modelio.check_readable(model_path, allow_folder=script.has("load_model") or hf_folder)
         dataset = str(dataset)
         if not os.path.exists(dataset):
             raise UsageError(f"test dataset not found: {dataset}", "check the --test-dataset path")
@@ -312,7 +318,7 @@ class Job:
         elif self.input_shape:
             value = torch.randn(*self.input_shape)
         elif script.has("calibration_data"):
-            value = model_input(next(iter(script.call("calibration_data", self.dataset)), None))
+            value = next(iter(script.call("calibration_data", self.dataset)), None)
         else:
             return None
         return to_device(value, self.device)
@@ -323,6 +329,7 @@ class Job:
             device=self.device, compile=self.compile, example_input=self.example,
             calibration_data=(lambda: script.call("calibration_data", dataset)) if script.has("calibration_data")
             else None,
+            labelled_data=(lambda: script.call("labelled_data", dataset)) if script.has("labelled_data") else None,
             train=(lambda m, d, n: script.call("train", m, d, n)) if script.has("train") else None,
             dataset_path=dataset, progress=self.say,
             evaluate=lambda m: script.evaluate(m, dataset, self.device).value,

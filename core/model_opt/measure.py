@@ -34,6 +34,36 @@ def call_model(model: Any, example_input: Any) -> Any:
     return model(example_input)
 
 
+def split_input(example_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of a model input in any of its three forms (tensor, tuple, dict)."""
+    if isinstance(example_input, dict):
+        return (), dict(example_input)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input), {}
+    return (example_input,), {}
+
+
+def export_program(model: Any, example_input: Any, dynamic_batch: bool = True, strict: bool | None = None) -> Any:
+    """``torch.export.export`` of ``model`` on an input of any form, with a dynamic batch dimension where the
+    model allows it (else the example's static shapes)."""
+    import torch
+
+    args, kwargs = split_input(example_input)
+    extra = {} if strict is None else {"strict": strict}
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1)
+
+        def dim(value: Any) -> Any:
+            return {0: batch} if isinstance(value, torch.Tensor) and value.dim() else None
+
+        dynamic: Any = {k: dim(v) for k, v in kwargs.items()} if kwargs else tuple(dim(a) for a in args)
+        try:
+            return torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic, **extra)
+        except Exception:  # the graph specialized the batch size
+            pass
+    return torch.export.export(model, args, kwargs or None, **extra)
+
+
 def to_device(value: Any, device: str) -> Any:
     import torch
 

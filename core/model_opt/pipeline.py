@@ -12,7 +12,16 @@ from .atomic import write_text_atomic
 from .errors import AccuracyBudgetExceeded, UsageError
 from .hookspecs import KINDS
 from .job import Job, Step, apply, apply_step, check_device, check_needs, default_output, output_lock, plan, report_path
-from .measure import Latency, call_model, compile_model, count_flops, count_parameters, paired_latency, state_dict_bytes
+from .measure import (
+    Latency,
+    call_model,
+    compile_model,
+    count_flops,
+    count_parameters,
+    paired_latency,
+    state_dict_bytes,
+)
+from .measure import export_program as measure_export
 from .plugins import PluginManager
 from .registry import Technique
 from .report import UNSTABLE_SPREAD, Measurement, Report
@@ -185,15 +194,8 @@ def export_program(model: Any, example: Any, path: Path, warnings: list[str]) ->
     if example is None:
         warnings.append("no .pt2 export: it needs an example input (example_input() or --input-shape)")
         return None
-    args, kwargs = ((), example) if isinstance(example, dict) else (
-        (tuple(example) if isinstance(example, (tuple, list)) else (example,)), {})
     try:
-        try:  # a dynamic batch dimension where the model allows it, else the example's static shapes
-            batch = torch.export.Dim("batch", min=1)
-            dynamic = [{0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args]
-            program = torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic if not kwargs else None)
-        except Exception:
-            program = torch.export.export(model, args, kwargs or None)
+        program = measure_export(model, example)
         with atomic_path(path) as tmp:
             torch.export.save(program, str(tmp))
     except Exception as exc:

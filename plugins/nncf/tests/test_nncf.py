@@ -85,3 +85,46 @@ def test_conversion_failure_names_the_op_and_keeps_the_model() -> None:
                                              r"rewrite that op; the input model is untouched"):
         Quantizer().quantize(model, method="int8_static", backend="nncf", example_input=torch.rand(2, 4),
                              calibration_data=[torch.rand(2, 4)])
+
+
+def test_nncf_pruning_with_recovery_stays_within_a_point(cli, digits, tmp_path: Path) -> None:
+    out = tmp_path / "sparse.pt"
+    result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
+                 "--prune", "--prune-backend", "nncf", "--prune-amount", "0.6", "--finetune-steps", "300",
+                 "--output", out, "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    info = report["steps"][0]["info"]
+    assert info["sparsity"] == pytest.approx(0.6, abs=0.02) and info["bn_adaptation_batches"] > 0
+    assert report["after"]["metrics"]["accuracy"] >= report["before"]["metrics"]["accuracy"] - 0.01
+    assert any("nncf unstructured does not reduce latency" in w for w in report["warnings"])
+    reloaded = model_opt.load(out, test_script=digits.script)
+    zeros = sum(int((p == 0).sum()) for p in reloaded.parameters() if p.dim() > 1)
+    assert zeros >= 0.55 * sum(p.numel() for p in reloaded.parameters() if p.dim() > 1)
+
+
+def test_nncf_pruning_of_a_plain_sequential_through_the_seed_api() -> None:
+    from model_opt.techniques import Pruner
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(4, 32)
+    pruner = Pruner()
+    pruned = pruner.prune_model(model, amount=0.5, prune_type="unstructured", backend="nncf", example_input=x,
+                                exclude=["2"])
+    assert type(pruned) is torch.nn.Sequential and len(pruned) == 3  # NNCF's hook storage is gone
+    assert "forward" not in pruned.__dict__
+    assert (pruned[0].weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    assert (pruned[2].weight == 0).sum().item() == 0  # excluded
+    assert pruned(x).shape == (4, 8)
+    assert pruned[0].weight.requires_grad
+
+
+def test_nncf_regularization_trains_masks_with_the_train_hook(cli, digits, tmp_path: Path) -> None:
+    result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
+                 "--prune", "--prune-backend", "nncf", "--prune-type", "regularization", "--prune-amount", "0.6",
+                 "--prune-opt", "train_steps=300", "--output", tmp_path / "rb.pt", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["steps"][0]["info"]["sparsity"] >= 0.5
+    assert report["after"]["metrics"]["accuracy"] >= report["before"]["metrics"]["accuracy"] - 0.01

@@ -130,7 +130,8 @@ def test_bad_input() -> None:
     with pytest.raises(UsageError,
                        match=r"the example input \(1, 5, 64, 64\) does not fit the model at layer conv1 \(Conv2d\)"):
         Pruner().prune_model(model, amount=0.3, prune_type="structured", example_input=torch.randn(1, 5, 64, 64))
-    with pytest.raises(TechniqueError, match="taylor criterion needs a loss, and no labelled calibration data"):
+    with pytest.raises(TechniqueError, match="taylor criterion needs a loss, and no labelled data was given; define "
+                                             "labelled_data"):
         Pruner().prune_model(model, amount=0.3, criterion="taylor", prune_type="structured", example_input=x)
     with pytest.raises(UsageError, match=r"outside \(0, 1\)"):
         Pruner().prune_model(model, amount=1.0, prune_type="structured", example_input=x)

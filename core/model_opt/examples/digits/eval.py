@@ -2,8 +2,8 @@
 
 model-opt calls evaluate(model, dataset_path) before and after optimizing; the other functions are
 optional hooks: load_model builds the architecture for a state_dict file, example_input is what
-latency is measured on, calibration_data feeds calibrated quantization, train drives recovery
-fine-tuning.
+latency is measured on, calibration_data feeds calibrated quantization, labelled_data gives gradient
+criteria their loss, train drives recovery fine-tuning.
 """
 
 from pathlib import Path
@@ -40,7 +40,13 @@ def example_input(dataset_path):
 
 
 def calibration_data(dataset_path):
-    """(inputs, labels) pairs: quantizers use the inputs, gradient-based pruning criteria the labels."""
+    """Model inputs for calibrated quantization (a tensor each; a tuple or a dict for multi-input models)."""
+    images, _ = _split(dataset_path, "train")
+    return [images[i:i + 32] for i in range(0, 320, 32)]
+
+
+def labelled_data(dataset_path):
+    """(inputs, labels) pairs, for gradient-based pruning criteria (torch-pruning taylor)."""
     images, labels = _split(dataset_path, "train")
     return [(images[i:i + 32], labels[i:i + 32]) for i in range(0, 320, 32)]
 

@@ -14,6 +14,29 @@ import torch
 from torch import nn
 
 
+def to_numpy(item: Any) -> Any:
+    """A model input (tensor, tuple of positional tensors, dict of keyword tensors) as OpenVINO takes it."""
+    if isinstance(item, torch.Tensor):
+        return item.detach().cpu().numpy()
+    if isinstance(item, dict):
+        return {k: to_numpy(v) for k, v in item.items()}
+    if isinstance(item, (tuple, list)):
+        return [to_numpy(v) for v in item]
+    return item
+
+
+def ov_call(compiled: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run a compiled OpenVINO model on positional and keyword torch inputs; torch outputs back."""
+    if kwargs:
+        names = [port.get_any_name() for port in compiled.inputs]
+        feed: Any = {**dict(zip(names, to_numpy(list(args)), strict=False)), **to_numpy(kwargs)}
+    else:
+        feed = to_numpy(list(args))
+    result = compiled(feed)
+    outputs = tuple(torch.from_numpy(result[out].copy()) for out in compiled.outputs)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
 def _serialize(ov_model: Any) -> tuple[bytes, bytes]:
     import openvino as ov
 
@@ -44,11 +67,8 @@ class OpenVINOModule(nn.Module):
             np.frombuffer(self._bin, dtype="uint8").copy()))
         self.compiled = core.compile_model(self.ov_model, self.ov_device)
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        arrays = [x.detach().cpu().numpy() for x in inputs]
-        result = self.compiled(arrays)
-        outputs = tuple(torch.from_numpy(result[out].copy()) for out in self.compiled.outputs)
-        return outputs[0] if len(outputs) == 1 else outputs
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        return ov_call(self.compiled, args, kwargs)
 
     def parameter_count(self) -> tuple[int, int]:
         """(weights, non-zero weights) of the constants feeding compute layers, as model-opt reports them."""

@@ -16,7 +16,8 @@ INT8_STATIC = Technique(
         Option("subset_size", int, 300, "calibration samples NNCF uses", minimum=1),
         Option("preset", str, "performance", "symmetric (performance) or asymmetric activations (mixed)",
                choices=("performance", "mixed")),
-        Option("model_type", str, "auto", "transformer enables NNCF's transformer rules",
+        Option("model_type", str, "auto", "transformer enables NNCF's transformer rules (auto: for models with "
+               "attention)",
                choices=("auto", "transformer")),
         Option("fast_bias_correction", bool, True, "fast bias correction (else the slower, more accurate one)"),
         Option("ignored", list, [], "regular expressions of layer names to keep in float"),
@@ -32,9 +33,60 @@ INT8_STATIC = Technique(
 )
 
 
+_PRUNE_COMMON = (
+    Option("amount", float, 0.5, "fraction of weights to zero (the target, for regularization)", minimum=0.0,
+           maximum=1.0, exclusive_minimum=True, exclusive_maximum=True),
+    Option("exclude", list, [], "module names (or prefixes) to leave unpruned"),
+    Option("bn_adaptation", bool, True, "re-estimate BatchNorm statistics on calibration data after pruning "
+           "(nncf.batch_norm_adaptation)"),
+    Option("bn_batches", int, 20, "calibration batches for batch-norm adaptation", minimum=1),
+)
+_SPARSE_NOTE = ("unstructured sparsity keeps dense shapes, so dense PyTorch is not faster; use structured pruning "
+                "(--prune-backend torch-pruning) to remove whole channels")
+PRUNE_MAGNITUDE = Technique(
+    kind="prune",
+    backend="nncf",
+    method="unstructured",
+    summary="NNCF magnitude pruning (nncf.prune): zero the smallest weights per layer or across layers.",
+    options=(Option("scope", str, "layer", "rank weights per layer (local) or across all layers (global)",
+                    choices=("layer", "global")), *_PRUNE_COMMON),
+    needs=("example_input",),
+    requires=("nncf",),
+    speeds_up=(),
+    speed_note=_SPARSE_NOTE,
+    search_space={"amount": (0.3, 0.5, 0.7)},
+)
+PRUNE_REGULARIZATION = Technique(
+    kind="prune",
+    backend="nncf",
+    method="regularization",
+    summary="NNCF regularization-based pruning: masks trained with your train() hook towards the target amount.",
+    options=(*_PRUNE_COMMON,
+             Option("train_steps", int, 200, "steps of your train(model, dataset_path, steps) that train the masks",
+                    minimum=1),
+             Option("p", float, 0.05, "scale of NNCF's RBLoss (smaller pushes harder to the target)", minimum=0.0,
+                    exclusive_minimum=True),
+             Option("mask_lr", float, 0.05, "learning rate of the masks' own Adam", minimum=0.0,
+                    exclusive_minimum=True)),
+    needs=("example_input", "train"),
+    requires=("nncf",),
+    speeds_up=(),
+    speed_note=_SPARSE_NOTE,
+)
+
+
 @hookimpl
 def register_techniques(register: Any) -> None:
     register(INT8_STATIC)
+    register(PRUNE_MAGNITUDE)
+    register(PRUNE_REGULARIZATION)
+
+
+@hookimpl
+def prune(model: Any, technique: Technique, options: dict[str, Any], context: Any) -> Any:
+    from .prune import prune_unstructured
+
+    return prune_unstructured(model, technique.method, options, context)
 
 
 @hookimpl
@@ -50,7 +102,10 @@ def quantize(model: Any, technique: Technique, options: dict[str, Any], context:
 
 @hookimpl
 def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any], context: Any) -> Any:
-    """The quantized model is OpenVINO IR, saved as the artifact's weights: an empty module takes it."""
+    """Pruning keeps the architecture (the zeros are in the weights). The quantized model is OpenVINO IR,
+    saved as the artifact's weights: an empty module takes it."""
+    if technique.kind == "prune":
+        return model
     from .openvino_module import OpenVINOModule
 
     return OpenVINOModule()

@@ -17,15 +17,15 @@ STRUCTURED = Technique(
     options=(
         Option("amount", float, 0.3, "fraction of channels (and heads) to remove; 0.5 removes about 3/4 of "
                "the parameters", minimum=0.0, maximum=1.0, exclusive_minimum=True, exclusive_maximum=True),
-        Option("criterion", str, "magnitude", "magnitude (group L2), l1, taylor (needs labelled calibration "
-               "data), group_norm (un-normalized group L2), bn_scale, random", choices=CRITERIA),
+        Option("criterion", str, "magnitude", "magnitude (group L2), l1, taylor (needs labelled_data in "
+               "the test script), group_norm (un-normalized group L2), bn_scale, random", choices=CRITERIA),
         Option("global_pruning", bool, False, "rank channels across layers instead of per layer"),
         Option("iterative_steps", int, 1, "reach the amount in this many steps", minimum=1),
         Option("ignored_layers", list, [], "module names to leave unpruned (the classifier head is found "
                "and ignored automatically)"),
         Option("round_to", int, 0, "keep channel counts multiples of this (0: no rounding)", minimum=0),
         Option("prune_heads", bool, True, "on attention modules, remove whole heads (else head dims)"),
-        Option("calibration_batches", int, 4, "batches of labelled calibration data for taylor", minimum=1),
+        Option("calibration_batches", int, 4, "labelled batches for taylor", minimum=1),
     ),
     needs=("example_input",),
     requires=("torch_pruning",),

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from itertools import islice
 from typing import Any
 
 import torch
 import torch_pruning as tp
-from model_opt.context import is_labelled
 from model_opt.errors import TechniqueError
 from model_opt.measure import call_model
 from model_opt.modelinfo import output_layers, run_checked
@@ -35,18 +35,10 @@ def attention_modules(model: nn.Module) -> dict[nn.Module, nn.Module]:
 
 
 def labelled_batches(context: Any, limit: int) -> list[tuple[Any, torch.Tensor]]:
-    pairs = []
-    if context.calibration_data is not None:
-        for item in context.calibration_data():
-            if is_labelled(item):
-                pairs.append((item[0], item[1]))
-            if len(pairs) >= limit:
-                break
+    pairs = [(inputs, labels) for inputs, labels in islice(context.require_labelled_data(
+        "torch-pruning's taylor criterion"), limit)]
     if not pairs:
-        raise TechniqueError(
-            "the taylor criterion needs a loss, and no labelled calibration data was given",
-            "make calibration_data(dataset_path) yield (inputs, labels) pairs, or choose criterion magnitude",
-        )
+        raise TechniqueError("labelled_data(dataset_path) yielded nothing", "make it yield (inputs, labels) pairs")
     return pairs
 
 
