@@ -32,7 +32,7 @@ def finished_trials(journal: Path, study: str) -> list:
     except KeyError:  # the worker has created the journal file but not the study yet
         return []
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return loaded.get_trials(deepcopy=False, states=states)
+    return [t for t in loaded.get_trials(deepcopy=False, states=states) if "skipped" not in t.user_attrs]
 
 
 def test_detect_family() -> None:

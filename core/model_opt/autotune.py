@@ -8,6 +8,7 @@ Workers on many machines can share one study through any Optuna storage URL.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -18,14 +19,15 @@ from typing import Any
 
 from .atomic import atomic_path, write_text_atomic
 from .context import TechniqueContext
-from .errors import AccuracyBudgetExceeded, ModelOptError, UsageError
+from .errors import AccuracyBudgetExceeded, ModelOptError, TechniqueError, UsageError
 from .hookspecs import KINDS
 from .job import Job, check_finite, output_lock, report_path
 from .measure import call_model, count_parameters, interleaved_ms, model_latency, state_dict_bytes
 from .plugins import PluginManager
-from .recommend import recommend
+from .recommend import detect_family, recommend
 from .registry import Technique
 from .report import dumps
+from .tuning_storage import expire_dead_trials, is_journal, lease, open_storage, redact, worker_id
 
 OBJECTIVES = ("latency", "size", "both")
 
@@ -79,11 +81,13 @@ class TuneResult:
 
 
 def searchable(manager: PluginManager, device: str, has_calibration: bool,
-               backends: Sequence[str] | None) -> dict[str, list[Technique]]:
-    """Techniques with a search space that can run here, by kind."""
+               backends: Sequence[str] | None, family: str | None = None) -> dict[str, list[Technique]]:
+    """Techniques with a search space that can run here and apply to the model's family, by kind."""
     by_kind: dict[str, list[Technique]] = {kind: [] for kind in KINDS}
     for technique in manager.registry.techniques.values():
         if technique.search_space is None or technique.missing_packages():
+            continue
+        if family and technique.families and family not in technique.families:
             continue
         if backends and technique.backend not in backends:
             continue
@@ -95,21 +99,52 @@ def searchable(manager: PluginManager, device: str, has_calibration: bool,
     return {kind: sorted(items, key=lambda t: t.name) for kind, items in by_kind.items() if items}
 
 
-def open_storage(storage: str | None, default_path: Path) -> tuple[Any, str]:
-    """An Optuna storage: a journal file by default (no server), or any Optuna URL; checked before trials."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+def default_study_name(model_path: Path, settings: dict[str, Any]) -> str:
+    """model-opt-<model>-<hash of the model's path and the settings>: a later run with other settings, or on
+    another model of the same name, starts its own study instead of resuming an unrelated one."""
+    import hashlib
 
-    if storage is None or "://" not in storage:
-        path = Path(storage) if storage else default_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
-        return optuna.storages.JournalStorage(backend), str(path)
-    try:
-        return optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True}), storage
-    except Exception as exc:
-        raise UsageError(f"cannot reach the storage {storage} ({str(exc).splitlines()[0][:160]})",
-                         "check the URL, the server and its credentials; no trial was run") from None
+    key = json.dumps({"model": str(model_path.resolve()), **settings}, sort_keys=True)
+    return f"model-opt-{model_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def check_settings(study: Any, settings: dict[str, Any]) -> None:
+    """A study's trials mean what its first run's settings made them mean: refuse other settings."""
+    recorded = study.user_attrs.get("settings")
+    if recorded is None:
+        study.set_user_attr("settings", settings)
+        return
+    differ = [k for k in settings if recorded.get(k) != settings[k]]
+    if differ:
+        key = differ[0]
+        raise UsageError(f"study {study.study_name!r} was run with {key} {recorded.get(key)!r}; this run asks for "
+                         f"{settings[key]!r}", "pass another --study name (or none, for one named after these "
+                         "settings)")
+
+
+def counted(study: Any) -> list[Any]:
+    """Finished trials that count against the budget (skipped proposals never ran)."""
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if "skipped" not in t.user_attrs]
+
+
+def skip_reason(study: Any, trial: Any, steps: list[dict[str, Any]]) -> str | None:
+    """Why a proposal is not run: no technique, a technique that failed structurally earlier in the study,
+    or a configuration the study has already measured."""
+    if not steps:
+        return "no technique chosen"
+    attrs = study.user_attrs
+    for step in steps:
+        name = f"{step['kind']}:{step['backend']}:{step['method']}"
+        if f"cannot_apply:{name}" in attrs:
+            return f"{name} cannot apply to this model ({attrs[f'cannot_apply:{name}'][:120]})"
+    for other in study.get_trials(deepcopy=False):
+        if other.number != trial.number and other.user_attrs.get("steps") == steps and \
+                "skipped" not in other.user_attrs and other.state.name in ("COMPLETE", "PRUNED", "RUNNING"):
+            return f"the same configuration as trial {other.number}"
+    return None
 
 
 def describe(steps: list[dict[str, Any]]) -> str:
@@ -162,12 +197,19 @@ def autotune(
                          "alone never speeds a model up)",
                          'pip install "model-opt[torch-pruning]" "model-opt[torchao]" "model-opt[fusion]" '
                          '(or "model-opt[all]")')
-    study_name = study or f"model-opt-{model_path.stem}"
+    settings = {"objective": objective, "max_accuracy_drop": max_accuracy_drop, "device": device,
+                "backends": sorted(backends or []), "higher_is_better": script.higher_is_better}
+    study_name = study or default_study_name(model_path, settings)
     original = job.load()
     example = job.example
     if example is None:
         raise UsageError("autotune needs an example input to time candidates",
                          "define example_input(dataset_path) in the test script or pass --input-shape")
+    family = detect_family(original)[0]
+    space = searchable(manager, device, script.has("calibration_data"), backends, family)
+    if not {t.backend for items in space.values() for t in items} - {"basic"}:
+        raise UsageError(f"no installed technique that the tuner searches applies to this {family} model",
+                         'see model-opt recommend for what fits it, and pip install "model-opt[all]"')
     optuna_storage, storage_label = open_storage(storage, out.with_name(f"{study_name}.journal"))
     sign = 1.0 if script.higher_is_better else -1.0
     say("measuring the baseline")
@@ -183,8 +225,19 @@ def autotune(
     directions = {"latency": ["minimize"], "size": ["minimize"], "both": ["minimize", "minimize"]}[objective]
     sampler = optuna.samplers.TPESampler(seed=None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    the_study = optuna.create_study(study_name=study_name, storage=optuna_storage, directions=directions,
-                                    sampler=sampler, load_if_exists=True)
+    try:
+        the_study = optuna.create_study(study_name=study_name, storage=optuna_storage, directions=directions,
+                                        sampler=sampler, load_if_exists=True)
+    except Exception as exc:  # a damaged journal, a study made by another tool with other directions, ...
+        what = f"{storage_label} is not an Optuna journal" if is_journal(optuna_storage) else \
+            f"study {study_name!r} cannot be opened in {storage_label}"
+        raise UsageError(f"{what} ({type(exc).__name__}: {redact(str(exc).strip().splitlines()[0][:120])})",
+                         "pass another --storage or --study") from None
+    check_settings(the_study, settings)
+    expired = expire_dead_trials(the_study)
+    if expired:
+        say(f"trials {', '.join(map(str, expired))} were left running by a worker that died: failed and queued "
+            "again")
     seed_recommendations(the_study, original, device, space, manager)
 
     def objective_fn(trial: Any) -> Any:
@@ -203,22 +256,28 @@ def autotune(
                           "options": options})
         trial.set_user_attr("steps", steps)
         trial.set_user_attr("description", describe(steps))
-        trial.set_user_attr("worker", os.getpid())
-        if not steps:
-            trial.set_user_attr("error", "no technique chosen")
-            raise optuna.TrialPruned("no technique chosen")
+        trial.set_user_attr("worker", worker_id())
+        skip = skip_reason(trial.study, trial, steps)
+        if skip:  # never run: it does not count against the budget
+            trial.set_user_attr("skipped", skip)
+            raise optuna.TrialPruned(skip)
         from .job import Step, apply
         from .job import plan as plan_steps
 
         try:
-            planned = plan_steps([Step(s["kind"], s["backend"], s["method"], s["options"]) for s in steps], manager)
-            candidate, _ = apply(copy.deepcopy(original), planned, context, manager)
-            candidate = candidate.eval()
-            metric = script.evaluate(candidate, dataset, device).value
-            latency = model_latency(candidate, example, device).median_ms
-            size = state_dict_bytes(candidate)
+            with lease(trial):
+                planned = plan_steps([Step(s["kind"], s["backend"], s["method"], s["options"]) for s in steps],
+                                     manager)
+                candidate, _ = apply(copy.deepcopy(original), planned, context, manager)
+                candidate = candidate.eval()
+                metric = script.evaluate(candidate, dataset, device).value
+                latency = model_latency(candidate, example, device).median_ms
+                size = state_dict_bytes(candidate)
         except ModelOptError as exc:
             trial.set_user_attr("error", str(exc))
+            failed = getattr(exc, "technique", None)
+            if isinstance(exc, TechniqueError) and failed:  # structural: drop it from the rest of the study
+                trial.study.set_user_attr(f"cannot_apply:{failed}", str(exc)[:300])
             raise optuna.TrialPruned(str(exc)) from None
         drop = sign * (baseline.metric - metric)
         speedup = baseline.latency_ms / latency
@@ -233,14 +292,18 @@ def autotune(
         return values[0] if len(values) == 1 else values
 
     started = time.time()
-    finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done_before = len(the_study.get_trials(deepcopy=False, states=finished_states))
+    done_before = len(counted(the_study))
     remaining = max(0, trials - done_before)
     if done_before:
         say(f"resuming study {study_name!r}: {done_before} finished trials kept")
 
     def report_progress(study_: Any, trial: Any) -> None:
-        finished = study_.get_trials(deepcopy=False, states=finished_states)
+        finished = counted(study_)
+        if len(finished) >= trials:
+            study_.stop()
+        if "skipped" in trial.user_attrs:
+            say(f"skipped a proposal: {trial.user_attrs['skipped']}")
+            return
         feasible = [t for t in finished if t.user_attrs.get("within_budget")]
         best = max((t.user_attrs["speedup"] for t in feasible), default=None)
         elapsed = time.time() - started
@@ -256,10 +319,9 @@ def autotune(
         say(f"[{len(finished)}/{trials}] trial {trial.number}: {attrs.get('description')} -> {result} | best "
             f"within budget: {best_text} | ~{left:.0f}s left")
 
-    if remaining:
-        the_study.optimize(objective_fn, n_trials=remaining, timeout=timeout, gc_after_trial=True,
-                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished_states),
-                                      report_progress])
+    if remaining:  # skipped proposals do not count; the cap stops a sampler that only repeats itself
+        the_study.optimize(objective_fn, n_trials=remaining * 4, timeout=timeout, gc_after_trial=True,
+                           callbacks=[report_progress])
     return finish(the_study, storage_label, baseline, objective, original, job, context, max_accuracy_drop)
 
 
@@ -310,10 +372,13 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
     rows = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
+        if "skipped" in attrs:
+            continue
         row = {"number": trial.number, "state": trial.state.name, "description": attrs.get("description", ""),
                "steps": attrs.get("steps", []), "worker": attrs.get("worker")}
         if trial.state == optuna.trial.TrialState.COMPLETE:
-            row.update({k: attrs[k] for k in ("metric", "drop", "speedup", "size_ratio", "within_budget")})
+            row.update({k: attrs[k] for k in ("metric", "drop", "speedup", "size_ratio")})
+            row["within_budget"] = attrs["drop"] <= budget + 1e-12  # this run's budget, also on a resumed study
         elif "error" in attrs:
             row["error"] = attrs["error"]
         rows.append(row)
@@ -357,12 +422,13 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
     with output_lock(out):
         job.save(model, records, {"autotune": {"study": study.study_name, "trial": best["number"],
                                                "storage": storage}})
-        result.plot = plot(measured, result.pareto, best, out.with_name(f"{out.stem}.pareto.png"))
+        result.plot = plot(measured, result.pareto, best, out.with_name(f"{out.stem}.pareto.png"), budget)
         write_text_atomic(report_path(out), dumps(result.to_dict()))
     return result
 
 
-def plot(measured: list[dict[str, Any]], front: list[dict[str, Any]], best: dict[str, Any], path: Path) -> str:
+def plot(measured: list[dict[str, Any]], front: list[dict[str, Any]], best: dict[str, Any], path: Path,
+         budget: float) -> str:
     """Metric drop against speed-up; marker area is the size ratio; the Pareto front is joined."""
     import matplotlib
 
@@ -377,6 +443,7 @@ def plot(measured: list[dict[str, Any]], front: list[dict[str, Any]], best: dict
     axes.plot([r["speedup"] for r in front], [r["drop"] for r in front], "k--", lw=1, label="Pareto front")
     axes.scatter([best["speedup"]], [best["drop"]], marker="*", s=300, c="gold", edgecolors="k", label="best")
     axes.axvline(1.0, color="grey", lw=0.8)
+    axes.axhline(budget, color="tab:red", lw=1, ls=":", label=f"budget ({budget:g})")
     axes.set_xlabel("speed-up over the original (x)")
     axes.set_ylabel("metric drop (metric units)")
     axes.set_title("model-opt autotune: marker area = size ratio")

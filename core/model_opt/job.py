@@ -105,14 +105,17 @@ def apply_step(model: Any, technique: Technique, options: dict[str, Any], contex
     started = time.perf_counter()
     try:
         result = manager.apply(technique, model, options, context)
-    except ModelOptError:
+    except ModelOptError as exc:
+        exc.technique = technique.name  # which step failed, for the tuner
         raise
     except Exception as exc:  # a backend's own error: one line, unless debugging
         if os.environ.get("MODEL_OPT_DEBUG"):
             raise
-        raise TechniqueError(f"{technique.backend} {technique.method} failed on this model "
-                             f"({type(exc).__name__}: {_first_line(exc)})",
-                             "the input is untouched; set MODEL_OPT_DEBUG=1 to see the traceback") from None
+        error = TechniqueError(f"{technique.backend} {technique.method} failed on this model "
+                               f"({type(exc).__name__}: {_first_line(exc)})",
+                               "the input is untouched; set MODEL_OPT_DEBUG=1 to see the traceback")
+        error.technique = technique.name
+        raise error from None
     record = StepRecord(technique.kind, technique.backend, technique.method, technique.plugin, options,
                         result.info, time.perf_counter() - started, state=result.state or {},
                         replayable=result.state is not None and manager.can_restore(technique),

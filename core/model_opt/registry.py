@@ -150,6 +150,9 @@ class Technique:
     extra: str = ""
     #: Chosen when the user names only the kind and this method (several backends may offer the method).
     default: bool = False
+    #: Architecture families it applies to (cnn, vit, hybrid, diffusion, transformer; see model-opt recommend);
+    #: empty: any. The tuner never proposes a technique for a model outside its families.
+    families: tuple[str, ...] = ()
     #: What the autotuner may try: option name -> candidate values ({} = defaults only; None = never tuned).
     search_space: dict[str, tuple[Any, ...]] | None = field(default=None, hash=False, compare=False)
 
@@ -218,6 +221,7 @@ class Technique:
             "speeds_up_compiled": list(self.speeds_up_compiled),
             "speed_note": self.speed_note,
             "default": self.default,
+            "families": list(self.families),
             "search_space": {k: list(v) for k, v in self.search_space.items()} if self.search_space is not None
             else None,
         }

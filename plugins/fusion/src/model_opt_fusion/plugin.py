@@ -19,6 +19,7 @@ CONV_BN_RELU = Technique(
     ),
     speeds_up=("cpu", "cuda"),
     search_space={},
+    families=("cnn", "hybrid"),
 )
 LINEAR_GELU = Technique(
     kind="fuse",
@@ -32,6 +33,7 @@ LINEAR_GELU = Technique(
     ),
     speeds_up=("cuda",),
     search_space={},
+    families=("vit", "hybrid", "transformer"),
     speed_note="on CPU the fused module computes the same ops (the addmm+GELU kernel was measured no faster); "
     "torch.compile fuses them",
 )

@@ -16,7 +16,7 @@ TECHNIQUES = (
         options=(Option("calibration_batches", int, 10, "calibration batches to run", minimum=1),
                  Option("act_sym", bool, False, "symmetric activations (default asymmetric uint8)")),
         needs=("example_input", "calibration_data"), requires=REQUIRES, speeds_up=(), speeds_up_compiled=("cpu",),
-        search_space={},
+        search_space={}, families=("cnn", "vit", "hybrid", "transformer"),
         speed_note="INC int8 graphs are fast only under torch.compile with freezing (--compile)",
     ),
     Technique(

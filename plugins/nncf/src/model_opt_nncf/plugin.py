@@ -28,6 +28,7 @@ INT8_STATIC = Technique(
     requires=("nncf", "openvino"),
     search_space={},
     default=True,
+    families=("cnn", "vit", "hybrid", "transformer"),
     speeds_up=("cpu",),
     speed_note="the OpenVINO runtime runs on the CPU here",
 )
@@ -54,7 +55,7 @@ PRUNE_MAGNITUDE = Technique(
     requires=("nncf",),
     speeds_up=(),
     speed_note=_SPARSE_NOTE,
-    search_space={"amount": (0.3, 0.5, 0.7)},
+    families=("cnn", "vit", "hybrid", "transformer"),
 )
 PRUNE_REGULARIZATION = Technique(
     kind="prune",

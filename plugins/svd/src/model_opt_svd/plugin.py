@@ -24,6 +24,7 @@ SVD = Technique(
     ),
     speeds_up=("cpu", "cuda"),
     search_space={"rank_ratio": (0.25, 0.5)},
+    families=("cnn", "vit", "hybrid", "transformer"),
     speed_note="a layer speeds up only where the rank is well below the break-even point",
 )
 

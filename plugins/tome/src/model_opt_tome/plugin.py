@@ -20,6 +20,7 @@ TOKEN_MERGING = Technique(
     ),
     requires=("timm",),
     search_space={"r": (4, 8, 16)},
+    families=("vit",),
     speeds_up=("cpu", "cuda"),
 )
 

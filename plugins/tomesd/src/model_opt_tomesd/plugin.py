@@ -25,6 +25,7 @@ TOKEN_MERGING = Technique(
     ),
     requires=("tomesd", "diffusers"),
     search_space={"ratio": (0.3, 0.5)},
+    families=("diffusion",),
     speeds_up=("cpu", "cuda"),
 )
 

@@ -30,6 +30,7 @@ STRUCTURED = Technique(
     needs=("example_input",),
     requires=("torch_pruning",),
     search_space={"amount": (0.1, 0.2, 0.3, 0.4, 0.5)},
+    families=("cnn", "vit", "hybrid", "transformer"),
     speeds_up=("cpu", "cuda"),
 )
 

@@ -20,7 +20,7 @@ def _technique(method: str, summary: str, *, options: tuple = (), needs: tuple =
                compiled: tuple = ("cpu", "cuda"), note: str = CPU_NOTE, search: dict | None = None) -> Technique:
     return Technique(kind="quantize", backend="torchao", method=method, summary=summary, options=COMMON + options,
                      needs=needs, requires=("torchao",), speeds_up=speeds_up, speeds_up_compiled=compiled,
-                     speed_note=note, search_space=search)
+                     speed_note=note, search_space=search, families=("vit", "hybrid", "transformer", "diffusion"))
 
 
 TECHNIQUES = (
