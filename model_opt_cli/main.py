@@ -22,6 +22,39 @@ app = typer.Typer(
 )
 
 
+def log_path_for(model: Path, output: Path | None) -> Path:
+    """Where backend messages of a run go: beside its output, under the output's name."""
+    from model_opt.job import default_output
+
+    out = output or default_output(model)
+    if out.is_dir():
+        out = out / default_output(model).name
+    return out.with_name(f"{out.stem}.log")
+
+
+@contextlib.contextmanager
+def console(log_path: Path, quiet: bool, verbose: bool) -> Any:
+    """Yield the progress callback; backend warnings, logs and progress bars go to ``log_path`` (said at
+    the end) unless --verbose; --quiet silences model-opt's own progress too."""
+    from model_opt.backend_output import backend_output
+
+    terminal: list[Any] = [sys.stderr]
+
+    def progress(message: str) -> None:
+        if not quiet:
+            print(f"model-opt: {message}", file=terminal[0], flush=True)
+
+    if verbose:
+        with contextlib.redirect_stdout(sys.stderr):  # backends may print; the report alone goes to stdout
+            yield progress
+        return
+    existed = log_path.exists()
+    with backend_output(log_path, terminal):
+        yield progress
+    if log_path.exists() and (not existed or log_path.stat().st_size):
+        progress(f"backend messages (warnings, logs, progress bars): {log_path}")
+
+
 def fail(err: ModelOptError) -> typer.Exit:
     typer.echo(f"Error: {err}", err=True)
     return typer.Exit(err.exit_code)
@@ -151,20 +184,18 @@ def optimize(
                                                                     "(runs code from the file).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show backends' own warnings, logs and "
+                                                                  "progress bars (else: a .log beside the "
+                                                                  "output).")] = False,
 ) -> None:
     """Apply techniques (in the order prune, decompose, fuse, quantize) and report before/after."""
     from model_opt.pipeline import optimize as run
-
-    def progress(message: str) -> None:
-        if not quiet:
-            typer.echo(f"model-opt: {message}", err=True)
 
     try:
         steps = build_steps(prune, prune_backend, prune_type, prune_amount, prune_criterion, prune_opt,
                             quantize, quant_backend, quant_method, quant_opt, fuse, fuse_backend, fuse_types,
                             fuse_opt, decompose, decompose_backend, decompose_method, rank_ratio, decompose_opt)
-        # Backends and test scripts may print; the report alone goes to stdout.
-        with contextlib.redirect_stdout(sys.stderr):
+        with console(log_path_for(model, output), quiet, verbose) as progress:
             report = run(model, test_script=test_script, dataset=test_dataset, steps=steps, output=output,
                          device=device, max_accuracy_drop=max_accuracy_drop, trust_model=trust_model,
                          input_shape=parse_shape(input_shape), finetune_steps=finetune_steps, export=export,
@@ -229,31 +260,62 @@ def techniques(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
 @app.command()
 def demo(
     folder: Annotated[Path, typer.Option(help="Where to write the example.")] = Path("model-opt-demo"),
-    prune_amount: Annotated[float, typer.Option(help="Unstructured pruning amount.")] = 0.5,
     epochs: Annotated[int, typer.Option(help="Training epochs for the example model.")] = 12,
 ) -> None:
-    """Train the shipped digits example and run `optimize` on it, printing the report."""
+    """Train the shipped digits example, recommend techniques for it, and apply the first recommended one
+    that is installed and speeds the model up on this CPU, printing the before/after report."""
     from model_opt.examples.digits import check_demo_folder, prepare
     from model_opt.pipeline import Step
     from model_opt.pipeline import optimize as run
+    from model_opt.plugins import get_plugin_manager
 
+    say = lambda message: typer.echo(f"model-opt: {message}", err=True)  # noqa: E731
     try:
         check_demo_folder(folder)
-    except ModelOptError as err:
-        raise fail(err) from None
-    typer.echo(f"model-opt: training the digits example in {folder}", err=True)
-    example = prepare(folder, epochs=epochs)
-    command = (f"model-opt optimize {example.model} --test-dataset {example.dataset} --test-script "
-               f"{example.script} --prune --prune-backend basic --prune-amount {prune_amount} "
-               "--prune-criterion l1")
-    typer.echo(f"model-opt: running: {command}", err=True)
-    try:
-        report = run(example.model, test_script=example.script, dataset=example.dataset,
-                     steps=[Step("prune", "basic", "unstructured", {"amount": prune_amount, "criterion": "l1"})],
-                     progress=lambda m: typer.echo(f"model-opt: {m}", err=True))
+        say(f"training the digits example in {folder}")
+        example = prepare(folder, epochs=epochs)
+        plan = print_recommendation(example.model, example.script, str(example.dataset), "cpu", False)
+        registry = get_plugin_manager().registry.techniques
+        chosen = next((item for item in plan if item.available and "cpu" in registry[
+            (item.kind, item.backend, item.method)].speeds_up), None)
+        if chosen is None:  # only the core is installed: its pruner, which the report says is not faster
+            step, flags = Step("prune", "basic", "unstructured", {"amount": 0.5}), "--prune --prune-amount 0.5"
+        else:
+            step, flags = Step(chosen.kind, chosen.backend, chosen.method, dict(chosen.options)), chosen.flags()
+        say(f"running: model-opt optimize {example.model} --test-dataset {example.dataset} --test-script "
+            f"{example.script} {flags}")
+        with console(log_path_for(example.model, None), False, False) as progress:
+            report = run(example.model, test_script=example.script, dataset=example.dataset, steps=[step],
+                         progress=progress)
     except ModelOptError as err:
         raise fail(err) from None
     typer.echo(report.render())
+
+
+def print_recommendation(model: Path, test_script: Path | None, test_dataset: str, device: str,
+                         trust_model: bool) -> list[Any]:
+    """Print the model's family and the plan for it (with the command for each line); return the plan."""
+    from model_opt import modelio
+    from model_opt.recommend import recommend
+    from model_opt.testscript import TestScript
+
+    script = TestScript(test_script) if test_script else None
+    loader = (lambda p: script.call("load_model", p)) if script and script.has("load_model") else None
+    loaded = modelio.load(model, trust_model=trust_model, loader=loader,
+                          search_paths=[script.folder] if script else [])
+    family, evidence, plan = recommend(loaded, device)
+    typer.echo(f"{model}: {family} ({evidence})")
+    script_arg = test_script or "eval.py"
+    for item in plan:
+        if item.available:
+            typer.echo(f"- {item.kind} {item.backend}:{item.method}: {item.why}")
+            typer.echo(f"    model-opt optimize {model} --test-dataset {test_dataset} --test-script {script_arg} "
+                       f"{item.flags()}")
+        else:
+            typer.echo(f"- {item.kind} {item.backend}:{item.method}: {item.why} [{item.missing}]")
+    typer.echo(f"Search them together, within an accuracy budget: model-opt autotune {model} --test-dataset "
+               f"{test_dataset} --test-script {script_arg} --max-accuracy-drop 0.01")
+    return plan
 
 
 @app.command("recommend")
@@ -267,29 +329,10 @@ def recommend_command(
     trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")] = False,
 ) -> None:
     """Detect the architecture family and print the techniques that fit it, with the command for each."""
-    from model_opt import modelio
-    from model_opt.recommend import recommend
-    from model_opt.testscript import TestScript
-
     try:
-        script = TestScript(test_script) if test_script else None
-        loader = (lambda p: script.call("load_model", p)) if script and script.has("load_model") else None
-        loaded = modelio.load(model, trust_model=trust_model, loader=loader,
-                              search_paths=[script.folder] if script else [])
-        family, evidence, plan = recommend(loaded, device)
+        print_recommendation(model, test_script, test_dataset, device, trust_model)
     except ModelOptError as err:
         raise fail(err) from None
-    typer.echo(f"{model}: {family} ({evidence})")
-    script_arg = test_script or "eval.py"
-    for item in plan:
-        if item.available:
-            typer.echo(f"- {item.kind} {item.backend}:{item.method}: {item.why}")
-            typer.echo(f"    model-opt optimize {model} --test-dataset {test_dataset} --test-script {script_arg} "
-                       f"{item.flags()}")
-        else:
-            typer.echo(f"- {item.kind} {item.backend}:{item.method}: {item.why} [{item.missing}]")
-    typer.echo(f"Search them together, within an accuracy budget: model-opt autotune {model} --test-dataset "
-               f"{test_dataset} --test-script {script_arg} --max-accuracy-drop 0.01")
 
 
 @app.command("autotune")
@@ -312,6 +355,7 @@ def autotune_command(
     trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show backends' own output.")] = False,
 ) -> None:
     """Search combinations of the installed techniques within an accuracy budget (Optuna)."""
     try:
@@ -321,12 +365,8 @@ def autotune_command(
             from None
     from model_opt.autotune import autotune
 
-    def progress(message: str) -> None:
-        if not quiet:
-            typer.echo(f"model-opt: {message}", err=True)
-
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with console(log_path_for(model, output), quiet, verbose) as progress:
             result = autotune(model, test_script=test_script, dataset=test_dataset,
                               max_accuracy_drop=max_accuracy_drop, trials=trials, timeout=timeout,
                               objective=objective, study=study, storage=storage, output=output, device=device,

@@ -255,3 +255,20 @@ def test_a_backend_crash_is_one_line_and_writes_nothing(digits, tmp_path: Path, 
     assert str(err.value) == ("crashing boom failed on this model (RuntimeError: kernel not found for this dtype); "
                               "the input is untouched; set MODEL_OPT_DEBUG=1 to see the traceback")
     assert os.listdir(tmp_path) == []
+
+
+def test_backend_chatter_goes_to_a_log_beside_the_output(cli, digits, tmp_path: Path) -> None:
+    out = tmp_path / "q.pt"
+    quant = ["--quantize", "--quant-backend", "nncf", "--quant-method", "int8_static", "--output", str(out)]
+    result = cli(*args(digits, *quant))
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("model-opt: ") for line in lines), lines  # only our own progress
+    log = tmp_path / "q.log"
+    assert f"model-opt: backend messages (warnings, logs, progress bars): {log}" in lines
+    text = log.read_text()
+    assert "FutureWarning" in text or "nncf" in text.lower()
+    verbose = cli(*args(digits, *quant[:-1], str(tmp_path / "v.pt"), "--verbose"))
+    assert verbose.exit_code == 0
+    assert any(not line.startswith("model-opt: ") for line in verbose.stderr.strip().splitlines())
+    assert not (tmp_path / "v.log").exists()

@@ -29,7 +29,7 @@ from .report import StepRecord
 from .testscript import TestScript
 
 #: Suffixes of the files model-opt writes beside an artifact, or reads as other formats.
-RESERVED_SUFFIXES = (".py", ".json", ".pt2", ".xml", ".bin", ".journal", ".png")
+RESERVED_SUFFIXES = (".py", ".json", ".pt2", ".xml", ".bin", ".journal", ".png", ".log")
 #: The most elements a random --input-shape may have (about 1 GiB of float32).
 MAX_INPUT_ELEMENTS = 2**28
 

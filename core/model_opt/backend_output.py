@@ -1,0 +1,53 @@
+"""Keep backends' chatter (warnings, log lines, progress bars, prints) out of the user's terminal: while a
+run works, it goes to a log file beside the output, and model-opt's own progress lines still reach the
+terminal."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+
+@contextlib.contextmanager
+def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
+    """Send sys.stdout/sys.stderr, Python warnings and every logging stream handler to ``log_path``
+    (written only when the run succeeds and something was logged). ``terminal[0]`` is set to the real
+    stderr, for progress."""
+    succeeded = False
+    terminal[:] = [sys.stderr]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{log_path.name}.", dir=log_path.parent)
+    handle = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+    moved: dict[int, tuple[logging.StreamHandler, TextIO]] = {}  # a handler may serve several loggers
+    loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                    and id(handler) not in moved:
+                moved[id(handler)] = (handler, handler.stream)
+                handler.setStream(handle)
+    fallback = logging.lastResort
+    logging.lastResort = logging.StreamHandler(handle)
+    try:
+        with contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            yield
+        succeeded = True
+    finally:
+        for handler, stream in moved.values():
+            handler.setStream(stream)
+        logging.lastResort = fallback
+        handle.close()
+        tmp = Path(tmp_name)
+        if succeeded and tmp.stat().st_size:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, log_path)
+        else:
+            tmp.unlink()
