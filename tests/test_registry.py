@@ -56,8 +56,12 @@ def test_find_suggests_closest_backend_and_method() -> None:
 
 
 def test_known_backend_not_installed_names_the_extra() -> None:
+    """The core knows first-party backends only as model-opt's extras (its distribution metadata), not
+    which plugin offers which method."""
     registry = Registry()
-    with pytest.raises(BackendNotInstalled, match=r'pip install "model-opt\[torchao\]"'):
+    with pytest.raises(UsageError, match=r"unknown quantize method 'int8_dynamic'; choose one of: none installed; "
+                                         r"more methods come with plugins not installed here \(.*torchao\): pip "
+                                         r'install "model-opt\[all\]"'):
         registry.find("quantize", None, "int8_dynamic")
     with pytest.raises(BackendNotInstalled, match=r'pip install "model-opt\[nncf\]"'):
         registry.find("quantize", "nncf")
@@ -103,4 +107,33 @@ def test_plugin_with_missing_package_is_unavailable_with_hint() -> None:
     record = manager.register(_plugin("ghost", make("ghost", "m", requires=("no_such_package_xyz",))), "ghost")
     assert record.status == "unavailable"
     assert record.reason == "missing package: no_such_package_xyz"
-    assert record.hint == 'pip install "model-opt[ghost]"'
+    assert record.hint == 'pip install "ghost"'  # not a model-opt extra: its own distribution
+
+
+def test_a_third_party_technique_can_be_the_default_for_a_method_and_be_recommended() -> None:
+    """Everything a first-party backend declares, a third party can: the default for a method name, and
+    its place in the recommendation for a family."""
+    import torch
+    from helpers import plugin_module
+    from model_opt.hookspecs import hookimpl
+    from model_opt.plugins import PluginManager
+    from model_opt.recommend import recommend
+    from model_opt.registry import Recommended, Technique
+
+    @hookimpl
+    def register_techniques(register):
+        register(Technique("quantize", "acme", "fast8", "acme int8", default=True, families=("transformer",),
+                           recommended=(Recommended("transformer", "acme's kernels", {"level": 2}, rank=1),)))
+
+    @hookimpl
+    def register_other(register):
+        register(Technique("quantize", "other", "fast8", "another int8"))
+
+    manager = PluginManager(load_entry_points=False)
+    manager.register(plugin_module("acme", register_techniques=register_techniques), "acme")
+    manager.register(plugin_module("other", register_techniques=register_other), "other")
+    assert manager.registry.find("quantize", None, "fast8").backend == "acme"
+    family, _, plan = recommend(torch.nn.Sequential(torch.nn.Linear(4, 4)), "cpu", manager)
+    assert family == "transformer"
+    assert (plan[0].backend, plan[0].method, plan[0].why, plan[0].options) == ("acme", "fast8", "acme's kernels",
+                                                                               {"level": 2})

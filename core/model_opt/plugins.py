@@ -13,7 +13,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import ModelOptError, TechniqueError
-from .registry import KNOWN_BACKENDS, Registry, Technique, install_hint
+from .registry import Registry, Technique, extras, install_hint
 from .result import TechniqueResult
 
 #: Plugins that ship inside the core, registered through the same hooks as any other.
@@ -99,7 +99,7 @@ class PluginManager:
             except BaseException as exc:  # each entry point on its own (sys.exit() included): it breaks nothing else
                 record.status = "broken"
                 record.reason = f"import failed: {type(exc).__name__}: {exc}".splitlines()[0]
-                record.hint = _hint_for(ep.name)
+                record.hint = install_hint(ep.name) if ep.name in extras() else ""
                 self.records[ep.name] = record
                 continue
             self._add(ep.name, plugin, record)
@@ -124,7 +124,7 @@ class PluginManager:
         def register(technique: Technique) -> None:
             if not isinstance(technique, Technique):
                 raise TypeError("register() takes a model_opt.registry.Technique")
-            extra = technique.extra or (name if name in KNOWN_BACKENDS else technique.backend)
+            extra = technique.extra or (name if name in extras() else record.distribution or name)
             found.append(_replace(technique, plugin=name, extra=extra))
 
         try:
@@ -271,10 +271,6 @@ def _version(dist: str) -> str | None:
         return version(dist)
     except PackageNotFoundError:
         return None
-
-
-def _hint_for(name: str) -> str:
-    return install_hint(name) if name in KNOWN_BACKENDS else ""
 
 
 _MANAGER: PluginManager | None = None

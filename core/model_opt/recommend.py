@@ -1,4 +1,7 @@
-"""Detect a model's architecture family and recommend techniques for it, filtered by what is installed."""
+"""Detect a model's architecture family and recommend techniques for it.
+
+The plan comes from the installed plugins' own declarations (``Technique.recommended``: family, why,
+options, rank); the core names no backend."""
 
 from __future__ import annotations
 
@@ -52,48 +55,6 @@ def detect_family(model: Any) -> tuple[str, str]:
     return "transformer", f"{linears} Linear layers" + (f" and {attention} attention modules" if attention else "")
 
 
-PLANS: dict[str, list[Recommendation]] = {
-    "cnn": [
-        Recommendation("quantize", "nncf", "int8_static", why="int8 for CNNs is fast on CPU through OpenVINO"),
-        Recommendation("prune", "torch-pruning", "structured", {"amount": 0.3},
-                       why="removing 30-50% of channels cuts FLOPs and latency for real"),
-        Recommendation("fuse", "fusion", "conv_bn_relu", why="folding BatchNorm removes a pass over every "
-                       "activation, exactly"),
-        Recommendation("decompose", "svd", "svd", {"rank_ratio": 0.5}, why="low-rank factors for large layers"),
-    ],
-    "vit": [
-        Recommendation("quantize", "torchao", "int8_weight_only", why="int8 weights halve the memory traffic of "
-                       "Linear-heavy blocks (fast under --compile on CPU)"),
-        Recommendation("prune", "tome", "token_merging", {"r": 16}, why="merging 16 tokens per block is about "
-                       "2x faster at a small accuracy cost (ToMe)"),
-        Recommendation("decompose", "svd", "svd", {"rank_ratio": 0.5, "include": ["blocks"]},
-                       why="SVD on the attention and MLP projections"),
-    ],
-    "hybrid": [
-        Recommendation("quantize", "torchao", "int8_dynamic", why="int8 activations and weights for the Linear "
-                       "layers"),
-        Recommendation("prune", "torch-pruning", "structured", {"amount": 0.3}, why="structured pruning of the "
-                       "convolutional parts"),
-        Recommendation("fuse", "fusion", "conv_bn_relu", why="fold BatchNorm in the conv stem"),
-    ],
-    "diffusion": [
-        Recommendation("quantize", "torchao", "int8_weight_only", why="int8 weights shrink the UNet"),
-        Recommendation("prune", "tomesd", "token_merging", {"ratio": 0.5}, why="ToMeSD merges redundant tokens in "
-                       "the high-resolution attention"),
-    ],
-    "transformer": [
-        Recommendation("quantize", "nncf", "int8_static", why="int8 through OpenVINO with NNCF's transformer rules "
-                       "(MiniLM here: 2.7x, fidelity 0.996)"),
-        Recommendation("quantize", "torchao", "int8_dynamic", why="int8 GEMMs for Linear-heavy models (fast under "
-                       "--compile on CPUs with VNNI/AMX)"),
-        Recommendation("prune", "torch-pruning", "structured", {"amount": 0.3}, why="whole attention heads and FFN "
-                       "width, with recovery fine-tuning (train())"),
-        Recommendation("decompose", "svd", "svd", {"rank_ratio": 0.5}, why="low-rank factors for wide Linear "
-                       "layers"),
-    ],
-}
-
-
 def recommend(model: Any, device: str = "cpu",
               manager: PluginManager | None = None) -> tuple[str, str, list[Recommendation]]:
     """The family, the evidence, and the plan with each line marked available or not (and why not)."""
@@ -101,15 +62,15 @@ def recommend(model: Any, device: str = "cpu",
 
     manager = manager or get_plugin_manager()
     family, evidence = detect_family(model)
+    declared = sorted(((r.rank, t, r) for t in manager.registry.techniques.values() for r in t.recommended
+                       if r.family == family), key=lambda x: (x[0], x[1].name))
     plan = []
-    for item in PLANS[family]:
-        item = copy.deepcopy(item)
-        technique = manager.registry.techniques.get((item.kind, item.backend, item.method))
-        if technique is None:
-            item.available, item.missing = False, f"not installed: {install_hint(item.backend)}"
-        elif technique.missing_packages():
+    for _, technique, recommended in declared:
+        item = Recommendation(technique.kind, technique.backend, technique.method,
+                              copy.deepcopy(recommended.options), recommended.why)
+        if technique.missing_packages():
             item.available, item.missing = False, f"missing {', '.join(technique.missing_packages())}: " \
-                f"{install_hint(item.backend)}"
+                f"{install_hint(technique.extra or item.backend)}"
         elif "cuda" in technique.needs and not device.startswith("cuda"):
             item.available, item.missing = False, "needs a CUDA GPU"
         plan.append(item)

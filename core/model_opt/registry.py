@@ -12,39 +12,30 @@ from typing import Any
 from .errors import BackendNotInstalled, UsageError
 from .hookspecs import KINDS
 
-#: First-party extras, so that a missing backend's error can say what to install.
-#: This is only a hint table: nothing is dispatched through it.
-KNOWN_BACKENDS: dict[str, str] = {
-    "torchao": "torchao",
-    "nncf": "nncf",
-    "neural-compressor": "neural-compressor",
-    "torch-pruning": "torch-pruning",
-    "tome": "tome",
-    "tomesd": "tomesd",
-    "svd": "svd",
-    "fusion": "fusion",
-}
-#: Which first-party backend provides a method, when the user names only the method.
-KNOWN_METHODS: dict[tuple[str, str], str] = {
-    ("quantize", "int8_weight_only"): "torchao",
-    ("quantize", "int8_dynamic"): "torchao",
-    ("quantize", "int4_weight_only"): "torchao",
-    ("quantize", "float8_dynamic"): "torchao",
-    ("quantize", "autoquant"): "torchao",
-    ("quantize", "int8_static"): "nncf",
-    ("quantize", "weight_only"): "neural-compressor",
-    ("quantize", "autotune"): "neural-compressor",
-    ("prune", "structured"): "torch-pruning",
-    ("prune", "token_merging"): "tome",
-    ("fuse", "conv_bn_relu"): "fusion",
-    ("fuse", "linear_gelu"): "fusion",
-    ("decompose", "svd"): "svd",
-}
+
+def extras() -> set[str]:
+    """The extras the model-opt distribution declares (first-party plugins), read from its metadata."""
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        return set(metadata("model-opt").get_all("Provides-Extra") or [])
+    except PackageNotFoundError:
+        return set()
 
 
-def install_hint(backend: str) -> str:
-    extra = KNOWN_BACKENDS.get(backend, backend)
-    return f'pip install "model-opt[{extra}]"'
+def install_hint(name: str) -> str:
+    """How to install ``name``: an extra of model-opt (first-party plugins), else a distribution's name."""
+    return f'pip install "model-opt[{name}]"' if name in extras() else f'pip install "{name}"'
+
+
+@dataclass(frozen=True)
+class Recommended:
+    """A technique's own recommendation for an architecture family: why, with which options, how early."""
+
+    family: str
+    why: str
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    rank: int = 50  # lower comes first in the plan
 
 
 def closest(name: str, choices: Iterable[str]) -> str:
@@ -147,12 +138,15 @@ class Technique:
     speeds_up_compiled: tuple[str, ...] = ()
     speed_note: str = ""
     plugin: str = ""
+    #: What to install for it: a model-opt extra, or the plugin's own distribution (filled in by the core).
     extra: str = ""
     #: Chosen when the user names only the kind and this method (several backends may offer the method).
     default: bool = False
     #: Architecture families it applies to (cnn, vit, hybrid, diffusion, transformer; see model-opt recommend);
     #: empty: any. The tuner never proposes a technique for a model outside its families.
     families: tuple[str, ...] = ()
+    #: Where ``model-opt recommend`` (and the tuner's first trials) suggest it, and why.
+    recommended: tuple[Recommended, ...] = field(default=(), hash=False, compare=False)
     #: What the autotuner may try: option name -> candidate values ({} = defaults only; None = never tuned).
     search_space: dict[str, tuple[Any, ...]] | None = field(default=None, hash=False, compare=False)
 
@@ -192,7 +186,7 @@ class Technique:
         if missing:
             raise BackendNotInstalled(
                 f"{self.backend} {self.method} needs the package {', '.join(missing)}, which is not installed",
-                f'pip install "model-opt[{self.extra or KNOWN_BACKENDS.get(self.backend, self.backend)}]"',
+                install_hint(self.extra or self.backend),
             )
 
     def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -265,7 +259,7 @@ class Registry:
                     raise UsageError(f"backend {backend!r} offers no {kind} technique",
                                      f"it offers {', '.join(offered)}; for {kind}, choose one of: "
                                      f"{', '.join(sorted({t.backend for t in candidates})) or 'none installed'}")
-                if backend in KNOWN_BACKENDS:
+                if backend in extras():
                     raise BackendNotInstalled(
                         f"the {kind} backend {backend!r} is not installed", install_hint(backend))
                 raise choose_one_of(f"{kind} backend", backend, (t.backend for t in candidates))
@@ -273,14 +267,14 @@ class Registry:
         if method is not None:
             by_method = [t for t in candidates if t.method == method]
             if not by_method:
-                known = KNOWN_METHODS.get((kind, method))
-                if known and backend in (None, known):
-                    raise BackendNotInstalled(
-                        f"the {kind} method {method!r} is provided by the {known} plugin, which is not installed",
-                        install_hint(known),
-                    )
                 where = f" of backend {backend!r}" if backend else ""
-                raise choose_one_of(f"{kind} method{where}", method, (t.method for t in candidates))
+                error = choose_one_of(f"{kind} method{where}", method, (t.method for t in candidates))
+                missing = sorted(extras() - {t.plugin for t in self.techniques.values()} - {"all", "autotune",
+                                                                                          "postgres", "transformers"})
+                if missing and backend is None:  # the method may come with a plugin that is not installed
+                    error = UsageError(error.problem, f"{error.fix}; more methods come with plugins not installed "
+                                       f"here ({', '.join(missing)}): pip install \"model-opt[all]\"")
+                raise error
             candidates = by_method
         if not candidates:
             raise BackendNotInstalled(f"no installed plugin provides a {kind} technique",

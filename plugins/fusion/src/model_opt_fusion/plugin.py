@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from model_opt.hookspecs import hookimpl
-from model_opt.registry import Option, Technique
+from model_opt.registry import Option, Recommended, Technique
 
 CONV_BN_RELU = Technique(
     kind="fuse",
@@ -20,6 +20,8 @@ CONV_BN_RELU = Technique(
     speeds_up=("cpu", "cuda"),
     search_space={},
     families=("cnn", "hybrid"),
+    recommended=(Recommended("cnn", "folding BatchNorm removes a pass over every activation, exactly", rank=30),
+                 Recommended("hybrid", "fold BatchNorm in the conv stem", rank=30)),
 )
 LINEAR_GELU = Technique(
     kind="fuse",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from model_opt.hookspecs import hookimpl
-from model_opt.registry import Option, Technique
+from model_opt.registry import Option, Recommended, Technique
 
 INT8_STATIC = Technique(
     kind="quantize",
@@ -29,6 +29,9 @@ INT8_STATIC = Technique(
     search_space={},
     default=True,
     families=("cnn", "vit", "hybrid", "transformer"),
+    recommended=(Recommended("cnn", "int8 for CNNs is fast on CPU through OpenVINO", rank=10),
+                 Recommended("transformer", "int8 through OpenVINO with NNCF's transformer rules (MiniLM here: 3.4x, "
+                             "fidelity 0.996)", rank=10)),
     speeds_up=("cpu",),
     speed_note="the OpenVINO runtime runs on the CPU here",
 )

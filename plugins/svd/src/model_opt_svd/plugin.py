@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from model_opt.hookspecs import hookimpl
-from model_opt.registry import Option, Technique
+from model_opt.registry import Option, Recommended, Technique
 
 _UNIT = {"minimum": 0.0, "maximum": 1.0, "exclusive_minimum": True}
 
@@ -25,6 +25,12 @@ SVD = Technique(
     speeds_up=("cpu", "cuda"),
     search_space={"rank_ratio": (0.25, 0.5)},
     families=("cnn", "vit", "hybrid", "transformer"),
+    recommended=(
+        Recommended("cnn", "low-rank factors for large layers", {"rank_ratio": 0.5}, rank=40),
+        Recommended("vit", "SVD on the attention and MLP projections", {"rank_ratio": 0.5, "include": ["blocks"]},
+                    rank=40),
+        Recommended("transformer", "low-rank factors for wide Linear layers", {"rank_ratio": 0.5}, rank=40),
+    ),
     speed_note="a layer speeds up only where the rank is well below the break-even point",
 )
 

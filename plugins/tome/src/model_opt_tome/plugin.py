@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from model_opt.hookspecs import hookimpl
-from model_opt.registry import Option, Technique
+from model_opt.registry import Option, Recommended, Technique
 from model_opt.result import TechniqueResult
 
 TOKEN_MERGING = Technique(
@@ -21,6 +21,8 @@ TOKEN_MERGING = Technique(
     requires=("timm",),
     search_space={"r": (4, 8, 16)},
     families=("vit",),
+    recommended=(Recommended("vit", "merging 16 tokens per block is about 2x faster at a small accuracy cost (ToMe)",
+                             {"r": 16}, rank=20),),
     speeds_up=("cpu", "cuda"),
 )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from model_opt.hookspecs import hookimpl
-from model_opt.registry import Option, Technique
+from model_opt.registry import Option, Recommended, Technique
 
 TOKEN_MERGING = Technique(
     kind="prune",
@@ -26,6 +26,8 @@ TOKEN_MERGING = Technique(
     requires=("tomesd", "diffusers"),
     search_space={"ratio": (0.3, 0.5)},
     families=("diffusion",),
+    recommended=(Recommended("diffusion", "ToMeSD merges redundant tokens in the high-resolution attention",
+                             {"ratio": 0.5}, rank=20),),
     speeds_up=("cpu", "cuda"),
 )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from model_opt.hookspecs import hookimpl
-from model_opt.registry import Option, Technique
+from model_opt.registry import Option, Recommended, Technique
 
 COMMON = (
     Option("skip_head", bool, True, "leave the classifier head in float"),
@@ -17,16 +17,24 @@ CPU_NOTE = ("torchao int8 runs slower than float in eager mode on CPU; under tor
 
 
 def _technique(method: str, summary: str, *, options: tuple = (), needs: tuple = (), speeds_up: tuple = ("cuda",),
-               compiled: tuple = ("cpu", "cuda"), note: str = CPU_NOTE, search: dict | None = None) -> Technique:
+               compiled: tuple = ("cpu", "cuda"), note: str = CPU_NOTE, search: dict | None = None,
+               recommended: tuple[Recommended, ...] = ()) -> Technique:
     return Technique(kind="quantize", backend="torchao", method=method, summary=summary, options=COMMON + options,
                      needs=needs, requires=("torchao",), speeds_up=speeds_up, speeds_up_compiled=compiled,
-                     speed_note=note, search_space=search, families=("vit", "hybrid", "transformer", "diffusion"))
+                     speed_note=note, search_space=search, families=("vit", "hybrid", "transformer", "diffusion"),
+                     recommended=recommended)
 
 
 TECHNIQUES = (
-    _technique("int8_weight_only", "int8 weights, float activations (torchao Int8WeightOnlyConfig).", search={}),
+    _technique("int8_weight_only", "int8 weights, float activations (torchao Int8WeightOnlyConfig).", search={},
+               recommended=(Recommended("vit", "int8 weights halve the memory traffic of Linear-heavy blocks (fast "
+                                        "under --compile on CPU)", rank=10),
+                            Recommended("diffusion", "int8 weights shrink the UNet", rank=10))),
     _technique("int8_dynamic", "int8 weights and dynamically quantized int8 activations "
-               "(torchao Int8DynamicActivationInt8WeightConfig).", search={}),
+               "(torchao Int8DynamicActivationInt8WeightConfig).", search={},
+               recommended=(Recommended("hybrid", "int8 activations and weights for the Linear layers", rank=10),
+                            Recommended("transformer", "int8 GEMMs for Linear-heavy models (fast under --compile on "
+                                        "CPUs with VNNI/AMX)", rank=20))),
     _technique("int4_weight_only", "int4 grouped weights for bf16 models on CUDA (torchao Int4WeightOnlyConfig).",
                options=(Option("group_size", int, 128, "weights per scale", choices=(32, 64, 128, 256)),),
                needs=("cuda",), compiled=("cuda",), note="runs only on CUDA"),
