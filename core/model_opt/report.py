@@ -1,4 +1,4 @@
-"""The before/after report: a printed table and report.json."""
+"""The before/after report: a printed table and <output>.report.json."""
 
 from __future__ import annotations
 
