@@ -349,6 +349,8 @@ def autotune_command(
                                                      "or journal file; default: a journal beside the "
                                                      "output.")] = None,
     backends: Annotated[str | None, typer.Option(help="Only search these backends (comma list).")] = None,
+    recovery_steps: Annotated[int, typer.Option(help="Recovery fine-tuning steps the search may add after pruning "
+                                                     "(with the test script's train(); 0: never).")] = 100,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to save the best model.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     input_shape: Annotated[str | None, typer.Option(help="Random example input, e.g. 1,3,224,224.")] = None,
@@ -372,6 +374,7 @@ def autotune_command(
                               objective=objective, study=study, storage=storage, output=output, device=device,
                               trust_model=trust_model, input_shape=parse_shape(input_shape),
                               backends=[b.strip() for b in backends.split(",")] if backends else None,
+                              recovery_steps=recovery_steps,
                               progress=progress)
     except AccuracyBudgetExceeded as err:
         if err.report is not None:

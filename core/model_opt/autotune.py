@@ -140,18 +140,41 @@ def skip_reason(study: Any, trial: Any, steps: list[dict[str, Any]]) -> str | No
         name = f"{step['kind']}:{step['backend']}:{step['method']}"
         if f"cannot_apply:{name}" in attrs:
             return f"{name} cannot apply to this model ({attrs[f'cannot_apply:{name}'][:120]})"
+    mine = {k: trial.user_attrs.get(k) for k in ("steps", "runtime", "recovery_steps")}
     for other in study.get_trials(deepcopy=False):
-        if other.number != trial.number and other.user_attrs.get("steps") == steps and \
+        if other.number != trial.number and {k: other.user_attrs.get(k) for k in mine} == mine and \
                 "skipped" not in other.user_attrs and other.state.name in ("COMPLETE", "PRUNED", "RUNNING"):
             return f"the same configuration as trial {other.number}"
     return None
 
 
-def describe(steps: list[dict[str, Any]]) -> str:
+def describe(steps: list[dict[str, Any]], runtime: str = "eager", recovery: int = 0) -> str:
     if not steps:
         return "(none)"
-    return " + ".join(f"{s['backend']}:{s['method']}" + (
+    text = " + ".join(f"{s['backend']}:{s['method']}" + (
         f"({', '.join(f'{k}={v}' for k, v in s['options'].items())})" if s["options"] else "") for s in steps)
+    return text + (f" + {recovery} recovery steps" if recovery else "") + (" [compiled]" if runtime == "compiled"
+                                                                          else "")
+
+
+def build_candidate(original: Any, steps: list[dict[str, Any]], recovery: int, runtime: str, job: Job,
+                    context: TechniqueContext) -> tuple[Any, list[Any], Any]:
+    """Apply ``steps`` to a copy of the original, fine-tune ``recovery`` steps with the test script's
+    train() (pruned zeros kept), and compile it when ``runtime`` is compiled: (model, records, runnable)."""
+    from .job import Step, apply
+    from .job import plan as plan_steps
+    from .measure import compile_model
+    from .pipeline import keep_pruned_weights_at_zero
+
+    planned = plan_steps([Step(s["kind"], s["backend"], s["method"], s["options"]) for s in steps], job.manager)
+    model, records = apply(copy.deepcopy(original), planned, context, job.manager)
+    if recovery:
+        with keep_pruned_weights_at_zero(model):
+            trained = job.script.call("train", model, job.dataset, recovery)
+        model = trained if trained is not None else model
+    model = model.eval()
+    runnable = compile_model(model, job.example)[0] if runtime == "compiled" else model
+    return model, records, runnable
 
 
 def autotune(
@@ -170,6 +193,7 @@ def autotune(
     trust_model: bool = False,
     input_shape: Sequence[int] | None = None,
     backends: Sequence[str] | None = None,
+    recovery_steps: int = 100,
     progress: Callable[[str], None] | None = None,
     manager: PluginManager | None = None,
 ) -> TuneResult:
@@ -185,6 +209,8 @@ def autotune(
         raise UsageError(f"unknown objective {objective!r}", f"choose one of: {', '.join(OBJECTIVES)}")
     if trials < 1:
         raise UsageError(f"--trials is {trials}", "pass at least 1")
+    if recovery_steps < 0:
+        raise UsageError(f"--recovery-steps is {recovery_steps}", "pass 0 (no recovery) or a positive number")
     job = Job.prepare(model_path, test_script=test_script, dataset=dataset, output=output, device=device,
                       trust_model=trust_model, input_shape=input_shape, max_accuracy_drop=max_accuracy_drop,
                       progress=progress, manager=manager, output_flag="--output")
@@ -198,7 +224,8 @@ def autotune(
                          'pip install "model-opt[torch-pruning]" "model-opt[torchao]" "model-opt[fusion]" '
                          '(or "model-opt[all]")')
     settings = {"objective": objective, "max_accuracy_drop": max_accuracy_drop, "device": device,
-                "backends": sorted(backends or []), "higher_is_better": script.higher_is_better}
+                "backends": sorted(backends or []), "higher_is_better": script.higher_is_better,
+                "recovery_steps": recovery_steps}
     study_name = study or default_study_name(model_path, settings)
     original = job.load()
     example = job.example
@@ -239,6 +266,11 @@ def autotune(
         say(f"trials {', '.join(map(str, expired))} were left running by a worker that died: failed and queued "
             "again")
     seed_recommendations(the_study, original, device, space, manager)
+    # The runtime is part of the search where a candidate technique is fast only compiled; recovery
+    # fine-tuning where the test script can train.
+    runtimes = ["eager", "compiled"] if any(device.split(":")[0] in t.speeds_up_compiled for items in space.values()
+                                            for t in items) else ["eager"]
+    recoveries = [0, recovery_steps] if recovery_steps and script.has("train") else [0]
 
     def objective_fn(trial: Any) -> Any:
         steps = []
@@ -254,24 +286,24 @@ def autotune(
                        for name, values in (technique.search_space or {}).items()}
             steps.append({"kind": kind, "backend": technique.backend, "method": technique.method,
                           "options": options})
+        runtime = trial.suggest_categorical("runtime", runtimes) if len(runtimes) > 1 else "eager"
+        recovery = trial.suggest_categorical("recovery_steps", recoveries) if len(recoveries) > 1 else 0
+        if not any(s["kind"] == "prune" for s in steps):
+            recovery = 0  # recovery fine-tuning is for pruning
         trial.set_user_attr("steps", steps)
-        trial.set_user_attr("description", describe(steps))
+        trial.set_user_attr("runtime", runtime)
+        trial.set_user_attr("recovery_steps", recovery)
+        trial.set_user_attr("description", describe(steps, runtime, recovery))
         trial.set_user_attr("worker", worker_id())
         skip = skip_reason(trial.study, trial, steps)
         if skip:  # never run: it does not count against the budget
             trial.set_user_attr("skipped", skip)
             raise optuna.TrialPruned(skip)
-        from .job import Step, apply
-        from .job import plan as plan_steps
-
         try:
             with lease(trial):
-                planned = plan_steps([Step(s["kind"], s["backend"], s["method"], s["options"]) for s in steps],
-                                     manager)
-                candidate, _ = apply(copy.deepcopy(original), planned, context, manager)
-                candidate = candidate.eval()
+                candidate, _, runnable = build_candidate(original, steps, recovery, runtime, job, context)
                 metric = script.evaluate(candidate, dataset, device).value
-                latency = model_latency(candidate, example, device).median_ms
+                latency = model_latency(runnable, example, device, runtime=runtime).median_ms
                 size = state_dict_bytes(candidate)
         except ModelOptError as exc:
             trial.set_user_attr("error", str(exc))
@@ -365,9 +397,7 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
            context: TechniqueContext, budget: float) -> TuneResult:
     import optuna
 
-    say, manager, device, example, out = job.say, job.manager, job.device, job.example, job.output
-    from .job import Step, apply
-    from .job import plan as plan_steps
+    say, device, example, out = job.say, job.device, job.example, job.output
 
     rows = []
     for trial in study.get_trials(deepcopy=False):
@@ -375,7 +405,8 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
         if "skipped" in attrs:
             continue
         row = {"number": trial.number, "state": trial.state.name, "description": attrs.get("description", ""),
-               "steps": attrs.get("steps", []), "worker": attrs.get("worker")}
+               "steps": attrs.get("steps", []), "runtime": attrs.get("runtime", "eager"),
+               "recovery_steps": attrs.get("recovery_steps", 0), "worker": attrs.get("worker")}
         if trial.state == optuna.trial.TrialState.COMPLETE:
             row.update({k: attrs[k] for k in ("metric", "drop", "speedup", "size_ratio")})
             row["within_budget"] = attrs["drop"] <= budget + 1e-12  # this run's budget, also on a resumed study
@@ -398,14 +429,12 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
     # the original in interleaved rounds before choosing.
     finalists = sorted(feasible, key=key)[:3]
     say(f"re-measuring the top {len(finalists)} candidates against the original, interleaved")
-    built: dict[int, tuple[Any, list]] = {}
+    built: dict[int, tuple[Any, list, Any]] = {}
     for row in finalists:
-        planned = plan_steps([Step(s["kind"], s["backend"], s["method"], s["options"]) for s in row["steps"]],
-                             manager)
-        model, records = apply(copy.deepcopy(original), planned, context, manager)
-        built[row["number"]] = (model.eval(), records)
+        built[row["number"]] = build_candidate(original, row["steps"], row["recovery_steps"], row["runtime"], job,
+                                               context)
     calls = {"original": partial(call_model, original, example)}
-    calls.update({str(n): partial(call_model, m, example) for n, (m, _) in built.items()})
+    calls.update({str(n): partial(call_model, runnable, example) for n, (_, _, runnable) in built.items()})
     times = interleaved_ms(calls, rounds=5, per_round=3)
     for row in finalists:
         row["remeasured_speedup"] = times["original"] / times[str(row["number"])]
@@ -417,7 +446,10 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
     if best["remeasured_speedup"] < 1.0 and objective != "size":
         result.warnings.append(f"no candidate within budget was faster than the original on {device}")
     say(f"saving the best candidate (trial {best['number']})")
-    model, records = built[best["number"]]
+    model, records, _ = built[best["number"]]
+    if best["runtime"] == "compiled":
+        result.warnings.append("the best candidate was measured under torch.compile with inductor freezing: run it "
+                               "that way (torch._inductor.config.freezing = True; torch.compile(model))")
     result.output = str(out)
     with output_lock(out):
         job.save(model, records, {"autotune": {"study": study.study_name, "trial": best["number"],

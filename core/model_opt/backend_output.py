@@ -26,13 +26,10 @@ def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{log_path.name}.", dir=log_path.parent)
     handle = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
     moved: dict[int, tuple[logging.StreamHandler, TextIO]] = {}  # a handler may serve several loggers
-    loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
-    for logger in loggers:
-        for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
-                    and id(handler) not in moved:
-                moved[id(handler)] = (handler, handler.stream)
-                handler.setStream(handle)
+    for handler in _stream_handlers():
+        if id(handler) not in moved:
+            moved[id(handler)] = (handler, handler.stream)
+            handler.stream = handle  # (not setStream: it flushes the old stream, which may be closed)
     fallback = logging.lastResort
     logging.lastResort = logging.StreamHandler(handle)
     try:
@@ -42,7 +39,10 @@ def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
         succeeded = True
     finally:
         for handler, stream in moved.values():
-            handler.setStream(stream)
+            handler.stream = stream
+        for handler in _stream_handlers():  # made during the run (on sys.stderr, then our file): the terminal
+            if handler.stream is handle:
+                handler.stream = terminal[0]
         logging.lastResort = fallback
         handle.close()
         tmp = Path(tmp_name)
@@ -51,3 +51,10 @@ def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
             os.replace(tmp, log_path)
         else:
             tmp.unlink()
+
+
+def _stream_handlers() -> list[logging.StreamHandler]:
+    """Every handler that writes to a stream (not a file), on every logger."""
+    loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
+    return [handler for logger in loggers for handler in getattr(logger, "handlers", [])
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
