@@ -19,7 +19,7 @@ from typing import Any
 
 from .atomic import atomic_path, write_text_atomic
 from .context import TechniqueContext
-from .errors import AccuracyBudgetExceeded, ModelOptError, TechniqueError, UsageError
+from .errors import AccuracyBudgetExceeded, ModelOptError, TechniqueError, UsageError, first_line
 from .hookspecs import KINDS
 from .job import Job, check_finite, output_lock, report_path
 from .measure import call_model, count_parameters, interleaved_ms, model_latency, state_dict_bytes
@@ -258,7 +258,7 @@ def autotune(
     except Exception as exc:  # a damaged journal, a study made by another tool with other directions, ...
         what = f"{storage_label} is not an Optuna journal" if is_journal(optuna_storage) else \
             f"study {study_name!r} cannot be opened in {storage_label}"
-        raise UsageError(f"{what} ({type(exc).__name__}: {redact(str(exc).strip().splitlines()[0][:120])})",
+        raise UsageError(f"{what} ({type(exc).__name__}: {redact(first_line(exc, 120))})",
                          "pass another --storage or --study") from None
     check_settings(the_study, settings)
     expired = expire_dead_trials(the_study)

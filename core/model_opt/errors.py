@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most ``limit`` long."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
+def describe(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line`` of an exception, for one-line errors that wrap a backend's."""
+    return f"{type(exc).__name__}: {first_line(exc, limit)}"
+
+
 class ModelOptError(Exception):
     """Base error. ``str(err)`` is the one-line message the CLI prints."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import modelio
 from .context import TechniqueContext
-from .errors import DeviceError, ModelOptError, TechniqueError, UsageError
+from .errors import DeviceError, ModelOptError, TechniqueError, UsageError, first_line
 from .hookspecs import KINDS
 from .measure import to_device
 from .modelinfo import run_checked
@@ -112,7 +112,7 @@ def apply_step(model: Any, technique: Technique, options: dict[str, Any], contex
         if os.environ.get("MODEL_OPT_DEBUG"):
             raise
         error = TechniqueError(f"{technique.backend} {technique.method} failed on this model "
-                               f"({type(exc).__name__}: {_first_line(exc)})",
+                               f"({type(exc).__name__}: {first_line(exc)})",
                                "the input is untouched; set MODEL_OPT_DEBUG=1 to see the traceback")
         error.technique = technique.name
         raise error from None
@@ -359,8 +359,3 @@ class Job:
         }
         self.say(f"saving {self.output}")
         return modelio.save(model, self.output, manifest)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .measure import call_model
 
 
@@ -34,7 +34,7 @@ def run_checked(model: Any, example: Any, what: str = "the example input") -> An
         with torch.no_grad():
             return call_model(model, example)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         if entered:
             name, kind, value = entered[-1]
             where = f" at layer {name} ({kind}) with input {describe_input(value)}"

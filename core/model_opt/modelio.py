@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path
-from .errors import ModelLoadError, ModelOptError
+from .errors import ModelLoadError, ModelOptError, first_line
 
 MANIFEST = "model_opt.json"
 WEIGHTS = "weights.pt"
@@ -98,7 +98,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         with zipfile.ZipFile(path) as archive:
             manifest = json.loads(archive.read(MANIFEST))
     except (zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path.name} has a damaged model-opt manifest ({_first_line(exc)})",
+        raise ModelLoadError(f"{path.name} has a damaged model-opt manifest ({first_line(exc)})",
                              "re-create the file with model-opt optimize") from None
     if not isinstance(manifest, dict):
         raise ModelLoadError(f"{path.name} has a model-opt manifest that is a {type(manifest).__name__}, "
@@ -176,13 +176,13 @@ def load(path: str | os.PathLike[str], *, model: Any = None, trust_model: bool =
             with quiet_torch_logs():
                 return ExportedModule.from_bytes(path.read_bytes())
         except Exception as exc:
-            raise ModelLoadError(f"{path.name} is not a torch.export program ({_first_line(exc)})",
+            raise ModelLoadError(f"{path.name} is not a torch.export program ({first_line(exc)})",
                                  "save it with torch.export.save(program, path)") from None
     if _is_torchscript(path):
         try:
             return torch.jit.load(str(path), map_location=map_location)
         except Exception as exc:
-            raise ModelLoadError(f"{path.name} is not a TorchScript model ({_first_line(exc)})",
+            raise ModelLoadError(f"{path.name} is not a TorchScript model ({first_line(exc)})",
                                  "save it with torch.jit.save, or pass another format") from None
     try:
         obj = torch.load(str(path), map_location=map_location, weights_only=True)
@@ -190,7 +190,7 @@ def load(path: str | os.PathLike[str], *, model: Any = None, trust_model: bool =
         message = str(exc)
         if "Unsupported global" not in message:
             raise ModelLoadError(
-                f"{path.name} is not a PyTorch model file ({_first_line(exc)})",
+                f"{path.name} is not a PyTorch model file ({first_line(exc)})",
                 "pass a file saved with torch.save, torch.export.save or torch.jit.save",
             ) from None
         if not trust_model:
@@ -236,7 +236,7 @@ def _open_folder(path: Path) -> Any:
                                                            trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"transformers could not open {path.name} ({type(exc).__name__}: "
-                             f"{_first_line(exc)})", "define load_model(path) in the test script") from None
+                             f"{first_line(exc)})", "define load_model(path) in the test script") from None
     return model.eval()
 
 
@@ -273,7 +273,7 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
                                      weights_only=True)
         except Exception as exc:
             raise ModelLoadError(f"the weights in {path.name} are damaged or not plain tensors "
-                                 f"({_first_line(exc)})", "re-create the file with model-opt optimize") from None
+                                 f"({first_line(exc)})", "re-create the file with model-opt optimize") from None
         if not isinstance(weights, dict):
             raise ModelLoadError(f"the weights in {path.name} are a {type(weights).__name__}, not a state_dict",
                                  "re-create the file with model-opt optimize")
@@ -305,7 +305,7 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
                 "run from the folder of your model code, or pass search_paths=[that folder]",
             ) from None
         except Exception as exc:
-            raise ModelLoadError(f"the model payload of {path.name} is damaged ({_first_line(exc)})",
+            raise ModelLoadError(f"the model payload of {path.name} is damaged ({first_line(exc)})",
                                  "re-create the file with model-opt optimize") from None
     return _as_module(obj, path)
 
@@ -350,7 +350,7 @@ def replay(model: Any, steps: list[dict[str, Any]], device: str = "cpu") -> Any:
             raise
         except Exception as exc:
             raise ModelLoadError(f"{technique.name} could not be replayed on this architecture "
-                                 f"({type(exc).__name__}: {_first_line(exc)})",
+                                 f"({type(exc).__name__}: {first_line(exc)})",
                                  "pass model= with the architecture the artifact was made from") from None
     return model
 
@@ -393,7 +393,7 @@ def save(model: Any, path: str | os.PathLike[str], manifest: dict[str, Any] | No
             torch.save(model.state_dict(), buffer)
     except Exception as exc:  # a patched class made on the fly, an open handle...: nothing is written
         raise ModelOptError(f"the optimized model cannot be saved ({type(exc).__name__}: "
-                            f"{_first_line(exc)})", "report this to the plugin that produced it; nothing "
+                            f"{first_line(exc)})", "report this to the plugin that produced it; nothing "
                             "was written") from None
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -409,8 +409,3 @@ def _json_ok(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

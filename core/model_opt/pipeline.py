@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomic
-from .errors import AccuracyBudgetExceeded, UsageError
+from .errors import AccuracyBudgetExceeded, UsageError, first_line
 from .hookspecs import KINDS
 from .job import Job, Step, apply, apply_step, check_device, check_needs, default_output, output_lock, plan, report_path
 from .measure import (
@@ -199,7 +199,7 @@ def export_program(model: Any, example: Any, path: Path, warnings: list[str]) ->
         with atomic_path(path) as tmp:
             torch.export.save(program, str(tmp))
     except Exception as exc:
-        warnings.append(f"no .pt2 export: torch.export failed ({_first_line(exc)})")
+        warnings.append(f"no .pt2 export: torch.export failed ({first_line(exc)})")
         return None
     return str(path)
 
@@ -232,10 +232,6 @@ def speed_warnings(report: Report, planned: Sequence[tuple[Technique, dict[str, 
             warnings.append(f"the optimized model is not measurably faster on {device} ({speedup:.2f}x)")
     return warnings
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 __all__ = ["ORDER", "Step", "apply", "apply_step", "check_device", "check_needs", "default_output", "optimize",

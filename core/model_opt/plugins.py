@@ -12,7 +12,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import ModelOptError, TechniqueError
+from .errors import ModelOptError, TechniqueError, describe, first_line
 from .registry import Registry, Technique, extras, install_hint
 from .result import TechniqueResult
 
@@ -98,7 +98,7 @@ class PluginManager:
                 raise
             except BaseException as exc:  # each entry point on its own (sys.exit() included): it breaks nothing else
                 record.status = "broken"
-                record.reason = f"import failed: {type(exc).__name__}: {exc}".splitlines()[0]
+                record.reason = f"import failed: {describe(exc)}"
                 record.hint = install_hint(ep.name) if ep.name in extras() else ""
                 self.records[ep.name] = record
                 continue
@@ -116,7 +116,7 @@ class PluginManager:
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:
-            record.status, record.reason = "broken", f"registration failed: {exc}".splitlines()[0]
+            record.status, record.reason = "broken", f"registration failed: {first_line(exc)}"
             return
         impls = [i for i in self.pm.hook.register_techniques.get_hookimpls() if i.plugin_name == name]
         found: list[Technique] = []
@@ -135,7 +135,7 @@ class PluginManager:
             raise
         except BaseException as exc:
             record.status = "broken"
-            record.reason = f"register_techniques failed: {type(exc).__name__}: {exc}".splitlines()[0]
+            record.reason = f"register_techniques failed: {describe(exc)}"
             self.pm.unregister(name=name)
             return
         record.techniques = found
@@ -200,7 +200,7 @@ class PluginManager:
                 raise
             raise TechniqueError(
                 f"plugin {culprit!r}, which wraps the {hook_name} hook, failed around {owner.name} "
-                f"({type(exc).__name__}: {_first_line(exc)})",
+                f"({type(exc).__name__}: {first_line(exc)})",
                 f"fix or uninstall {culprit!r}; {owner.name} itself did not fail",
             ) from None
 
@@ -218,7 +218,7 @@ class PluginManager:
                 raise
             except BaseException as exc:
                 raise ModelLoadError(f"plugin {impl.plugin_name!r} could not open {path.name} "
-                                     f"({type(exc).__name__}: {_first_line(exc)})",
+                                     f"({type(exc).__name__}: {first_line(exc)})",
                                      "check that the file is complete, or ask the plugin's authors") from None
             if model is not None:
                 return model
@@ -234,7 +234,7 @@ class PluginManager:
             except BaseException as exc:
                 if record:
                     record.status = "broken"
-                    record.reason = f"register_commands failed: {exc}".splitlines()[0]
+                    record.reason = f"register_commands failed: {first_line(exc)}"
 
 
 def _replace(technique: Technique, **changes: Any) -> Technique:
@@ -258,10 +258,6 @@ def _failing_wrapper(exc: BaseException, impls: list[Any]) -> str | None:
         return None
     return innermost.plugin_name
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _version(dist: str) -> str | None:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, describe, first_line
 
 #: Seconds between heartbeats, and after which a silent RUNNING trial is taken as dead.
 HEARTBEAT_S = int(os.environ.get("MODEL_OPT_HEARTBEAT_S", "10"))
@@ -73,7 +73,7 @@ def open_storage(storage: str | None, default_path: Path) -> tuple[Any, str]:
             if not racing:
                 break
             time.sleep(0.3 + random.random() * (attempt + 1))  # another worker is creating the schema
-    detail = redact(str(last).strip().splitlines()[0][:160]) if last else ""
+    detail = redact(first_line(last, 160)) if last else ""
     raise UsageError(f"cannot reach the storage {label} ({detail})",
                      "check the URL, the server and its credentials; no trial was run")
 
@@ -91,8 +91,7 @@ def _journal(path: Path) -> tuple[Any, str]:
             str(path))))
         storage.get_all_studies()
     except Exception as exc:
-        raise UsageError(f"{path} is not an Optuna journal ({type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''})",
+        raise UsageError(f"{path} is not an Optuna journal ({describe(exc, 120)})",
                          "pass another --storage file, or remove the damaged one") from None
     return storage, str(path)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from model_opt.errors import describe
 from torch import fx, nn
 
 
@@ -40,7 +41,7 @@ def _trace_into(module: nn.Module, prefix: str, result: Traced) -> None:
     try:
         graph = _Tracer().trace(module)
     except Exception as exc:  # control flow, unsupported ops: try the children one by one
-        result.untraced.append((prefix, _first_line(exc)))
+        result.untraced.append((prefix, describe(exc, 160)))
         for name, child in module.named_children():
             _trace_into(child, _join(prefix, name), result)
         return
@@ -58,11 +59,6 @@ def _trace_into(module: nn.Module, prefix: str, result: Traced) -> None:
 
 def _join(prefix: str, target: str) -> str:
     return f"{prefix}.{target}" if prefix else str(target)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:160] if lines else ''}"
 
 
 __all__ = ["Traced", "trace"]

@@ -8,7 +8,7 @@ from itertools import islice
 from typing import Any
 
 import torch
-from model_opt.errors import AccuracyBudgetExceeded, TechniqueError, UsageError
+from model_opt.errors import AccuracyBudgetExceeded, TechniqueError, UsageError, describe
 from model_opt.exported import ExportedModule
 from model_opt.measure import call_model, export_program, split_input
 from model_opt.modelinfo import run_checked
@@ -25,8 +25,7 @@ def export_for_quantization(model: nn.Module, example: Any) -> Any:
     try:
         program = export_program(model.eval(), example, strict=False).run_decompositions({})
     except Exception as exc:
-        raise TechniqueError(f"INC could not export the model with torch.export ({type(exc).__name__}: "
-                             f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})",
+        raise TechniqueError(f"INC could not export the model with torch.export ({describe(exc, 160)})",
                              "check that torch.export.export works for this model; nncf int8_static (OpenVINO) "
                              "converts more models") from None
     graph = program.module()

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 import torch_pruning as tp
-from model_opt.errors import TechniqueError
+from model_opt.errors import TechniqueError, describe
 from model_opt.measure import call_model
 from model_opt.modelinfo import output_layers, run_checked
 from model_opt.modules import structure_changes, structure_snapshot
@@ -128,7 +128,7 @@ def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) ->
             )
     except Exception as exc:
         raise TechniqueError(
-            f"torch-pruning could not trace the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+            f"torch-pruning could not trace the model ({describe(exc)})",
             "add the module that fails to ignored_layers, or pass an example input of the right shape",
         ) from None
     for _ in range(options["iterative_steps"]):

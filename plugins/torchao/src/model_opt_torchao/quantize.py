@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from model_opt.errors import DeviceError, TechniqueError, UsageError
+from model_opt.errors import DeviceError, TechniqueError, UsageError, first_line
 from model_opt.modelinfo import output_layers, run_checked
 from torch import nn
 
@@ -212,7 +212,7 @@ def autoquant(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[
                 error = ((out.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12)).item()
                 trials[method] = {"ms": round(ms, 4), "error": round(error, 5)}
             except Exception as exc:  # a kernel this shape or device does not support
-                trials[method] = {"error": None, "failed": str(exc).splitlines()[0][:120]}
+                trials[method] = {"error": None, "failed": first_line(exc, 120)}
         ok = {m: t for m, t in trials.items() if t.get("ms") is not None and t["error"] <= options["tolerance"]}
         best = min(ok, key=lambda m: ok[m]["ms"]) if ok else "float"
         shape = f"{key[0]}->{key[1]} input {list(key[3])}"
