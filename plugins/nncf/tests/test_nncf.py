@@ -44,8 +44,23 @@ def test_accuracy_control_uses_the_users_metric(cli, digits, tmp_path: Path) -> 
                  tmp_path / "ac.pt", "--max-accuracy-drop", "0.01", "--json", "-q")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["steps"][0]["info"]["accuracy_control"] == {"max_drop": 0.01}
+    control = report["steps"][0]["info"]["accuracy_control"]
+    assert control["max_drop"] == 0.01 and control["plain_int8_drop"] <= 0.01
+    assert control["used"] == "plain int8 (within the budget)"
     assert report["metric_drop"] <= 0.01
+
+
+def test_accuracy_control_runs_when_plain_int8_is_over_budget(cli, digits, tmp_path: Path) -> None:
+    from helpers import write_fidelity_script
+
+    strict = write_fidelity_script(digits, tmp_path / "strict")
+    result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", strict,
+                 "--quantize", "--quant-backend", "nncf", "--output", tmp_path / "ac.pt", "--max-accuracy-drop",
+                 "0.000001", "--json", "-q")
+    report = json.loads(result.stdout)  # printed whether or not the budget was met
+    control = report["steps"][0]["info"]["accuracy_control"]
+    assert control["plain_int8_drop"] > 0.000001 and "controlled_drop" in control
+    assert result.exit_code == (0 if min(control["plain_int8_drop"], control["controlled_drop"]) <= 0.000001 else 1)
 
 
 def test_python_api_and_bad_calibration(digits) -> None:
