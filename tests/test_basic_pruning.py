@@ -55,10 +55,16 @@ def test_model_without_prunable_layers_is_refused() -> None:
 
 
 def test_structured_without_its_backend_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The core knows plugins only as model-opt's extras: a method no installed plugin offers names them."""
     import model_opt.plugins as plugins
+    from model_opt.errors import UsageError
     from model_opt.plugins import PluginManager
 
     monkeypatch.setattr(plugins, "_MANAGER", PluginManager(load_entry_points=False))
-    with pytest.raises(BackendNotInstalled, match=r'pip install "model-opt\[torch-pruning\]"'):
+    with pytest.raises(UsageError, match=r"unknown prune method 'structured' .*more methods come with plugins not "
+                                         r'installed here \(.*torch-pruning.*\): pip install "model-opt\[all\]"'):
         Pruner().prune_model(mlp(), amount=0.3, criterion="magnitude", prune_type="structured",
+                             example_input=torch.randn(1, 32))
+    with pytest.raises(BackendNotInstalled, match=r'pip install "model-opt\[torch-pruning\]"'):
+        Pruner().prune_model(mlp(), amount=0.3, prune_type="structured", backend="torch-pruning",
                              example_input=torch.randn(1, 32))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -22,8 +23,7 @@ def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
     stderr, for progress."""
     succeeded = False
     terminal[:] = [sys.stderr]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{log_path.name}.", dir=log_path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix="model-opt-", suffix=".log")  # moved beside the output at the end
     handle = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
     moved: dict[int, tuple[logging.StreamHandler, TextIO]] = {}  # a handler may serve several loggers
     for handler in _stream_handlers():
@@ -46,11 +46,17 @@ def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
         logging.lastResort = fallback
         handle.close()
         tmp = Path(tmp_name)
-        if succeeded and tmp.stat().st_size:
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, log_path)
+        if succeeded and tmp.stat().st_size and log_path.parent.is_dir():
+            os.chmod(tmp, 0o666 & ~_umask())
+            shutil.move(tmp, log_path)
         else:
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _stream_handlers() -> list[logging.StreamHandler]:
