@@ -42,7 +42,7 @@ def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
             handler.stream = stream
         for handler in _stream_handlers():  # made during the run (on sys.stderr, then our file): the terminal
             if handler.stream is handle:
-                handler.stream = terminal[0]
+                handler.stream = sys.__stderr__  # never closed, unlike a test runner's stream
         logging.lastResort = fallback
         handle.close()
         tmp = Path(tmp_name)

@@ -339,8 +339,7 @@ class Job:
             max_accuracy_drop=self.max_accuracy_drop, higher_is_better=script.higher_is_better)
 
     def plan(self, steps: Sequence[Step]) -> Planned:
-        planned = plan(steps, self.manager)
-        return planned
+        return plan(steps, self.manager)
 
     def check(self, planned: Planned, context: TechniqueContext) -> None:
         """What the planned techniques need, checked on the loaded model before any work."""

@@ -18,6 +18,7 @@ from .measure import (
     compile_model,
     count_flops,
     count_parameters,
+    model_latency,
     paired_latency,
     state_dict_bytes,
 )
@@ -111,6 +112,10 @@ def optimize(
     say("measuring the original model")
     report.before = measure(original, script, dataset, device, example)
     model = _working_copy(original)
+    copied = model is not original
+    if not copied and example is not None:  # techniques may change it in place: time the original now
+        report.before.latency = model_latency(original, example, device)
+        report.latency_note = "the model could not be copied, so before and after were timed one after another"
     model, report.steps = apply(model, planned, context, job.manager)
     model = model.eval()
     if finetune_steps:
@@ -126,10 +131,12 @@ def optimize(
         compiled, report.compile_seconds = compile_model(model, example)
     say("measuring the optimized model")
     report.after = measure(model, script, dataset, device, example)
-    if original is model:  # the model could not be copied: time the original after the fact
-        report.latency_note = "the original could not be kept beside the optimized model; timed one after another"
-    say("timing the original and the optimized model, interleaved")
-    report.before.latency, report.after.latency = time_pair(original, model, example, device, compiled)
+    if copied:
+        say("timing the original and the optimized model, interleaved")
+        report.before.latency, report.after.latency = time_pair(original, model, example, device, compiled)
+    elif example is not None:
+        report.after.latency = model_latency(compiled if compiled is not None else model, example, device,
+                                             runtime="compiled" if compiled is not None else "eager")
     report.warnings = speed_warnings(report, planned)
 
     # 4. Keep the input untouched; write nothing when the budget is exceeded.
