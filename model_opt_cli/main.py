@@ -55,6 +55,17 @@ def console(log_path: Path, quiet: bool, verbose: bool) -> Any:
         progress(f"backend messages (warnings, logs, progress bars): {log_path}")
 
 
+def interrupted(interrupt: KeyboardInterrupt) -> typer.Exit:
+    """Ctrl-C or SIGTERM: say truthfully whether the output was written (it is, whole, or not at all)."""
+    from model_opt.atomic import InterruptedAfterSave
+
+    if isinstance(interrupt, InterruptedAfterSave):
+        typer.echo(f"Interrupted after the output was written: {', '.join(map(str, interrupt.written))}", err=True)
+    else:
+        typer.echo("Interrupted: nothing was written.", err=True)
+    return typer.Exit(130)
+
+
 def fail(err: ModelOptError) -> typer.Exit:
     typer.echo(f"Error: {err}", err=True)
     return typer.Exit(err.exit_code)
@@ -206,9 +217,8 @@ def optimize(
         raise fail(err) from None
     except ModelOptError as err:
         raise fail(err) from None
-    except KeyboardInterrupt:
-        typer.echo("Interrupted: nothing was written.", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as interrupt:
+        raise interrupted(interrupt) from None
     typer.echo(report.to_json() if as_json else report.render())
 
 
@@ -423,9 +433,8 @@ def main() -> None:
     manager.register_commands(app)
     try:
         app()
-    except KeyboardInterrupt:
-        typer.echo("Interrupted: nothing was written.", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:
+        sys.exit(interrupted(interrupt).exit_code)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,76 @@
-"""Write files so that a crash or Ctrl-C never leaves a partial output behind."""
+"""Write files so that a crash, Ctrl-C or kill never leaves a partial output behind.
+
+Each file goes to a temporary file beside its target and is renamed over it when complete. Inside
+:func:`written_together`, the renames wait until every file of the group is complete and then happen
+together with SIGINT/SIGTERM held, so an output never appears without its report and side files.
+A temporary file left by a process that was killed outright (SIGKILL) is removed by the next write
+of the same target.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+_PENDING: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar("model_opt_pending",
+                                                                                           default=None)
+
+
+class InterruptedAfterSave(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM arrived while a group of files was being put in place: they were all written."""
+
+    def __init__(self, written: list[Path]) -> None:
+        super().__init__(f"interrupted after writing {', '.join(map(str, written))}")
+        self.written = written
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}."
+
+
+def _remove_stale(target: Path) -> None:
+    """Temporary files of ``target`` whose writing process is gone (killed with SIGKILL)."""
+    prefix = _temp_prefix(target)
+    with contextlib.suppress(OSError):
+        for entry in target.parent.iterdir():
+            name = entry.name
+            if not (name.startswith(prefix) and ".tmp" in name[len(prefix):]):
+                continue
+            pid = name[len(prefix):].split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it is renamed over ``target``.
+    """Yield a temporary path beside ``target``; on success it is renamed over ``target`` (at the end of the
+    enclosing :func:`written_together`, if any).
 
     On any exception (KeyboardInterrupt included) the temporary file is removed and ``target``
     is left as it was.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    _remove_stale(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{_temp_prefix(target)}{os.getpid()}.", suffix=f".tmp{target.suffix}",
+                                    dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -26,11 +78,46 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode any new file would get
-        os.replace(tmp, target)
+        pending = _PENDING.get()
+        if pending is not None:
+            pending.append((tmp, target))
+        else:
+            os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def written_together() -> Iterator[list[Path]]:
+    """Files written with :func:`atomic_path` inside this block appear together at its end, or not at all.
+    Yields the list of targets put in place (filled at the end)."""
+    pending: list[tuple[Path, Path]] = []
+    done: list[Path] = []
+    token = _PENDING.set(pending)
+    try:
+        yield done
+    except BaseException:
+        for tmp, _ in pending:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+    finally:
+        _PENDING.reset(token)
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held} if main else {}
+    try:
+        for tmp, target in pending:
+            os.replace(tmp, target)
+            done.append(target)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise InterruptedAfterSave(done)
 
 
 def _umask() -> int:

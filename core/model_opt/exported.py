@@ -8,8 +8,11 @@ and ``load_state_dict`` rebuilds the graph from it, so artifacts hold it as plai
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,14 +26,91 @@ PROGRAM_KEY = "program"
 OUTPUT_PACKAGES = {"transformers": "transformers.modeling_outputs", "diffusers": "diffusers.models.modeling_outputs"}
 
 
+#: Set while the user has said the file is trusted (``--trust-model``): programs are then loaded unchecked.
+_TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("model_opt_trusted_programs", default=False)
+
+
+@contextlib.contextmanager
+def trusting(trusted: bool = True) -> Iterator[None]:
+    """Within this block, programs load without the pickle check (the user trusts the file)."""
+    token = _TRUSTED.set(trusted)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+class UnsafeProgram(Exception):
+    """A ``.pt2`` holds something torch.export.load would run code to open."""
+
+
+def _weights_only(reader: Any, name: str) -> None:
+    try:
+        torch.load(io.BytesIO(reader.read_bytes(name)), weights_only=True)
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(exc).__name__)
+        detail = detail.replace("WeightsUnpickler error: ", "").split(". Please")[0]
+        raise UnsafeProgram(f"{name} is a pickle that the weights-only unpickler refuses ({detail[:160]})") \
+            from None
+
+
+def check_program(program: bytes) -> None:
+    """Raise :class:`UnsafeProgram` unless every pickle ``torch.export.load`` would unpickle in ``program``
+    passes the weights-only unpickler, and it holds no compiled code (AOTInductor libraries).
+
+    torch.export.load unpickles the sample inputs (falling back to full pickle), weights and constants marked
+    ``use_pickle``, legacy weight files, custom and opaque objects, and opens AOTInductor packages; an archive
+    it does not recognise goes to a legacy loader that unpickles too. Each of those is checked here first."""
+    from torch.export.pt2_archive import _package as pkg
+    from torch.export.pt2_archive import constants
+
+    try:
+        reader_cm = pkg.PT2ArchiveReader(io.BytesIO(program))
+    except Exception as exc:
+        raise ValueError(f"not a torch.export archive ({str(exc).strip()[:120]})") from None
+    with reader_cm as reader:
+        names = reader.get_file_names()
+        if constants.ARCHIVE_VERSION_PATH not in names or \
+                reader.read_string(constants.ARCHIVE_VERSION_PATH) != constants.ARCHIVE_VERSION_VALUE:
+            raise UnsafeProgram("it is not in this torch's .pt2 archive format, and older formats are unpickled")
+        native = (constants.AOTINDUCTOR_DIR, constants.MTIA_DIR, constants.EXECUTORCH_DIR)
+        compiled = [n for n in names if n.startswith(native)]
+        if compiled:
+            raise UnsafeProgram(f"it holds compiled code ({compiled[0]}), which loads as a native library")
+        prefix, suffix = constants.MODELS_FILENAME_FORMAT.split("{}")
+        models = [n[len(prefix):-len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix)]
+        for model in models:
+            for name in (constants.SAMPLE_INPUTS_FILENAME_FORMAT.format(model), f"{constants.WEIGHTS_DIR}{model}.pt",
+                         f"{constants.CONSTANTS_DIR}{model}.pt"):
+                if name in names:
+                    _weights_only(reader, name)
+            for config_format, folder in ((constants.WEIGHTS_CONFIG_FILENAME_FORMAT, constants.WEIGHTS_DIR),
+                                          (constants.CONSTANTS_CONFIG_FILENAME_FORMAT, constants.CONSTANTS_DIR)):
+                config_name = config_format.format(model)
+                if config_name not in names:
+                    continue
+                for meta in pkg._load_payload_config(reader, config_name).config.values():
+                    path = meta.path_name
+                    if path.startswith((constants.CUSTOM_OBJ_FILENAME_PREFIX, constants.OPAQUE_OBJ_FILENAME_PREFIX)):
+                        raise UnsafeProgram(f"it holds a pickled object ({folder}{path}), which runs code to open")
+                    if meta.use_pickle:
+                        _weights_only(reader, f"{folder}{path}")
+
+
 def load_program(program: bytes) -> nn.Module:
-    """The runnable module of ``torch.export.save`` bytes. Quantized programs (INC, pt2e) call
-    ``quantized_decomposed`` ops, and Hugging Face models return ``ModelOutput`` classes: both must be
-    registered before deserializing, so those (installed, known) modules are imported first."""
+    """The runnable module of ``torch.export.save`` bytes, after :func:`check_program` (unless trusted).
+
+    Quantized programs (INC, pt2e) call ``quantized_decomposed`` ops, and Hugging Face models return
+    ``ModelOutput`` classes: both must be registered before deserializing, so those (installed, known) modules
+    are imported first."""
     import importlib
     import logging
 
     import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+    if not _TRUSTED.get():
+        check_program(program)
 
     text = program.decode("latin-1")
     for package, module in OUTPUT_PACKAGES.items():

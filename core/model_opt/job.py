@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import modelio
+from .atomic import written_together
 from .context import TechniqueContext
 from .errors import DeviceError, ModelOptError, TechniqueError, UsageError, first_line
 from .hookspecs import KINDS
@@ -162,6 +163,36 @@ def report_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}.report.json")
 
 
+def side_files(output: Path) -> list[Path]:
+    """Every file a run may write beside its output: report, backend log, OpenVINO IR, torch.export program,
+    autotune plot. Each is checked like the output itself before any work."""
+    return [report_path(output), output.with_name(f"{output.stem}.log"), output.with_suffix(".xml"),
+            output.with_suffix(".bin"), output.with_suffix(".pt2"), output.with_name(f"{output.stem}.pareto.png")]
+
+
+def inputs_of(path: Path) -> list[Path]:
+    """A model path and the files that belong to it (an OpenVINO IR's weights)."""
+    return [path, *([path.with_suffix(".bin")] if path.suffix.lower() == ".xml" else [])]
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def owned_files(out: Path) -> set[str]:
+    """Names of the side files an existing model-opt artifact at ``out`` says it wrote (replaceable by a rerun)."""
+    if not (out.is_file() and modelio.is_artifact(out)):
+        return set()
+    try:
+        files = modelio.read_manifest(out).get("files", [])
+    except ModelOptError:
+        return set()
+    return {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
+
+
 def check_finite(value: float | None, flag: str) -> None:
     if value is not None and not math.isfinite(value):
         raise UsageError(f"{flag} is {value}, not a finite number", f"pass a number, e.g. {flag} 0.01")
@@ -191,25 +222,31 @@ def check_writable_folder(folder: Path, flag: str = "--output") -> None:
 
 def check_output(out: Path, protected: Sequence[Path], export: bool = False, flag: str = "--output") -> Path:
     """Refuse an output that would replace the user's files: the input, the test script, the data, an
-    unrelated existing file; or whose side files (report, export) would collide with them."""
+    unrelated existing file; or whose side files (report, log, IR, export, plot) would replace any of them."""
     if out.is_dir():
         raise UsageError(f"{flag} {out} is a folder", f"pass a file path, e.g. {flag} {out / 'model.optimized.pt'}")
-    resolved = {p.resolve() for p in protected}
-    side = [out, report_path(out), *([out.with_suffix(".pt2")] if export else [])]
-    for path in side:
+    if len(out.name.encode()) > 200:
+        raise UsageError(f"{flag} name {out.name[:40]}... is {len(out.name.encode())} bytes long, too long for the "
+                         "files written beside it", f"choose a shorter {flag} name")
+    folders = [p.resolve() for p in protected if p.is_dir()]
+    owned = owned_files(out)
+    for path in [out, *side_files(out)]:
         target = path.resolve()
-        folder = next((p for p in resolved if p.is_dir() and p in target.parents), None)
+        folder = next((p for p in folders if p in target.parents or p == target), None)
         if folder is not None:
             raise UsageError(f"{flag} {out} is inside {folder.name}/, an input folder",
                              f"choose a {flag} outside the model and dataset folders")
-        if target in resolved:
+        if any(_same(path, p) for p in protected):
             what = "output" if path == out else f"file {path.name} (written beside the output)"
             raise UsageError(f"{flag} {out} would overwrite {path.name} with the {what}",
                              f"choose another {flag} path; model-opt never replaces its inputs")
+        if path != out and (path.exists() or path.is_symlink()) and path.name not in owned:
+            raise UsageError(f"{flag} {out} would replace {path.name} beside it, which model-opt did not write for "
+                             "this output", f"choose another {flag} path, or move {path.name} away yourself")
     if out.suffix.lower() in RESERVED_SUFFIXES:
         raise UsageError(f"{flag} {out.name} ends in {out.suffix}, which model-opt uses for other files",
                          f"name the optimized model with .pt, e.g. {flag} {out.with_suffix('.pt')}")
-    if out.exists() and not (out.is_file() and modelio.is_artifact(out)):
+    if (out.exists() or out.is_symlink()) and not (out.is_file() and not out.is_symlink() and modelio.is_artifact(out)):
         raise UsageError(f"{flag} {out} exists and is not a model-opt artifact",
                          "choose another path, or remove the file yourself")
     check_writable_folder(out.parent, flag)
@@ -218,10 +255,15 @@ def check_output(out: Path, protected: Sequence[Path], export: bool = False, fla
 
 @contextlib.contextmanager
 def output_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock while a run writes its output and report, so that two runs writing the
-    same output one after the other leave a consistent pair."""
+    """Hold an exclusive lock while a run writes its output and side files, so that two runs writing the
+    same output one after the other leave a consistent set; the files are put in place together at the end."""
+    import hashlib
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = out.with_name(f".{out.name}.lock")
+    locks = Path(tempfile.gettempdir()) / "model-opt-locks"  # never in the user's folder (a SIGKILL leaves it)
+    locks.mkdir(exist_ok=True)
+    key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:32]
+    lock_path = locks / f"{key}.lock"
     while True:
         handle = open(lock_path, "a+")  # noqa: SIM115
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -233,7 +275,8 @@ def output_lock(out: Path) -> Iterator[None]:
             break
         handle.close()  # another run removed the file we locked: lock the new one
     try:
-        yield
+        with written_together():  # the output and its side files appear together, or none of them
+            yield
     finally:
         with contextlib.suppress(OSError):
             os.unlink(lock_path)
@@ -279,7 +322,7 @@ class Job:
         out = Path(output) if output else default_output(path)
         if out.is_dir():
             out = out / default_output(path).name
-        protected = [path, script.path, Path(dataset)]
+        protected = [*inputs_of(path), script.path, Path(dataset)]
         out = check_output(out, protected, export=export, flag=output_flag)
         return cls(path, script, dataset, out, check_device(device), trust_model, input_shape, compile,
                    max_accuracy_drop, progress or (lambda message: None), manager or get_plugin_manager())
@@ -292,7 +335,7 @@ class Job:
         self.say(f"loading {self.model_path.name}")
         loader = (lambda p: self.script.call("load_model", p)) if self.script.has("load_model") else None
         model = modelio.load(self.model_path, trust_model=self.trust_model, loader=loader,
-                             search_paths=[self.script.folder, self.model_path.parent])
+                             search_paths=self.search_paths())
         if not isinstance(model, torch.nn.Module):
             raise UsageError(f"{self.model_path.name} did not load as a torch.nn.Module", "check load_model()")
         self.source, self.prior_steps = self._source(loader is not None)
@@ -301,6 +344,11 @@ class Job:
         if self.example is not None:
             run_checked(self.model, self.example)
         return self.model
+
+    def search_paths(self) -> list[Path]:
+        """Folders importable while the model loads: the test script's; the model's own folder only when the
+        user trusts the model (a file downloaded beside it must not shadow the user's modules), and after."""
+        return [self.script.folder, *([self.model_path.parent] if self.trust_model else [])]
 
     def _source(self, via_loader: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Where the architecture comes from when the result is reopened, and the steps already applied."""
@@ -349,11 +397,13 @@ class Job:
 
     # -- saving ------------------------------------------------------------------------------
     def save(self, model: Any, records: Sequence[StepRecord], extra: dict[str, Any] | None = None) -> Path:
-        """Write the artifact: the recipe (source, every step with its replay state) and the weights."""
+        """Write the artifact: the recipe (source, every step with its replay state), the weights, and the names
+        of the side files this output may have (a rerun may replace those, and no other file)."""
         manifest = {
             "source": self.source,
+            "files": [p.name for p in side_files(self.output)],
             "steps": [*self.prior_steps, *(r.to_dict() for r in records)],
-            "import_paths": [str(self.script.folder), str(self.model_path.parent.resolve())],
+            "import_paths": [str(p.resolve()) for p in self.search_paths()],
             **(extra or {}),
         }
         self.say(f"saving {self.output}")

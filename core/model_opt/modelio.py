@@ -41,10 +41,13 @@ STEPS_ATTR = "_model_opt_steps"
 
 @contextlib.contextmanager
 def importable(paths: Iterable[str | os.PathLike[str]]) -> Iterator[None]:
-    """Put ``paths`` (and the working directory) on sys.path while loading a model."""
+    """Put ``paths`` (then the working directory) on sys.path while loading a model, in that order of
+    priority: the first folder given wins over the later ones and over everything already on sys.path."""
     added = []
-    for path in [*map(str, paths), os.getcwd()]:
-        if path and os.path.isdir(path) and path not in sys.path:
+    for path in reversed([*map(str, paths), os.getcwd()]):
+        if path and os.path.isdir(path):
+            with contextlib.suppress(ValueError):
+                sys.path.remove(path)
             sys.path.insert(0, path)
             added.append(path)
     try:
@@ -161,7 +164,13 @@ def load(path: str | os.PathLike[str], *, model: Any = None, trust_model: bool =
                              search_paths=search_paths, loader=loader)
     if loader is not None:
         with importable(search_paths):
-            return _as_module(loader(str(path)), path)
+            loaded = loader(str(path))
+        if not isinstance(loaded, torch.nn.Module):
+            from .errors import TestScriptError
+
+            raise TestScriptError(f"the test script's load_model() returned {type(loaded).__name__}, not a "
+                                  "torch.nn.Module", "return the model from load_model(path)")
+        return loaded
     if path.is_dir():
         return _open_folder(path)
     from .plugins import get_plugin_manager
@@ -170,14 +179,7 @@ def load(path: str | os.PathLike[str], *, model: Any = None, trust_model: bool =
     if owned is not None:
         return owned
     if path.suffix == ".pt2":
-        from .exported import ExportedModule
-
-        try:
-            with quiet_torch_logs():
-                return ExportedModule.from_bytes(path.read_bytes())
-        except Exception as exc:
-            raise ModelLoadError(f"{path.name} is not a torch.export program ({first_line(exc)})",
-                                 "save it with torch.export.save(program, path)") from None
+        return _open_program(path, trust_model)
     if _is_torchscript(path):
         try:
             return torch.jit.load(str(path), map_location=map_location)
@@ -218,6 +220,26 @@ def load(path: str | os.PathLike[str], *, model: Any = None, trust_model: bool =
             "model (torch.save(model)) and pass --trust-model",
         )
     return _as_module(obj, path)
+
+
+def _open_program(path: Path, trust_model: bool) -> Any:
+    """A torch.export ``.pt2``: every pickle inside is checked with the weights-only unpickler first."""
+    from .exported import ExportedModule, UnsafeProgram, trusting
+
+    try:
+        with quiet_torch_logs(), trusting(trust_model):
+            return ExportedModule.from_bytes(path.read_bytes())
+    except UnsafeProgram as exc:
+        raise unsafe_program(path.name, exc) from None
+    except Exception as exc:
+        raise ModelLoadError(f"{path.name} is not a torch.export program ({first_line(exc)})",
+                             "save it with torch.export.save(program, path)") from None
+
+
+def unsafe_program(name: str, exc: BaseException) -> ModelLoadError:
+    return ModelLoadError(f"{name} cannot be opened safely: {first_line(exc)}; torch.export.load would run code "
+                          "from it", "pass --trust-model (trust_model=True) only if you trust where the file came "
+                          "from")
 
 
 def _open_folder(path: Path) -> Any:
@@ -277,7 +299,7 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
         if not isinstance(weights, dict):
             raise ModelLoadError(f"the weights in {path.name} are a {type(weights).__name__}, not a state_dict",
                                  "re-create the file with model-opt optimize")
-        load_weights(rebuilt, weights, path.name)
+        load_weights(rebuilt, weights, path.name, trust_model)
         return rebuilt.eval() if hasattr(rebuilt, "eval") else rebuilt
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise ModelLoadError(f"{path.name} was written by a newer model-opt (format {version})",
@@ -355,10 +377,16 @@ def replay(model: Any, steps: list[dict[str, Any]], device: str = "cpu") -> Any:
     return model
 
 
-def load_weights(model: Any, weights: dict[str, Any], name: str) -> None:
-    """Load a state_dict into ``model`` (shapes must match; tensors are taken over, not copied)."""
+def load_weights(model: Any, weights: dict[str, Any], name: str, trust_model: bool = False) -> None:
+    """Load a state_dict into ``model`` (shapes must match; tensors are taken over, not copied). A program
+    held as weights (a standalone step) is checked like a ``.pt2`` unless ``trust_model``."""
+    from .exported import UnsafeProgram, trusting
+
     try:
-        model.load_state_dict(weights, strict=True, assign=True)
+        with trusting(trust_model):
+            model.load_state_dict(weights, strict=True, assign=True)
+    except UnsafeProgram as exc:
+        raise unsafe_program(name, exc) from None
     except Exception as exc:
         detail = " ".join(str(exc).split())
         detail = detail.split(":", 1)[1].strip() if detail.startswith("Error(s) in loading") else detail

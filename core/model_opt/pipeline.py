@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -203,8 +204,10 @@ def export_program(model: Any, example: Any, path: Path, warnings: list[str]) ->
         return None
     try:
         program = measure_export(model, example)
+        buffer = io.BytesIO()  # (a file name would become the archive's root folder)
+        torch.export.save(program, buffer)
         with atomic_path(path) as tmp:
-            torch.export.save(program, str(tmp))
+            tmp.write_bytes(buffer.getvalue())
     except Exception as exc:
         warnings.append(f"no .pt2 export: torch.export failed ({first_line(exc)})")
         return None

@@ -12,6 +12,7 @@ Which one is detected from the script's source (a top-level ``def evaluate``) wi
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import math
 import os
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -53,6 +55,26 @@ def parse_metrics(stdout: str) -> dict[str, float]:
 
 def pick_primary(values: dict[str, float]) -> str:
     return "accuracy" if "accuracy" in values else next(iter(values))
+
+
+class HardExit(BaseException):
+    """``os._exit`` called by the user's script while model-opt runs it in-process."""
+
+
+@contextlib.contextmanager
+def no_hard_exit() -> Iterator[None]:
+    """While the user's code runs in our process, ``os._exit(n)`` raises instead of ending model-opt silently
+    (with exit code 0 and no output)."""
+    original = os._exit
+
+    def refuse(code: int = 0) -> None:
+        raise HardExit(f"os._exit({code}) was called")
+
+    os._exit = refuse  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        os._exit = original
 
 
 class TestScript:
@@ -114,7 +136,8 @@ class TestScript:
                 sys.path.insert(0, str(self.folder))
             sys.modules[name] = module
             try:
-                spec.loader.exec_module(module)
+                with no_hard_exit():
+                    spec.loader.exec_module(module)
             except BaseException as exc:
                 sys.modules.pop(name, None)
                 if isinstance(exc, KeyboardInterrupt):
@@ -138,12 +161,13 @@ class TestScript:
         return value
 
     def call(self, hook: str, *args: Any) -> Any:
-        """Call one of the script's functions; its own error is shown on one line."""
+        """Call one of the script's functions; its own error is shown on one line (``os._exit`` included)."""
         function = getattr(self.module, hook, None)
         if function is None:
             raise TestScriptError(f"{self.path.name} defines no {hook}()", f"add {hook} to the script")
         try:
-            return function(*args)
+            with no_hard_exit():
+                return function(*args)
         except KeyboardInterrupt:
             raise
         except TestScriptError:
@@ -176,7 +200,7 @@ class TestScript:
         for name, value in items:
             try:
                 number = float(value)
-            except (TypeError, ValueError):
+            except Exception:
                 raise TestScriptError(
                     f"{self.path.name} evaluate() returned {type(value).__name__} {value!r} for {name!r}, "
                     "not a number", "return a float or a dict of floats") from None
@@ -209,4 +233,8 @@ class TestScript:
             raise TestScriptError(
                 f"{self.path.name} defines no evaluate(model, dataset_path) and printed no metric",
                 "define evaluate(), or print lines like 'accuracy = 0.93'")
+        for name, number in values.items():
+            if not math.isfinite(number):
+                raise TestScriptError(f"{self.path.name} printed {name} = {number}",
+                                      "print finite numbers; check the model's outputs and the metric")
         return values
