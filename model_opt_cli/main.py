@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,21 +23,18 @@ app = typer.Typer(
 )
 
 
-def log_path_for(model: Path, output: Path | None) -> Path:
+def log_path_for(model: Path, output: str | None) -> Path:
     """Where backend messages of a run go: beside its output, under the output's name."""
-    from model_opt.job import default_output
+    from model_opt.job import output_path
 
-    out = output or default_output(model)
-    if out.is_dir():
-        out = out / default_output(model).name
-    return out.with_name(f"{out.stem}.log")
+    return output_path(model, output).with_name(f"{output_path(model, output).stem}.log")
 
 
 @contextlib.contextmanager
 def console(log_path: Path, quiet: bool, verbose: bool) -> Any:
     """Yield the progress callback; backend warnings, logs and progress bars go to ``log_path`` (said at
     the end) unless --verbose; --quiet silences model-opt's own progress too."""
-    from model_opt.backend_output import backend_output
+    from model_opt.backend_output import backend_output, stdout_fd_to
 
     terminal: list[Any] = [sys.stderr]
 
@@ -44,8 +42,8 @@ def console(log_path: Path, quiet: bool, verbose: bool) -> Any:
         if not quiet:
             print(f"model-opt: {message}", file=terminal[0], flush=True)
 
-    if verbose:
-        with contextlib.redirect_stdout(sys.stderr):  # backends may print; the report alone goes to stdout
+    if verbose:  # backends may print, even to fd 1 directly; the report alone goes to stdout
+        with contextlib.redirect_stdout(sys.stderr), stdout_fd_to(2):
             yield progress
         return
     existed = log_path.exists()
@@ -84,13 +82,18 @@ def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, str]:
 def parse_shape(text: str | None) -> list[int] | None:
     if not text:
         return None
+    parts = re.split(r"[,x]", text.strip().strip(","))
     try:
-        shape = [int(part) for part in text.replace("x", ",").split(",") if part.strip()]
+        shape = [int(part) for part in parts]
     except ValueError:
         raise UsageError(f"--input-shape {text!r} is not a list of integers", "write it like 1,3,224,224") from None
     if not shape or any(d <= 0 for d in shape):
         raise UsageError(f"--input-shape {text!r} has no positive dimensions", "write it like 1,3,224,224")
     return shape
+
+
+#: The CLI flag that passes extra options to each kind of technique (the seed's spellings).
+OPTION_FLAGS = {"prune": "--prune-opt", "decompose": "--decompose-opt", "fuse": "--fuse-opt", "quantize": "--quant-opt"}
 
 
 def default_prune_method(backend: str | None) -> str | None:
@@ -177,8 +180,9 @@ def optimize(
     decompose_method: Annotated[str | None, typer.Option(help="e.g. svd.")] = None,
     rank_ratio: Annotated[float | None, typer.Option(help="Rank as a fraction of min(in, out).")] = None,
     decompose_opt: Annotated[list[str] | None, typer.Option(help="Extra decomposition option KEY=VALUE.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the optimized model "
-                                                                      "(default: beside the input).")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Where to write the optimized model "
+                                                                     "(default: beside the input; a path ending "
+                                                                     "in / is a folder).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     max_accuracy_drop: Annotated[float | None, typer.Option(help="Fail, writing nothing, if the primary "
                                                                  "metric drops more than this.")] = None,
@@ -259,7 +263,8 @@ def techniques(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
         for o in t.options:
             extra = f" choices: {', '.join(map(str, o.choices))}" if o.choices else ""
             extra += f" range: {o.describe_range()}" if o.describe_range() else ""
-            typer.echo(f"    --{t.kind}-opt {o.name}=<{o.type.__name__}> default {o.default!r}.{extra} {o.help}")
+            flag = OPTION_FLAGS[t.kind]
+            typer.echo(f"    {flag} {o.name}=<{o.type.__name__}> default {o.default!r}.{extra} {o.help}")
         typer.echo(f"    needs: {', '.join(t.needs) or 'nothing'}; requires: {', '.join(t.requires) or '-'}")
         typer.echo(f"    speeds up on: {', '.join(t.speeds_up) or 'no device'}"
                    + (f" ({t.speed_note})" if t.speed_note else ""))
@@ -339,7 +344,10 @@ def recommend_command(
     trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")] = False,
 ) -> None:
     """Detect the architecture family and print the techniques that fit it, with the command for each."""
+    from model_opt.job import check_device
+
     try:
+        check_device(device)
         print_recommendation(model, test_script, test_dataset, device, trust_model)
     except ModelOptError as err:
         raise fail(err) from None
@@ -361,7 +369,10 @@ def autotune_command(
     backends: Annotated[str | None, typer.Option(help="Only search these backends (comma list).")] = None,
     recovery_steps: Annotated[int, typer.Option(help="Recovery fine-tuning steps the search may add after pruning "
                                                      "(with the test script's train(); 0: never).")] = 100,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to save the best model.")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for other workers' running trials "
+                                                          "once this worker's share is done.")] = False,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Where to save the best model (a path "
+                                                                     "ending in / is a folder).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     input_shape: Annotated[str | None, typer.Option(help="Random example input, e.g. 1,3,224,224.")] = None,
     trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")] = False,
@@ -384,7 +395,7 @@ def autotune_command(
                               objective=objective, study=study, storage=storage, output=output, device=device,
                               trust_model=trust_model, input_shape=parse_shape(input_shape),
                               backends=[b.strip() for b in backends.split(",")] if backends else None,
-                              recovery_steps=recovery_steps,
+                              recovery_steps=recovery_steps, wait=not no_wait,
                               progress=progress)
     except AccuracyBudgetExceeded as err:
         if err.report is not None:
@@ -425,16 +436,34 @@ def handle_sigterm() -> None:
 
 def main() -> None:
     """Console entry point: plugin commands are added, then the app runs."""
+    from model_opt.backend_output import stdout_fd_to
     from model_opt.plugins import get_plugin_manager
+    from typer._click import exceptions as click_errors  # typer's own copy of Click
 
     handle_sigterm()
-    with contextlib.redirect_stdout(sys.stderr):  # a plugin's print() at import must not reach --json output
+    # a plugin's print() at import or in register_commands must not reach --json output
+    with contextlib.redirect_stdout(sys.stderr), stdout_fd_to(2):
         manager = get_plugin_manager()
-    manager.register_commands(app)
+        manager.register_commands(app)
     try:
-        app()
+        code = typer.main.get_command(app).main(standalone_mode=False, prog_name="model-opt")
     except KeyboardInterrupt as interrupt:
         sys.exit(interrupted(interrupt).exit_code)
+    except click_errors.NoArgsIsHelpError as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click_errors.ClickException as err:  # usage errors: one line, like every other error
+        sys.exit(usage_line(err))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_line(err: Any) -> int:
+    """Print a Click usage error as one line naming the problem and where to look; return its exit code."""
+    problem = " ".join(err.format_message().split()).rstrip(".")
+    context = getattr(err, "ctx", None)
+    where = f"{context.command_path} --help" if context is not None else "model-opt --help"
+    typer.echo(f"Error: {problem}; see {where}", err=True)
+    return err.exit_code
 
 
 if __name__ == "__main__":

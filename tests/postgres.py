@@ -37,7 +37,7 @@ def _as_server_user(argv: list[str]) -> list[str]:
 
 @contextmanager
 def postgres_server() -> Iterator[tuple[str, Path]]:
-    """Yield (URL prefix 'postgresql+psycopg2://postgres@127.0.0.1:PORT', bin folder)."""
+    """Yield (URL prefix 'postgresql://postgres@127.0.0.1:PORT', bin folder)."""
     bin_dir = binaries()
     assert bin_dir is not None, "PostgreSQL server binaries are not installed"
     root = Path(tempfile.mkdtemp(prefix="model-opt-pg-"))
@@ -51,7 +51,7 @@ def postgres_server() -> Iterator[tuple[str, Path]]:
                                     f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200",
                                     "start"]), check=True, capture_output=True)
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}", bin_dir
+        yield f"postgresql://postgres@127.0.0.1:{port}", bin_dir
     finally:
         subprocess.run(_as_server_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
                        capture_output=True)

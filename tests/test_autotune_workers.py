@@ -92,6 +92,26 @@ def test_a_worker_killed_mid_trial_is_retried_and_nothing_stays_running(server, 
     assert {t.number for t in trials if t.state.name == "FAIL"} >= set(stuck)  # a killed trial is failed
 
 
+@pytest.mark.parametrize("kind", ["postgres", "journal"])
+def test_a_rerun_inside_the_grace_period_waits_for_the_killed_trial(server, digits, tmp_path: Path, kind):
+    """The rerun reaches its budget before the killed trial goes stale: it must wait, fail it, and run what the
+    budget still needs, so that the count is exact and nothing stays RUNNING."""
+    storage = create_database(*server[:1], server[1], "killed_now") if kind == "postgres" else \
+        str(tmp_path / "study.journal")
+    proc = worker(digits, storage, tmp_path / "best.pt", 4)
+    _kill_mid_trial(proc, storage)
+    stuck = [t.number for t in trials_of(storage) if t.state.name == "RUNNING"]
+    rerun = worker(digits, storage, tmp_path / "best.pt", 4)  # at once, inside the grace period
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    trials = trials_of(storage)
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+    assert len(counted(trials)) == 4
+    assert {t.number for t in trials if t.state.name == "FAIL"} >= set(stuck)
+    if stuck:
+        assert "waiting for trial" in err
+
+
 def test_password_never_shown_or_saved(server, digits, tmp_path: Path, cli) -> None:
     url = create_database(*server[:1], server[1], "secret").replace("postgres@", "postgres:s3cr3t@")
     out = tmp_path / "best.pt"
@@ -110,7 +130,8 @@ def test_password_never_shown_or_saved(server, digits, tmp_path: Path, cli) -> N
 @pytest.mark.parametrize(("storage", "message"), [
     ("postgresql+pg8000://u:pw@127.0.0.1:1/x", "needs the Python module pg8000, which is not installed; pip install "
                                                "\"model-opt[postgres]\""),
-    ("postgresql+psycopg2://u:pw@127.0.0.1:1/x", "cannot reach the storage postgresql+psycopg2://u:***@127.0.0.1:1/x"),
+    ("postgresql://u:pw@127.0.0.1:1/x", "cannot reach the storage postgresql://u:***@127.0.0.1:1/x"),
+    ("mysql://u:pw@127.0.0.1:1/x", "needs the Python module MySQLdb, which is not installed; pip install mysqlclient"),
 ])
 def test_storage_errors(cli, digits, tmp_path: Path, storage: str, message: str) -> None:
     result = cli("autotune", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
@@ -118,6 +139,19 @@ def test_storage_errors(cli, digits, tmp_path: Path, storage: str, message: str)
     assert result.exit_code != 0
     assert message in result.stderr and "pw@" not in result.stderr
     assert not (tmp_path / "o.pt").exists()
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://:pw@host/db", "postgresql://:***@host/db"),
+    ("postgresql://user:p@ss@host/db", "postgresql://user:***@host/db"),
+    ("postgresql://host/db?user=u&password=pw", "postgresql://host/db?user=u&password=***"),
+    ("failed: postgresql://u:pw@h:1/x timed out", "failed: postgresql://u:***@h:1/x timed out"),
+])
+def test_passwords_are_redacted_whatever_the_url_shape(url: str, shown: str) -> None:
+    from model_opt.tuning_storage import redact
+
+    assert redact(url) == shown
+    assert "pw" not in redact(url).replace("password", "") and "ss@" not in redact(url)
 
 
 def test_a_file_that_is_not_a_journal(cli, digits, tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import textwrap
 import uuid
 import zipfile
@@ -224,3 +226,144 @@ def test_load_model_returning_none_is_blamed_on_the_script(work: Path) -> None:
     script = TestScript(_script(work, "def load_model(path):\n    return None\n"))
     with pytest.raises(TestScriptError, match="load_model"):
         model_opt.modelio.load(work / "model.pth", loader=lambda p: script.call("load_model", p))
+
+
+# -- careless input that used to end in a traceback, or be accepted ---------------------------------------
+
+
+def test_deeply_nested_manifest_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "nested.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("model_opt.json", "[" * 100000 + "]" * 100000)
+    with pytest.raises(ModelLoadError, match="damaged model-opt manifest"):
+        model_opt.load(path)
+
+
+def test_terminal_escapes_from_a_manifest_are_not_printed_raw(tmp_path: Path) -> None:
+    path = tmp_path / "escape.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("model_opt.json", json.dumps({"format_version": 2, "payload": "pickle",
+                                                       "pickled_because": "\x1b]0;owned\x07" + "x" * 5000}))
+    with pytest.raises(ModelLoadError) as caught:
+        model_opt.load(path)
+    message = str(caught.value)
+    assert "\x1b" not in message and "\x07" not in message and len(message) < 600
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--study", "a/b"], "is not a valid study name"),
+    (["--study", "s" * 300], "is not a valid study name"),
+    (["--timeout", "-5"], "--timeout is -5.0"),
+])
+def test_autotune_bad_flags_are_refused_before_any_work(cli, work: Path, args: list, message: str) -> None:
+    before = listing(work)
+    result = cli("autotune", work / "model.pth", "--test-dataset", work / "data", "--test-script", work / "eval.py",
+                 "--max-accuracy-drop", "0.01", "--output", work / "tuned.pt", *args, "-q")
+    assert message in one_error(result)
+    assert listing(work) == before
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MODEL_OPT_HEARTBEAT_S": "abc"}, "MODEL_OPT_HEARTBEAT_S='abc' is not a whole number"),
+    ({"MODEL_OPT_HEARTBEAT_S": "0.5"}, "MODEL_OPT_HEARTBEAT_S='0.5' is not a whole number"),
+    ({"MODEL_OPT_HEARTBEAT_S": "0"}, "MODEL_OPT_HEARTBEAT_S='0' is not a whole number"),
+    ({"MODEL_OPT_HEARTBEAT_S": "-1"}, "MODEL_OPT_HEARTBEAT_S='-1' is not a whole number"),
+    ({"MODEL_OPT_GRACE_S": "abc"}, "MODEL_OPT_GRACE_S='abc' is not a whole number"),
+])
+def test_bad_lease_settings_are_one_line(cli, work: Path, monkeypatch, env: dict, message: str) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = cli("autotune", work / "model.pth", "--test-dataset", work / "data", "--test-script", work / "eval.py",
+                 "--max-accuracy-drop", "0.01", "--output", work / "tuned.pt", "-q")
+    assert message in one_error(result)
+
+
+def test_a_budget_larger_than_the_metric_leaves_no_journal(cli, work: Path) -> None:
+    before = listing(work)
+    result = cli("autotune", work / "model.pth", "--test-dataset", work / "data", "--test-script", work / "eval.py",
+                 "--max-accuracy-drop", "5", "--output", work / "tuned.pt", "-q")
+    assert "larger than the metric itself" in one_error(result)
+    assert listing(work) == before
+
+
+def test_very_long_output_and_model_names_fail_before_any_work(cli, work: Path) -> None:
+    line = one_error(cli(*optimize_args(work, *PRUNE, "--output", work / ("o" * 250 + ".pt"), "-q")))
+    assert "too long" in line
+    long_model = work / ("m" * 245 + ".pth")
+    shutil.copy(work / "model.pth", long_model)
+    line = one_error(cli("optimize", long_model, "--test-dataset", work / "data", "--test-script", work / "eval.py",
+                         *PRUNE, "-q"))
+    assert "too long" in line
+
+
+def test_recommend_refuses_an_unknown_device(cli, work: Path) -> None:
+    assert "unknown device 'banana'" in one_error(cli("recommend", work / "model.pth", "--test-script",
+                                                      work / "eval.py", "--device", "banana"))
+
+
+def test_input_shape_with_a_non_number_is_refused(cli, work: Path) -> None:
+    assert "is not a list of integers" in one_error(cli(*optimize_args(work, *PRUNE, "--input-shape", "1,x,8",
+                                                                       "-q")))
+
+
+def test_output_ending_in_a_slash_is_a_folder(cli, work: Path, tmp_path: Path) -> None:
+    result = cli(*optimize_args(work, *PRUNE, "--output", f"{tmp_path / 'newdir'}/", "-q"))
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "newdir" / "model.optimized.pt").is_file()
+
+
+def test_train_returning_a_wrapped_model_or_its_loss_saves_a_model_that_reopens(cli, work: Path) -> None:
+    for body in ("import torch\n\n_train = train\n\ndef train(model, dataset_path, steps):\n"
+                 "    _train(model, dataset_path, steps)\n    return torch.nn.DataParallel(model)\n",
+                 "_train = train\n\ndef train(model, dataset_path, steps):\n"
+                 "    _train(model, dataset_path, steps)\n    return 0.25\n"):
+        script = _script(work, body)
+        out = work / f"{script.stem}.pt"
+        result = cli("optimize", work / "model.pth", "--test-dataset", work / "data", "--test-script", script,
+                     "--prune", "--prune-backend", "torch-pruning", "--prune-amount", "0.3", "--finetune-steps", "5",
+                     "--output", out, "-q")
+        assert result.exit_code == 0, result.stderr
+        reopened = model_opt.load(out, test_script=script)
+        assert type(reopened).__name__ == "DigitsNet"
+
+
+def test_model_opt_save_never_replaces_a_users_file_a_pipe_or_a_device(tmp_path: Path) -> None:
+    from model_opt.errors import UsageError
+
+    model = torch.nn.Linear(2, 2)
+    users = tmp_path / "digits_model.py"
+    users.write_text("class DigitsNet: ...\n")
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    for path in (users, fifo, Path("/dev/null")):
+        with pytest.raises(UsageError):
+            model_opt.save(model, path)
+    assert users.read_text() == "class DigitsNet: ...\n"
+    model_opt.save(model, tmp_path / "a.pt")
+    model_opt.save(model, tmp_path / "a.pt")  # its own artifact may be replaced
+
+
+def _run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model_opt_cli.main", *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_json_stdout_survives_a_script_writing_to_fd_1(work: Path) -> None:
+    script = _script(work, "import os\n\n_evaluate = evaluate\n\ndef evaluate(model, dataset_path):\n"
+                           "    os.write(1, b'noise from the script\\n')\n    print('more noise')\n"
+                           "    return _evaluate(model, dataset_path)\n")
+    proc = _run_cli("optimize", work / "model.pth", "--test-dataset", work / "data", "--test-script", script, *PRUNE,
+                    "--output", work / "o.pt", "--json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["after"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["optimize"], "Error: Missing argument 'model'; see model-opt optimize --help"),
+    (["optimize", "m.pt", "--test-dataset", "d", "--test-script", "e.py", "--bogus"], "No such option: --bogus"),
+    (["nosuch"], "Error: No such command 'nosuch'; see model-opt --help"),
+])
+def test_usage_errors_are_one_line(args: list, message: str) -> None:
+    proc = _run_cli(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr

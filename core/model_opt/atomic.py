@@ -36,16 +36,23 @@ def _temp_prefix(target: Path) -> str:
 
 def _remove_stale(target: Path) -> None:
     """Temporary files of ``target`` whose writing process is gone (killed with SIGKILL)."""
-    prefix = _temp_prefix(target)
+    remove_stale_temp(target.parent, _temp_prefix(target), ".")
+
+
+def remove_stale_temp(folder: Path, prefix: str, separator: str = "-") -> None:
+    """Remove ``folder``'s entries named ``<prefix><pid><separator>...`` whose process is gone: temporary files
+    and folders that a killed run (SIGKILL) could not clean up."""
+    import shutil
+
     with contextlib.suppress(OSError):
-        for entry in target.parent.iterdir():
+        for entry in folder.iterdir():
             name = entry.name
-            if not (name.startswith(prefix) and ".tmp" in name[len(prefix):]):
+            if not name.startswith(prefix):
                 continue
-            pid = name[len(prefix):].split(".", 1)[0]
+            pid = name[len(prefix):].split(separator, 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
                 with contextlib.suppress(OSError):
-                    entry.unlink()
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def _alive(pid: int) -> bool:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +30,17 @@ from .plugins import PluginManager
 from .recommend import detect_family, recommend
 from .registry import Technique
 from .report import dumps
-from .tuning_storage import expire_dead_trials, is_journal, lease, open_storage, redact, worker_id
+from .tuning_storage import (
+    check_study_name,
+    expire_dead_trials,
+    grace_s,
+    heartbeat_s,
+    is_journal,
+    lease,
+    open_storage,
+    redact,
+    worker_id,
+)
 
 OBJECTIVES = ("latency", "size", "both")
 
@@ -106,7 +118,8 @@ def default_study_name(model_path: Path, settings: dict[str, Any]) -> str:
     import hashlib
 
     key = json.dumps({"model": str(model_path.resolve()), **settings}, sort_keys=True)
-    return f"model-opt-{model_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", model_path.stem)[:40]
+    return f"model-opt-{stem}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 def check_settings(study: Any, settings: dict[str, Any]) -> None:
@@ -165,14 +178,12 @@ def build_candidate(original: Any, steps: list[dict[str, Any]], recovery: int, r
     from .job import Step, apply
     from .job import plan as plan_steps
     from .measure import compile_model
-    from .pipeline import keep_pruned_weights_at_zero
+    from .pipeline import recover
 
     planned = plan_steps([Step(s["kind"], s["backend"], s["method"], s["options"]) for s in steps], job.manager)
     model, records = apply(copy.deepcopy(original), planned, context, job.manager)
     if recovery:
-        with keep_pruned_weights_at_zero(model):
-            trained = job.script.call("train", model, job.dataset, recovery)
-        model = trained if trained is not None else model
+        model = recover(model, job.script, job.dataset, recovery)
     model = model.eval()
     runnable = model
     if runtime == "compiled":
@@ -201,6 +212,7 @@ def autotune(
     input_shape: Sequence[int] | None = None,
     backends: Sequence[str] | None = None,
     recovery_steps: int = 100,
+    wait: bool = True,
     progress: Callable[[str], None] | None = None,
     manager: PluginManager | None = None,
 ) -> TuneResult:
@@ -216,6 +228,11 @@ def autotune(
         raise UsageError(f"unknown objective {objective!r}", f"choose one of: {', '.join(OBJECTIVES)}")
     if trials < 1:
         raise UsageError(f"--trials is {trials}", "pass at least 1")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise UsageError(f"--timeout is {timeout}", "pass a positive number of seconds, or leave it out")
+    if study is not None:
+        check_study_name(study)
+    heartbeat_s(), grace_s()  # the environment's lease settings, checked before any work
     if recovery_steps < 0:
         raise UsageError(f"--recovery-steps is {recovery_steps}", "pass 0 (no recovery) or a positive number")
     job = Job.prepare(model_path, test_script=test_script, dataset=dataset, output=output, device=device,
@@ -244,7 +261,6 @@ def autotune(
     if not {t.backend for items in space.values() for t in items} - {"basic"}:
         raise UsageError(f"no installed technique that the tuner searches applies to this {family} model",
                          'see model-opt recommend for what fits it, and pip install "model-opt[all]"')
-    optuna_storage, storage_label = open_storage(storage, out.with_name(f"{study_name}.journal"))
     sign = 1.0 if script.higher_is_better else -1.0
     say("measuring the baseline")
     baseline = Baseline(script.evaluate(original, dataset, device).value,
@@ -255,6 +271,7 @@ def autotune(
                          f"({baseline.metric:.4f}), which would accept any model",
                          "pass a drop in the metric's own units, e.g. 0.01 for one accuracy point")
     context = job.context()
+    optuna_storage, storage_label = open_storage(storage, out.with_name(f"{study_name}.journal"))
 
     directions = {"latency": ["minimize"], "size": ["minimize"], "both": ["minimize", "minimize"]}[objective]
     sampler = optuna.samplers.TPESampler(seed=None)
@@ -364,10 +381,48 @@ def autotune(
         say(f"[{len(finished)}/{trials}] trial {trial.number}: {attrs.get('description')} -> {result} | best "
             f"within budget: {best_text} | ~{left:.0f}s left")
 
-    if remaining:  # skipped proposals do not count; the cap stops a sampler that only repeats itself
-        the_study.optimize(objective_fn, n_trials=remaining * 4, timeout=timeout, gc_after_trial=True,
-                           callbacks=[report_progress])
+    def run_more(count: int) -> None:  # skipped proposals do not count; the cap stops a repeating sampler
+        left = None if timeout is None else timeout - (time.time() - started)
+        if left is None or left > 0:
+            the_study.optimize(objective_fn, n_trials=count * 4, timeout=left, gc_after_trial=True,
+                               callbacks=[report_progress])
+
+    if remaining:
+        run_more(remaining)
+    if timeout is None or time.time() - started < timeout:
+        settle(the_study, trials, run_more, say, wait)
     return finish(the_study, storage_label, baseline, objective, original, job, context, max_accuracy_drop)
+
+
+def settle(study: Any, trials: int, run_more: Callable[[int], None], say: Callable[[str], None],
+           wait: bool) -> None:
+    """Leave the study with ``trials`` counted trials and none RUNNING: wait for other workers' running trials
+    until they finish or their worker goes silent (then they are failed, and what the budget still needs runs
+    here). Without ``wait``, stop once this worker's share is done."""
+    import optuna
+
+    announced: set[int] = set()
+    while True:
+        expired = expire_dead_trials(study)
+        if expired:
+            say(f"trials {', '.join(map(str, expired))} were left running by a worker that died: failed and queued "
+                "again")
+        running = sorted(t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+        done = len(counted(study))
+        need = trials - done - len(running)
+        if need > 0:
+            run_more(need)
+            if len(counted(study)) > done:
+                continue
+            return  # nothing more could run (time is up, or the sampler only repeats itself)
+        if not running or not wait:
+            return
+        if set(running) != announced:
+            say(f"waiting for trial{'s' if len(running) > 1 else ''} {', '.join(map(str, running))} running in "
+                f"another worker: it finishes, or is failed once its worker is silent for {grace_s()}s and rerun "
+                "here (--no-wait stops now)")
+            announced = set(running)
+        time.sleep(min(2, heartbeat_s()))
 
 
 def seed_recommendations(study: Any, model: Any, device: str, space: dict[str, list[Technique]],

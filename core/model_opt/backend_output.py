@@ -23,7 +23,10 @@ def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
     stderr, for progress."""
     succeeded = False
     terminal[:] = [sys.stderr]
-    fd, tmp_name = tempfile.mkstemp(prefix="model-opt-", suffix=".log")  # moved beside the output at the end
+    from .atomic import remove_stale_temp
+
+    remove_stale_temp(Path(tempfile.gettempdir()), "model-opt-log-")  # left by runs that were killed
+    fd, tmp_name = tempfile.mkstemp(prefix=f"model-opt-log-{os.getpid()}-", suffix=".log")  # moved beside the output
     handle = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
     moved: dict[int, tuple[logging.StreamHandler, TextIO]] = {}  # a handler may serve several loggers
     for handler in _stream_handlers():
@@ -33,14 +36,15 @@ def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
     fallback = logging.lastResort
     logging.lastResort = logging.StreamHandler(handle)
     try:
-        with contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle), warnings.catch_warnings():
+        with contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle), stdout_fd_to(handle.fileno()), \
+                warnings.catch_warnings():
             warnings.simplefilter("default")
             yield
         succeeded = True
     finally:
         for handler, stream in moved.values():
             handler.stream = stream
-        for handler in _stream_handlers():  # made during the run (on sys.stderr, then our file): the terminal
+        for handler in _stream_handlers(handle):  # made during the run (on sys.stderr, then our file): the terminal
             if handler.stream is handle:
                 handler.stream = sys.__stderr__  # never closed, unlike a test runner's stream
         logging.lastResort = fallback
@@ -53,14 +57,49 @@ def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def stdout_fd_to(fd: int) -> Iterator[None]:
+    """Point file descriptor 1 at ``fd`` while the block runs: code that writes to fd 1 directly (C libraries,
+    ``os.write(1, ...)``, a child process inheriting it) cannot break the report printed on stdout."""
+    for stream in (sys.stdout, sys.__stdout__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no fd 1 at all
+        yield
+        return
+    os.dup2(fd, 1)
+    try:
+        yield
+    finally:
+        _flush_c_stdio()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _flush_c_stdio() -> None:
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _stream_handlers() -> list[logging.StreamHandler]:
-    """Every handler that writes to a stream (not a file), on every logger."""
+def _stream_handlers(*also: object) -> list[logging.StreamHandler]:
+    """Every handler that writes to the terminal (sys.stdout/sys.stderr, or the streams ``also`` names), on
+    every logger.
+
+    Only those: a StreamHandler subclass that manages a file of its own (torch's ``LazyTraceHandler`` opens
+    its trace file lazily and, seeing a stream it did not open, closes it as if inherited across a fork) must
+    keep its stream, or it closes our log file under whoever writes to it next."""
+    terminal = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__, *also) if s is not None}
     loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
     return [handler for logger in loggers for handler in getattr(logger, "handlers", [])
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            and id(getattr(handler, "stream", None)) in terminal]

@@ -14,6 +14,12 @@ def describe(exc: BaseException, limit: int = 200) -> str:
     return f"{type(exc).__name__}: {first_line(exc, limit)}"
 
 
+def printable(text: str, limit: int = 1000) -> str:
+    """``text`` safe for a terminal: control characters (escape sequences) shown escaped, cut to ``limit``."""
+    safe = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+    return safe if len(safe) <= limit else safe[:limit] + "..."
+
+
 class ModelOptError(Exception):
     """Base error. ``str(err)`` is the one-line message the CLI prints."""
 
@@ -23,7 +29,7 @@ class ModelOptError(Exception):
         self.problem = problem.rstrip(".")
         self.fix = fix
         message = self.problem if not fix else f"{self.problem}; {fix}"
-        super().__init__(" ".join(message.split()))
+        super().__init__(printable(" ".join(message.split()), 2000))
 
 
 class UsageError(ModelOptError):

@@ -158,6 +158,17 @@ def default_output(model_path: Path) -> Path:
     return model_path.with_name(f"{name}.optimized.pt")
 
 
+def output_path(model_path: Path, output: str | os.PathLike[str] | None) -> Path:
+    """Where a run writes: ``output``; inside it when it is a folder or ends in '/'; else beside the model."""
+    if not output:
+        return default_output(Path(model_path))
+    text = os.fspath(output)
+    out = Path(text)
+    if text.endswith(("/", os.sep)) or out.is_dir():
+        return out / default_output(Path(model_path)).name
+    return out
+
+
 def report_path(output: Path) -> Path:
     """The report of a run, beside its output under the output's own name."""
     return output.with_name(f"{output.stem}.report.json")
@@ -319,9 +330,7 @@ class Job:
             raise UsageError(f"--max-accuracy-drop is {max_accuracy_drop}, which is negative",
                              "pass the largest drop you accept, in the metric's units (e.g. 0.01)")
         check_input_shape(input_shape)
-        out = Path(output) if output else default_output(path)
-        if out.is_dir():
-            out = out / default_output(path).name
+        out = output_path(path, output)
         protected = [*inputs_of(path), script.path, Path(dataset)]
         out = check_output(out, protected, export=export, flag=output_flag)
         return cls(path, script, dataset, out, check_device(device), trust_model, input_shape, compile,

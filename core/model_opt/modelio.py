@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path
-from .errors import ModelLoadError, ModelOptError, first_line
+from .errors import ModelLoadError, ModelOptError, UsageError, first_line, printable
 
 MANIFEST = "model_opt.json"
 WEIGHTS = "weights.pt"
@@ -100,8 +100,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with zipfile.ZipFile(path) as archive:
             manifest = json.loads(archive.read(MANIFEST))
-    except (zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path.name} has a damaged model-opt manifest ({first_line(exc)})",
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError, RecursionError) as exc:
+        raise ModelLoadError(f"{path.name} has a damaged model-opt manifest ({first_line(exc)[:120]})",
                              "re-create the file with model-opt optimize") from None
     if not isinstance(manifest, dict):
         raise ModelLoadError(f"{path.name} has a model-opt manifest that is a {type(manifest).__name__}, "
@@ -305,7 +305,7 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
         raise ModelLoadError(f"{path.name} was written by a newer model-opt (format {version})",
                              "upgrade model-opt (pip install -U model-opt)")
     why = ("was written by model-opt format 1, which pickles the whole model" if version in (None, 1) else
-           str(manifest.get("pickled_because") or "holds a pickled model"))
+           printable(str(manifest.get("pickled_because") or "holds a pickled model"), 200))
     if not trust_model:
         raise ModelLoadError(f"{path.name} {why}; reopening it runs code from the file",
                              "pass --trust-model (trust_model=True) only if you trust where the file came from")
@@ -350,7 +350,15 @@ def base_model(manifest: dict[str, Any], path: Path, *, trust_model: bool, map_l
     if src.resolve() == path.resolve() or (src.is_file() and is_artifact(src)):
         raise ModelLoadError(f"{path.name} names another model-opt artifact as its source",
                              "pass model=<the original architecture>")
-    return load(src, trust_model=trust_model, map_location=map_location, search_paths=search_paths, loader=loader)
+    try:
+        return load(src, trust_model=trust_model, map_location=map_location, search_paths=search_paths,
+                    loader=loader)
+    except ModelLoadError as exc:
+        if "is a pickled nn.Module" not in str(exc):
+            raise
+        raise ModelLoadError(f"{path.name} was made from {src.name}, a pickled nn.Module, which runs code when "
+                             "loaded", "pass the architecture: model_opt.load(path, model=YourModel()) (safe), or "
+                             "--test-script with load_model(); --trust-model only if you trust the source") from None
 
 
 def replay(model: Any, steps: list[dict[str, Any]], device: str = "cpu") -> Any:
@@ -424,11 +432,23 @@ def save(model: Any, path: str | os.PathLike[str], manifest: dict[str, Any] | No
                             f"{first_line(exc)})", "report this to the plugin that produced it; nothing "
                             "was written") from None
     path = Path(path)
+    check_replaceable(path)
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
             archive.writestr(MANIFEST, json.dumps(meta, indent=2, default=str))
             archive.writestr(PICKLE if blockers else WEIGHTS, buffer.getvalue())
     return path
+
+
+def check_replaceable(path: Path) -> None:
+    """An output path may be new, or an earlier model-opt artifact; never a pipe, a device, a folder, a link or
+    another file of the user's."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise UsageError(f"{path} exists and is not a regular file (a folder, link, pipe or device)",
+                         "save to a new file path")
+    if path.exists() and not is_artifact(path):
+        raise UsageError(f"{path.name} exists and is not a model-opt artifact, so saving would destroy it",
+                         "save to a new file path, or remove the file yourself")
 
 
 def _json_ok(value: Any) -> bool:

@@ -123,9 +123,7 @@ def optimize(
         report.recovery = {"steps": finetune_steps,
                            "metrics_before_recovery": script.evaluate(model, dataset, device).values}
         say(f"recovery fine-tuning: {finetune_steps} steps")
-        with keep_pruned_weights_at_zero(model):
-            trained = script.call("train", model, dataset, finetune_steps)
-        model = (trained if isinstance(trained, torch.nn.Module) else model).eval()
+        model = recover(model, script, dataset, finetune_steps).eval()
     compiled = None
     if compile:
         say("compiling the optimized model (torch.compile, inductor freezing)")
@@ -168,6 +166,23 @@ def _working_copy(model: Any) -> Any:
         return copy.deepcopy(model)
     except Exception:
         return model
+
+
+def recover(model: Any, script: TestScript, dataset: str, steps: int) -> Any:
+    """Recovery fine-tuning through the test script's ``train(model, dataset_path, steps)``, pruned zeros kept.
+
+    ``train`` may train in place and return anything (None, its loss) or return the model; a model wrapped
+    for training (``DataParallel``, ``DistributedDataParallel``) is unwrapped, so the result saves and reopens
+    as the architecture it was given."""
+    import torch
+
+    with keep_pruned_weights_at_zero(model):
+        trained = script.call("train", model, dataset, steps)
+    if not isinstance(trained, torch.nn.Module):
+        return model
+    while isinstance(trained, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        trained = trained.module
+    return trained
 
 
 @contextlib.contextmanager

@@ -57,6 +57,15 @@ def pick_primary(values: dict[str, float]) -> str:
     return "accuracy" if "accuracy" in values else next(iter(values))
 
 
+def _die_with_parent() -> None:
+    """In the evaluation child: be killed when model-opt dies (even by SIGKILL), on Linux."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
 class HardExit(BaseException):
     """``os._exit`` called by the user's script while model-opt runs it in-process."""
 
@@ -216,13 +225,17 @@ class TestScript:
     def _run_program(self, model: Any, dataset: str, device: str) -> dict[str, float]:
         import torch
 
-        with tempfile.TemporaryDirectory(prefix="model-opt-eval-") as tmp:
+        from .atomic import remove_stale_temp
+
+        remove_stale_temp(Path(tempfile.gettempdir()), "model-opt-eval-")  # copies left by killed runs
+        with tempfile.TemporaryDirectory(prefix=f"model-opt-eval-{os.getpid()}-") as tmp:
             model_file = Path(tmp) / "model.pt"
             torch.save(model, model_file)
             env = {**os.environ, "MODEL_OPT_MODEL": str(model_file), "MODEL_OPT_DATASET": str(dataset),
                    "MODEL_OPT_DEVICE": device}
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.folder), env.get("PYTHONPATH", "")]))
-            proc = subprocess.run([sys.executable, str(self.path)], env=env, capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, str(self.path)], env=env, capture_output=True, text=True,
+                                  preexec_fn=_die_with_parent)
         if proc.returncode != 0:
             lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
             last = lines[-1].strip() if lines else f"no error output (exit code {proc.returncode})"

@@ -25,17 +25,84 @@ from typing import Any
 
 from .errors import UsageError, describe, first_line
 
-#: Seconds between heartbeats, and after which a silent RUNNING trial is taken as dead.
-HEARTBEAT_S = int(os.environ.get("MODEL_OPT_HEARTBEAT_S", "10"))
-GRACE_S = int(os.environ.get("MODEL_OPT_GRACE_S", "30"))
 LEASE_ATTR = "model_opt_lease"
+#: A study name becomes a file name (the journal): letters, digits, '.', '_' and '-', at most this long.
+STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-def redact(url: str | None) -> str:
-    """The URL with its password replaced by ***."""
-    if not url:
-        return str(url)
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+def _seconds(variable: str, default: int) -> int:
+    """A whole number of seconds, at least 1, from the environment (else a one-line error)."""
+    text = os.environ.get(variable, str(default)).strip()
+    if not text.isdigit() or int(text) < 1 or int(text) > 86400:
+        raise UsageError(f"{variable}={text[:20]!r} is not a whole number of seconds from 1 to 86400",
+                         f"set it like {variable}={default}, or unset it")
+    return int(text)
+
+
+def heartbeat_s() -> int:
+    """Seconds between heartbeats (MODEL_OPT_HEARTBEAT_S, default 10)."""
+    return _seconds("MODEL_OPT_HEARTBEAT_S", 10)
+
+
+def grace_s() -> int:
+    """Seconds after which a silent RUNNING trial is taken as dead (MODEL_OPT_GRACE_S, default 30; at least
+    twice the heartbeat)."""
+    grace, beat = _seconds("MODEL_OPT_GRACE_S", 30), heartbeat_s()
+    if grace < 2 * beat:
+        raise UsageError(f"MODEL_OPT_GRACE_S={grace} is shorter than two heartbeats ({beat}s each), so live trials "
+                         "would be failed", f"set MODEL_OPT_GRACE_S to at least {2 * beat}")
+    return grace
+
+
+def check_study_name(name: str) -> str:
+    if not STUDY_NAME.match(name):
+        raise UsageError(f"--study {name[:40]!r}{'...' if len(name) > 40 else ''} is not a valid study name (it "
+                         "names the journal file)", "use up to 100 letters, digits, '.', '_' or '-', e.g. --study "
+                         "resnet-tune")
+    return name
+
+
+#: Query parameters of a storage URL whose values are secrets.
+SECRET_KEYS = ("password", "passwd", "pwd", "pass", "secret", "token", "sslpassword", "sslkey")
+#: Driver modules a URL may need, and what installs them (SQLAlchemy 2's default for postgresql:// is psycopg 3).
+DRIVER_HINTS = {
+    "psycopg": 'pip install "model-opt[postgres]" (psycopg 3, which postgresql:// URLs use)',
+    "psycopg2": 'pip install psycopg2-binary, or write the URL as postgresql:// to use psycopg 3 '
+                '(pip install "model-opt[postgres]")',
+    "MySQLdb": "pip install mysqlclient, or write the URL as mysql+pymysql:// and pip install pymysql",
+    "pymysql": "pip install pymysql",
+}
+
+
+def redact(text: str | None) -> str:
+    """``text`` with the password of every URL in it replaced by ***: the user-info password (everything
+    between the first ':' after the user and the last '@', so a password holding '@' is hidden whole) and
+    secret query parameters, read with SQLAlchemy's URL parser."""
+    if not text:
+        return str(text)
+    return " ".join(_redact_url(word) if "://" in word else word for word in str(text).split(" "))
+
+
+def _redact_url(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    main, question, query = rest.partition("?")
+    at = main.rfind("@")
+    if at >= 0 and ":" in main[:at]:
+        main = f"{main[:at].split(':', 1)[0]}:***{main[at:]}"
+    if question:
+        try:
+            from sqlalchemy.engine import make_url
+
+            params = dict(make_url(f"{scheme}://x/?{query}").query)
+        except Exception:
+            from urllib.parse import parse_qsl
+
+            params = dict(parse_qsl(query, keep_blank_values=True))
+        from urllib.parse import urlencode
+
+        hidden = {k: ("***" if k.lower() in SECRET_KEYS else v) for k, v in params.items()}
+        query = urlencode(hidden, doseq=True, safe="*") if hidden else "***"
+    return f"{scheme}://{main}{question}{query}"
 
 
 def _missing_driver(exc: BaseException) -> str | None:
@@ -60,14 +127,16 @@ def open_storage(storage: str | None, default_path: Path) -> tuple[Any, str]:
     for attempt in range(6):
         try:
             return optuna.storages.RDBStorage(
-                storage, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
+                storage, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat_s(),
+                grace_period=grace_s(),
                 heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2)), label
         except Exception as exc:  # noqa: PERF203 - retried on purpose
             module = _missing_driver(exc)
             if module:
+                hint = DRIVER_HINTS.get(module.split(".")[0], 'pip install "model-opt[postgres]" for PostgreSQL, '
+                                        "or the driver the URL names")
                 raise UsageError(f"the storage {label} needs the Python module {module}, which is not installed",
-                                 'pip install "model-opt[postgres]" (psycopg2 for postgresql:// URLs)') from None
+                                 hint) from None
             last = exc
             racing = any(word in str(exc) for word in ("already exists", "UniqueViolation", "duplicate key"))
             if not racing:
@@ -128,12 +197,13 @@ def worker_id() -> str:
 def lease(trial: Any) -> Iterator[None]:
     """Renew this trial's lease while it runs (journal storage, which has no heartbeat of its own)."""
     stop = threading.Event()
+    every = heartbeat_s()
 
     def renew() -> None:
         while not stop.is_set():
             with contextlib.suppress(Exception):
                 trial.set_user_attr(LEASE_ATTR, {"worker": worker_id(), "alive": time.time()})
-            stop.wait(HEARTBEAT_S)
+            stop.wait(every)
 
     thread = threading.Thread(target=renew, daemon=True)
     thread.start()
@@ -145,19 +215,28 @@ def lease(trial: Any) -> Iterator[None]:
 
 
 def expire_dead_trials(study: Any) -> list[int]:
-    """Fail the RUNNING journal trials whose lease expired (their worker was killed) and queue their
-    parameters again; returns their numbers."""
+    """Fail the RUNNING trials whose worker stopped beating (it was killed) and queue their parameters again;
+    returns their numbers. Journals: our lease; databases: Optuna's heartbeat (fail_stale_trials, whose
+    retry callback queues them)."""
+    import warnings
+
     import optuna
 
     if not is_journal(study._storage):
-        return []  # databases: Optuna's heartbeat does this
+        running = {t._trial_id: t.number for t in study.get_trials(deepcopy=False,
+                                                                    states=(optuna.trial.TrialState.RUNNING,))}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental-API note
+            optuna.storages.fail_stale_trials(study)
+        return [number for trial_id, number in running.items()
+                if study._storage.get_trial(trial_id).state == optuna.trial.TrialState.FAIL]
     expired = []
-    now = time.time()
+    now, grace = time.time(), grace_s()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         held = trial.user_attrs.get(LEASE_ATTR)
         alive = held.get("alive", 0) if isinstance(held, dict) else (
             trial.datetime_start.timestamp() if trial.datetime_start else 0)
-        if now - alive > GRACE_S:
+        if now - alive > grace:
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
             if trial.params:
                 study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
