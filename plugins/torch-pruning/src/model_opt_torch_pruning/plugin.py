@@ -60,5 +60,5 @@ def restore(model: Any, technique: Technique, options: dict[str, Any], state: di
 
     from .structured import apply_config
 
-    apply_config(model, state.get("config", {}))
+    apply_config(model, state)
     return rebuild_structure(model, state)

@@ -44,45 +44,76 @@ def hf_attention_modules(model: nn.Module) -> list[nn.Module]:
             and isinstance(getattr(m, "num_attention_heads", None), int)]
 
 
+def hf_models(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Hugging Face model in ``model`` by its module name ("" for the model itself): a module holding a
+    transformers config with a hidden size, the outermost of each (a classifier's inner BertModel shares its
+    config). Found at any depth, so a model wrapped in the user's own module (a pooling head, two encoders)
+    is protected and updated like a bare one."""
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if not (hasattr(config, "to_dict") and isinstance(getattr(config, "hidden_size", None), int)):
+            continue
+        if any(root == "" or name.startswith(f"{root}.") for root in found):
+            continue
+        found[name] = module
+    return found
+
+
 def residual_writers(model: nn.Module, projections: set[nn.Module]) -> list[nn.Module]:
-    """Layers whose outputs set a transformer's hidden size (config.hidden_size): the attention output and
-    MLP output projections, the pooler, the embeddings. Pruning keeps them, so whole heads and FFN width
-    go while the residual stream keeps its width."""
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if not isinstance(hidden, int):
-        return []
-    return [m for m in model.modules() if (isinstance(m, nn.Linear) and m.out_features == hidden
-                                           and m not in projections) or isinstance(m, nn.Embedding)]
+    """Layers whose outputs set each Hugging Face model's hidden size (config.hidden_size): the attention
+    output and MLP output projections, the pooler, the embeddings. Pruning keeps them, so whole heads and FFN
+    width go while the residual stream keeps its width, in every HF model the user's module holds."""
+    kept: list[nn.Module] = []
+    for root in hf_models(model).values():
+        hidden = root.config.hidden_size
+        kept += [m for m in root.modules() if (isinstance(m, nn.Linear) and m.out_features == hidden
+                                               and m not in projections) or isinstance(m, nn.Embedding)]
+    return kept
 
 
 def update_hf_attention(model: nn.Module, attention: list[nn.Module], num_heads: dict[nn.Module, int]) -> None:
-    """The three attributes BERT-family attention reshapes with, and the config where layers agree."""
+    """The three attributes BERT-family attention reshapes with."""
     for m in attention:
         m.num_attention_heads = num_heads[m.query]
         m.attention_head_size = m.query.out_features // m.num_attention_heads
         m.all_head_size = m.query.out_features
 
 
-def config_changes(model: nn.Module, attention: list[nn.Module]) -> dict[str, int]:
-    """config.num_attention_heads / intermediate_size after pruning, where every layer has the same."""
-    config = getattr(model, "config", None)
-    if config is None or not attention:
-        return {}
-    changes: dict[str, int] = {}
-    heads = {m.num_attention_heads for m in attention}
-    if len(heads) == 1:
-        changes["num_attention_heads"] = heads.pop()
-    widths = {m.dense.out_features for m in model.modules()
-              if type(m).__name__.endswith("Intermediate") and isinstance(getattr(m, "dense", None), nn.Linear)}
-    if len(widths) == 1:
-        changes["intermediate_size"] = widths.pop()
+def config_changes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Per Hugging Face model (by module name): config.num_attention_heads / intermediate_size after pruning,
+    where every layer of that model agrees."""
+    changes: dict[str, dict[str, int]] = {}
+    for name, root in hf_models(model).items():
+        attention = hf_attention_modules(root)
+        if not attention:
+            continue
+        change: dict[str, int] = {}
+        heads = {m.num_attention_heads for m in attention}
+        if len(heads) == 1:
+            change["num_attention_heads"] = heads.pop()
+        widths = {m.dense.out_features for m in root.modules()
+                  if type(m).__name__.endswith("Intermediate") and isinstance(getattr(m, "dense", None), nn.Linear)}
+        if len(widths) == 1:
+            change["intermediate_size"] = widths.pop()
+        changes[name] = change
     return changes
 
 
-def apply_config(model: nn.Module, changes: dict[str, int]) -> None:
-    config = getattr(model, "config", None)
-    for key, value in changes.items():
-        setattr(config, key, value)
+def apply_config(model: nn.Module, state: dict[str, Any]) -> None:
+    """Set each HF model's config from a step's state: ``configs`` (per module name), or the older flat
+    ``config`` of the model itself."""
+    per_model = dict(state.get("configs") or {})
+    if state.get("config") and not per_model:
+        per_model[""] = state["config"]
+    modules = dict(model.named_modules())
+    for name, changes in per_model.items():
+        config = getattr(modules.get(name), "config", None)
+        if config is None:
+            raise TechniqueError(f"the recorded config of {name or 'the model'} names no Hugging Face model here",
+                                 "pass the architecture the file was made from")
+        for key, value in changes.items():
+            setattr(config, key, value)
 
 
 def labelled_batches(context: Any, limit: int) -> list[tuple[Any, torch.Tensor]]:
@@ -147,8 +178,8 @@ def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) ->
         if hasattr(attn, "attn_dim"):
             attn.attn_dim = attn.num_heads * attn.head_dim
     update_hf_attention(model, hf_attention, pruner.num_heads)
-    config = config_changes(model, hf_attention)
-    apply_config(model, config)
+    configs = config_changes(model)
+    apply_config(model, {"configs": configs})
     ops, params = tp.utils.count_ops_and_params(model, example)
     info: dict[str, Any] = {
         "channel_ratio": options["amount"],
@@ -163,8 +194,8 @@ def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) ->
                                    ((n, m) for n, m in model.named_modules() if m in attention.values())}
     if hf_attention:
         info["attention_heads"] = {names_of[id(m)]: m.num_attention_heads for m in hf_attention}
-        info["config"] = config
-    return TechniqueResult(model, info, {**structure_changes(before, model), "config": config})
+        info["config"] = configs[""] if list(configs) == [""] else configs
+    return TechniqueResult(model, info, {**structure_changes(before, model), "configs": configs})
 
 
 def _device(model: nn.Module) -> torch.device:

