@@ -167,29 +167,63 @@ def compile_model(model: Any, example_input: Any) -> tuple[Any, float]:
     return compiled, time.perf_counter() - started
 
 
-def interleaved_ms(candidates: dict[str, Callable[[], Any]], rounds: int = 7, per_round: int = 3,
-                   warmup: int = 2, sync: Callable[[], None] | None = None) -> dict[str, float]:
-    """Median milliseconds per call of each candidate, timed in interleaved rounds so that drifts of a
-    shared machine hit every candidate alike, with the order rotated every round (the first call of a
-    round was measured slower); used to compare candidates against each other."""
-    import torch
+#: Seconds each model runs for in a row before the timer switches to the next one.
+BLOCK_S = 0.15
+#: Seconds of idle before a model's block, so that the previous runtime's worker threads (OpenMP spin-wait,
+#: OpenVINO's own pool) have stopped spinning on the cores this one needs.
+SETTLE_S = 0.05
 
+
+def timed_blocks(candidates: dict[str, Callable[[], Any]], *, rounds: int = 9, min_rounds: int = 4,
+                 budget_s: float = 6.0, warmup: int = 3, sync: Callable[[], None] | None = None,
+                 block_s: float = BLOCK_S, settle_s: float = SETTLE_S) -> dict[str, list[float]]:
+    """The one timer behind every comparison: milliseconds per call of each candidate, each timed as it is
+    deployed, alone on the machine.
+
+    Candidates run in blocks (at least ``block_s`` seconds and 3 calls), in rounds whose order rotates, so a
+    drift of a shared machine hits every candidate alike. Before each block the machine idles ``settle_s``
+    and the first call after the switch is not timed: two runtimes called alternately on a few cores slow
+    each other (each one's thread pool spins on cores the other needs), which a user running one model never
+    sees. At least ``min_rounds`` rounds, up to ``rounds`` or ``budget_s`` seconds."""
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    with torch.inference_mode():
-        for fn in candidates.values():
-            for _ in range(warmup):
-                fn()
-        names = list(candidates)
-        for index in range(rounds):  # each round starts with another candidate: no order bias
-            shift = index % len(names)
-            for name in names[shift:] + names[:shift]:
-                fn = candidates[name]
-                started = time.perf_counter()
-                for _ in range(per_round):
-                    fn()
+    names = list(candidates)
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    if sync:
+        sync()
+    started = time.perf_counter()
+    index = 0
+    while index < rounds and (index < min_rounds or time.perf_counter() - started < budget_s):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = candidates[name]
+            if len(names) > 1:
+                time.sleep(settle_s)
+                fn()  # the first call after a switch wakes this runtime's threads: not timed
                 if sync:
                     sync()
-                samples[name].append((time.perf_counter() - started) * 1000 / per_round)
+            block_started = time.perf_counter()
+            calls = 0
+            while calls < 3 or time.perf_counter() - block_started < block_s:
+                t0 = time.perf_counter()
+                fn()
+                if sync:
+                    sync()
+                samples[name].append((time.perf_counter() - t0) * 1000)
+                calls += 1
+        index += 1
+    return samples
+
+
+def interleaved_ms(candidates: dict[str, Callable[[], Any]], rounds: int = 7, per_round: int = 3,
+                   warmup: int = 2, sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median milliseconds per call of each candidate (see :func:`timed_blocks`); used to compare candidates
+    against each other."""
+    import torch
+
+    with torch.inference_mode():
+        samples = timed_blocks(candidates, rounds=rounds, warmup=warmup, sync=sync)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -205,30 +239,12 @@ def _latency(samples: list[float], runtime: str, interleaved: bool) -> Latency:
 
 
 def paired_latency(before: Callable[[], Any], after: Callable[[], Any], *, runtimes: tuple[str, str] = ("eager",
-                   "eager"), sync: Callable[[], None] | None = None, rounds: int = 15, budget_s: float = 6.0,
+                   "eager"), sync: Callable[[], None] | None = None, rounds: int = 9, budget_s: float = 6.0,
                    warmup: int = 3) -> tuple[Latency, Latency]:
-    """Time ``before`` and ``after`` in the same interleaved rounds (alternating which goes first), so that
-    a burst of other work on a shared machine hits both alike; at least 5 rounds, up to ``rounds`` or
-    ``budget_s`` seconds."""
-    for _ in range(warmup):
-        before()
-        after()
-    if sync:
-        sync()
-    samples: tuple[list[float], list[float]] = ([], [])
-    started = time.perf_counter()
-    index = 0
-    while index < rounds and (index < 5 or time.perf_counter() - started < budget_s):
-        order = (0, 1) if index % 2 == 0 else (1, 0)
-        for which in order:
-            fn = before if which == 0 else after
-            t0 = time.perf_counter()
-            fn()
-            if sync:
-                sync()
-            samples[which].append((time.perf_counter() - t0) * 1000)
-        index += 1
-    return _latency(samples[0], runtimes[0], True), _latency(samples[1], runtimes[1], True)
+    """Time ``before`` and ``after`` with :func:`timed_blocks` (each as deployed, in rotating rounds)."""
+    samples = timed_blocks({"before": before, "after": after}, rounds=rounds, budget_s=budget_s, warmup=warmup,
+                           sync=sync)
+    return _latency(samples["before"], runtimes[0], True), _latency(samples["after"], runtimes[1], True)
 
 
 def model_latency(model: Any, example_input: Any, device: str, runtime: str = "eager") -> Latency:

@@ -2,7 +2,7 @@
 
 - Passwords in URLs are redacted wherever a URL is shown or saved.
 - On a database, trials carry Optuna's heartbeat; a worker killed mid-trial leaves a trial that a later
-  worker marks failed and retries (RetryFailedTrialCallback).
+  worker marks failed and retries (RetryHeartbeatStaleTrialCallback).
 - Optuna 5's JournalStorage has no heartbeat, so journal trials carry a lease of our own (worker and
   last-alive time in the trial's user attributes, renewed by a thread while the trial runs); a later
   worker fails and re-enqueues trials whose lease has expired.
@@ -129,7 +129,7 @@ def open_storage(storage: str | None, default_path: Path) -> tuple[Any, str]:
             return optuna.storages.RDBStorage(
                 storage, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat_s(),
                 grace_period=grace_s(),
-                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2)), label
+                heartbeat_stale_trial_callback=_retry_callback()), label
         except Exception as exc:  # noqa: PERF203 - retried on purpose
             module = _missing_driver(exc)
             if module:
@@ -145,6 +145,17 @@ def open_storage(storage: str | None, default_path: Path) -> tuple[Any, str]:
     detail = redact(first_line(last, 160)) if last else ""
     raise UsageError(f"cannot reach the storage {label} ({detail})",
                      "check the URL, the server and its credentials; no trial was run")
+
+
+def _retry_callback() -> Any:
+    """Optuna's callback that queues a trial again when its worker's heartbeat stopped (at most twice)."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
 
 
 def _journal(path: Path) -> tuple[Any, str]:

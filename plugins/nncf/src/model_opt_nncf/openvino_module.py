@@ -49,12 +49,17 @@ def _serialize(ov_model: Any) -> tuple[bytes, bytes]:
 class OpenVINOModule(nn.Module):
     """A compiled OpenVINO model behind ``forward``: torch tensors in, torch tensors out."""
 
-    def __init__(self, ov_model: Any = None, device: str = "CPU") -> None:
-        """``ov_model=None`` makes an empty module that :meth:`load_state_dict` fills from saved IR."""
+    def __init__(self, ov_model: Any = None, device: str = "CPU", compile_config: dict[str, Any] | None = None) -> None:
+        """``ov_model=None`` makes an empty module that :meth:`load_state_dict` fills from saved IR.
+
+        ``compile_config``: ``performance_hint`` ("LATENCY" or "THROUGHPUT") and ``static_shapes`` (the input
+        shapes to compile for, by input name or position; None keeps the IR's dynamic shapes). The IR itself
+        stays as converted; these settings apply when it is compiled, here and when it is reopened."""
         super().__init__()
         # test scripts often ask next(model.parameters()).device: an empty CPU parameter answers
         self.device_anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
         self.ov_device = device
+        self.compile_config = dict(compile_config or {})
         if ov_model is not None:
             self._xml, self._bin = _serialize(ov_model)
             self._compile()
@@ -65,7 +70,20 @@ class OpenVINOModule(nn.Module):
         core = ov.Core()
         self.ov_model = core.read_model(model=self._xml.decode(), weights=ov.Tensor(
             np.frombuffer(self._bin, dtype="uint8").copy()))
-        self.compiled = core.compile_model(self.ov_model, self.ov_device)
+        shapes = self.compile_config.get("static_shapes")
+        if shapes:
+            keyed = shapes.items() if isinstance(shapes, dict) else enumerate(shapes)
+            self.ov_model.reshape({key: ov.PartialShape(list(shape)) for key, shape in keyed})
+        hint = self.compile_config.get("performance_hint")
+        self.compiled = core.compile_model(self.ov_model, self.ov_device,
+                                           {"PERFORMANCE_HINT": hint} if hint else {})
+
+    def describe_compile(self) -> str:
+        """How the IR is compiled, for the report."""
+        shapes = self.compile_config.get("static_shapes")
+        shape_text = "dynamic shapes" if not shapes else "static shapes " + ", ".join(
+            "x".join(map(str, s)) for s in (shapes.values() if isinstance(shapes, dict) else shapes))
+        return f"{shape_text}, PERFORMANCE_HINT={self.compile_config.get('performance_hint') or 'default'}"
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         return ov_call(self.compiled, args, kwargs)

@@ -23,6 +23,10 @@ INT8_STATIC = Technique(
         Option("ignored", list, [], "regular expressions of layer names to keep in float"),
         Option("accuracy_control", bool, True, "with --max-accuracy-drop, keep layers in float until the "
                "metric is within the budget (nncf.quantize_with_accuracy_control)"),
+        Option("static_shapes", bool, False, "compile OpenVINO for the example input's exact shapes (faster where "
+               "every call has them; other shapes then fail); default: dynamic shapes"),
+        Option("performance_hint", str, "latency", "OpenVINO's PERFORMANCE_HINT when compiling",
+               choices=("latency", "throughput")),
     ),
     needs=("example_input", "calibration_data"),
     requires=("nncf", "openvino"),
@@ -30,10 +34,9 @@ INT8_STATIC = Technique(
     default=True,
     families=("cnn", "vit", "hybrid", "transformer"),
     recommended=(Recommended("cnn", "int8 for CNNs is fast on CPU through OpenVINO", rank=10),
-                 Recommended("transformer", "int8 through OpenVINO with NNCF's transformer rules (MiniLM here: 3.4x, "
-                             "fidelity 0.996)", rank=10),
-                 Recommended("vit", "int8 through OpenVINO with NNCF's transformer rules (vit_tiny here: 2.8x)",
-                             rank=5),
+                 Recommended("transformer", "int8 through OpenVINO with NNCF's transformer rules (attention kept "
+                             "accurate)", rank=10),
+                 Recommended("vit", "int8 through OpenVINO with NNCF's transformer rules", rank=5),
                  Recommended("hybrid", "int8 through OpenVINO for the convolutions and the attention", rank=5)),
     speeds_up=("cpu",),
     speed_note="the OpenVINO runtime runs on the CPU here",
@@ -115,7 +118,7 @@ def restore(model: Any, technique: Technique, options: dict[str, Any], state: di
         return model
     from .openvino_module import OpenVINOModule
 
-    return OpenVINOModule()
+    return OpenVINOModule(compile_config=state.get("compile"))
 
 
 @hookimpl

@@ -61,11 +61,26 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
     quantized = nncf.quantize(ov_model, dataset, **kwargs)
     if context.max_accuracy_drop is not None and context.evaluate is not None and options["accuracy_control"]:
         quantized = _within_budget(nncf, ov_model, quantized, dataset, kwargs, model, context, info)
-    module = OpenVINOModule(quantized)
+    config = compile_config(options, example)
+    module = OpenVINOModule(quantized, compile_config=config)
     fq_layers, float_layers = quantized_layers(quantized)
-    info.update({"runtime": "OpenVINO CPU", "quantized_layers": len(fq_layers), "float_layers": float_layers,
+    info.update({"runtime": "OpenVINO CPU", "compiled_with": module.describe_compile(),
+                 "quantized_layers": len(fq_layers), "float_layers": float_layers,
                  "fake_quantize_ops": module.op_counts().get("FakeQuantize", 0)})
-    return TechniqueResult(module, info, {}, standalone=True)
+    return TechniqueResult(module, info, {"compile": config}, standalone=True)
+
+
+def compile_config(options: dict[str, Any], example: Any) -> dict[str, Any]:
+    """OpenVINO compile settings from the options: the performance hint, and with ``static_shapes`` the example
+    input's shapes (by keyword for dict inputs, else by position)."""
+    config: dict[str, Any] = {"performance_hint": options["performance_hint"].upper()}
+    if options["static_shapes"]:
+        if isinstance(example, dict):
+            config["static_shapes"] = {k: list(v.shape) for k, v in example.items() if isinstance(v, torch.Tensor)}
+        else:
+            items = example if isinstance(example, (tuple, list)) else (example,)
+            config["static_shapes"] = [list(v.shape) for v in items]
+    return config
 
 
 def _within_budget(nncf: Any, ov_model: Any, quantized: Any, dataset: Any, kwargs: dict[str, Any], model: nn.Module,

@@ -50,7 +50,8 @@ def cpu_int8_warning(device: str) -> str | None:
     if not device.startswith("cpu"):
         return None
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
     except OSError:
         return None
     if any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8")):
