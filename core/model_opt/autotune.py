@@ -26,6 +26,7 @@ from .errors import describe as describe_error
 from .hookspecs import KINDS
 from .job import Job, check_finite, output_lock, report_path
 from .measure import call_model, count_parameters, interleaved_ms, model_latency, state_dict_bytes
+from .pipeline import RECOVERABLE_KINDS
 from .plugins import PluginManager
 from .recommend import detect_family, recommend
 from .registry import Technique
@@ -178,12 +179,17 @@ def build_candidate(original: Any, steps: list[dict[str, Any]], recovery: int, r
     from .job import Step, apply
     from .job import plan as plan_steps
     from .measure import compile_model
-    from .pipeline import recover
+    from .pipeline import recover, split_for_recovery
 
     planned = plan_steps([Step(s["kind"], s["backend"], s["method"], s["options"]) for s in steps], job.manager)
-    model, records = apply(copy.deepcopy(original), planned, context, job.manager)
+    trainable, rest = split_for_recovery(planned) if recovery else (planned, [])
+    model, records = apply(copy.deepcopy(original), trainable, context, job.manager, allow_unchanged=bool(rest))
     if recovery:
         model = recover(model, job.script, job.dataset, recovery)
+    if rest:
+        model, more = apply(model.eval(), rest, context, job.manager,
+                            allow_unchanged=any(r.info.get("changed") is not False for r in records))
+        records += more
     model = model.eval()
     runnable = model
     if runtime == "compiled":
@@ -313,8 +319,8 @@ def autotune(
                           "options": options})
         runtime = trial.suggest_categorical("runtime", runtimes) if len(runtimes) > 1 else "eager"
         recovery = trial.suggest_categorical("recovery_steps", recoveries) if len(recoveries) > 1 else 0
-        if not any(s["kind"] == "prune" for s in steps):
-            recovery = 0  # recovery fine-tuning is for pruning
+        if not any(s["kind"] in RECOVERABLE_KINDS for s in steps):
+            recovery = 0  # recovery fine-tuning repairs pruning and decomposition
         if not any(device.split(":")[0] in compiled_speedups.get(f"{s['kind']}:{s['backend']}:{s['method']}", ())
                    for s in steps):
             runtime = "eager"  # compiling helps only techniques that are fast compiled

@@ -125,14 +125,15 @@ def apply_step(model: Any, technique: Technique, options: dict[str, Any], contex
 
 
 def apply(model: Any, planned: Planned, context: TechniqueContext,
-          manager: PluginManager | None = None) -> tuple[Any, list[StepRecord]]:
-    """Apply each planned technique in order; refuse a run in which no step changed anything."""
+          manager: PluginManager | None = None, allow_unchanged: bool = False) -> tuple[Any, list[StepRecord]]:
+    """Apply each planned technique in order; refuse a run in which no step changed anything (unless
+    ``allow_unchanged``: other steps of the same run, applied separately, may)."""
     records = []
     for technique, options in planned:
         model, record = apply_step(model, technique, options, context, manager)
         records.append(record)
     unchanged = [r for r in records if r.info.get("changed") is False]
-    if records and len(unchanged) == len(records):
+    if records and len(unchanged) == len(records) and not allow_unchanged:
         notes = "; ".join(f"{r.backend} {r.method}: {r.info.get('note', 'no change')}" for r in unchanged)
         raise TechniqueError(f"nothing was optimized ({notes})", "choose a technique or setting that applies "
                              "to this model (see model-opt techniques)")

@@ -95,6 +95,9 @@ def optimize(
         raise UsageError("--compile needs an example input to compile and time the model",
                          "define example_input(dataset_path) in the test script or pass --input-shape")
     planned = job.plan(steps)
+    # Recovery fine-tuning follows the steps that change what a trainable model computes (pruning,
+    # decomposition) and comes before fusion and quantization, whose results are not trained.
+    trainable, rest = split_for_recovery(planned) if finetune_steps else (planned, [])
 
     import torch
 
@@ -117,13 +120,18 @@ def optimize(
     if not copied and example is not None:  # techniques may change it in place: time the original now
         report.before.latency = model_latency(original, example, device)
         report.latency_note = "the model could not be copied, so before and after were timed one after another"
-    model, report.steps = apply(model, planned, context, job.manager)
+    model, report.steps = apply(model, trainable, context, job.manager, allow_unchanged=bool(rest))
     model = model.eval()
     if finetune_steps:
-        report.recovery = {"steps": finetune_steps,
+        report.recovery = {"steps": finetune_steps, "after": [t.name for t, _ in trainable],
                            "metrics_before_recovery": script.evaluate(model, dataset, device).values}
         say(f"recovery fine-tuning: {finetune_steps} steps")
         model = recover(model, script, dataset, finetune_steps).eval()
+    if rest:
+        model, more = apply(model, rest, context, job.manager, allow_unchanged=any(
+            r.info.get("changed") is not False for r in report.steps))
+        report.steps += more
+        model = model.eval()
     compiled = None
     if compile:
         say("compiling the optimized model (torch.compile, inductor freezing)")
@@ -166,6 +174,19 @@ def _working_copy(model: Any) -> Any:
         return copy.deepcopy(model)
     except Exception:
         return model
+
+
+#: Kinds of technique whose result is still a trainable model that recovery fine-tuning can repair.
+RECOVERABLE_KINDS = ("prune", "decompose")
+
+
+def split_for_recovery(planned: Sequence[tuple[Technique, dict[str, Any]]]) -> tuple[list, list]:
+    """(steps recovery follows: pruning and decomposition, steps after it: fusion and quantization)."""
+    if not any(t.kind in RECOVERABLE_KINDS for t, _ in planned):
+        raise UsageError("--finetune-steps recovers what pruning or decomposition changed, and no such step was "
+                         "asked for", "add --prune or --decompose, or drop --finetune-steps")
+    return ([item for item in planned if item[0].kind in RECOVERABLE_KINDS],
+            [item for item in planned if item[0].kind not in RECOVERABLE_KINDS])
 
 
 def recover(model: Any, script: TestScript, dataset: str, steps: int) -> Any:
