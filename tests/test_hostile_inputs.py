@@ -367,3 +367,21 @@ def test_usage_errors_are_one_line(args: list, message: str) -> None:
     proc = _run_cli(*args)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_an_unstable_measurement_shows_a_range_not_a_headline() -> None:
+    from model_opt.measure import Latency
+    from model_opt.report import Measurement, Report
+
+    def measured(median: float, spread: float, rounds: list[float]) -> Measurement:
+        latency = Latency(median, median * 1.5, 30, "eager", spread, True, rounds)
+        return Measurement({"accuracy": 0.9}, "accuracy", 10, 10, 100, latency)
+
+    steady = Report("m.pt", "cpu", 2, True, measured(10.0, 0.1, [10, 10]), measured(5.0, 0.1, [5, 5]))
+    assert "2.00x faster" in steady.render()
+    busy = Report("m.pt", "cpu", 2, True, measured(10.0, 0.9, [9.0, 12.0]), measured(5.0, 0.2, [4.5, 3.0]))
+    text = busy.render()
+    assert "2.00x faster" not in text and "2.00-4.00x, unstable" in text
+    assert busy.to_dict()["latency_stable"] is False and busy.to_dict()["speedup_range"] == (2.0, 4.0)
+    slow = Report("m.pt", "cpu", 2, True, measured(1.0, 0.1, [1, 1]), measured(10.0, 0.1, [10, 10]))
+    assert "10.00x slower" in slow.render() and "0.10x" not in slow.render()

@@ -53,7 +53,8 @@ def test_prune_recover_then_quantize(cli, digits, checked_script: Path, tmp_path
 
 def test_recovery_without_a_step_it_repairs_is_refused(cli, digits, tmp_path: Path) -> None:
     result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
-                 "--quantize", "--quant-backend", "torchao", "--quant-method", "int8_dynamic", "--finetune-steps", "10", "--output", tmp_path / "o.pt")
+                 "--quantize", "--quant-backend", "torchao", "--quant-method", "int8_dynamic", "--finetune-steps", "10",
+                 "--output", tmp_path / "o.pt")
     assert result.exit_code == 2
     assert "--finetune-steps recovers what pruning or decomposition changed" in result.stderr
     assert not (tmp_path / "o.pt").exists()

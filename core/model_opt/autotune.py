@@ -30,7 +30,7 @@ from .pipeline import RECOVERABLE_KINDS
 from .plugins import PluginManager
 from .recommend import detect_family, recommend
 from .registry import Technique
-from .report import dumps
+from .report import dumps, speed_text
 from .tuning_storage import (
     check_study_name,
     expire_dead_trials,
@@ -82,7 +82,7 @@ class TuneResult:
                          f"{row['speedup']:>7.2f}x  {row['size_ratio']:>5.2f}x  {row['description']}")
         if self.best:
             speed = self.best.get("remeasured_speedup", self.best["speedup"])
-            lines.append(f"best: trial {self.best['number']} ({self.best['description']}), {speed:.2f}x faster "
+            lines.append(f"best: trial {self.best['number']} ({self.best['description']}), {speed_text(speed)} "
                          f"(re-measured against the original, interleaved), size {self.best['size_ratio']:.2f}x, "
                          f"metric {self.best['metric']:.4f}")
         for warning in self.warnings:
@@ -382,7 +382,7 @@ def autotune(
         attrs = trial.user_attrs
         result = (f"error: {attrs['error']}" if "error" in attrs else
                   f"metric {attrs['metric']:.4f} ({'within budget' if attrs['within_budget'] else 'over budget'}), "
-                  f"{attrs['speedup']:.2f}x faster, size {attrs['size_ratio']:.2f}x")
+                  f"{speed_text(attrs['speedup'])}, size {attrs['size_ratio']:.2f}x")
         best_text = f"{best:.2f}x" if best else "-"
         say(f"[{len(finished)}/{trials}] trial {trial.number}: {attrs.get('description')} -> {result} | best "
             f"within budget: {best_text} | ~{left:.0f}s left")

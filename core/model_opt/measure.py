@@ -6,7 +6,7 @@ import io
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -20,6 +20,8 @@ class Latency:
     spread: float = 0.0
     #: Timed in the same interleaved rounds as the other side of a before/after comparison.
     interleaved: bool = False
+    #: Median of each round's block (interleaved timings), for the range of a ratio.
+    rounds_ms: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,7 +178,8 @@ SETTLE_S = 0.05
 
 def timed_blocks(candidates: dict[str, Callable[[], Any]], *, rounds: int = 9, min_rounds: int = 4,
                  budget_s: float = 6.0, warmup: int = 3, sync: Callable[[], None] | None = None,
-                 block_s: float = BLOCK_S, settle_s: float = SETTLE_S) -> dict[str, list[float]]:
+                 block_s: float = BLOCK_S, settle_s: float = SETTLE_S,
+                 per_round: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """The one timer behind every comparison: milliseconds per call of each candidate, each timed as it is
     deployed, alone on the machine.
 
@@ -184,8 +187,10 @@ def timed_blocks(candidates: dict[str, Callable[[], Any]], *, rounds: int = 9, m
     drift of a shared machine hits every candidate alike. Before each block the machine idles ``settle_s``
     and the first call after the switch is not timed: two runtimes called alternately on a few cores slow
     each other (each one's thread pool spins on cores the other needs), which a user running one model never
-    sees. At least ``min_rounds`` rounds, up to ``rounds`` or ``budget_s`` seconds."""
+    sees. At least ``min_rounds`` rounds, up to ``rounds`` or ``budget_s`` seconds. ``per_round``, if given,
+    receives each candidate's median of every round."""
     samples: dict[str, list[float]] = {name: [] for name in candidates}
+    rounds_ms: dict[str, list[float]] = {name: [] for name in candidates}
     names = list(candidates)
     for fn in candidates.values():
         for _ in range(warmup):
@@ -204,15 +209,18 @@ def timed_blocks(candidates: dict[str, Callable[[], Any]], *, rounds: int = 9, m
                 if sync:
                     sync()
             block_started = time.perf_counter()
-            calls = 0
-            while calls < 3 or time.perf_counter() - block_started < block_s:
+            block: list[float] = []
+            while len(block) < 3 or time.perf_counter() - block_started < block_s:
                 t0 = time.perf_counter()
                 fn()
                 if sync:
                     sync()
-                samples[name].append((time.perf_counter() - t0) * 1000)
-                calls += 1
+                block.append((time.perf_counter() - t0) * 1000)
+            samples[name] += block
+            rounds_ms[name].append(statistics.median(block))
         index += 1
+    if per_round is not None:
+        per_round.update(rounds_ms)
     return samples
 
 
@@ -242,9 +250,12 @@ def paired_latency(before: Callable[[], Any], after: Callable[[], Any], *, runti
                    "eager"), sync: Callable[[], None] | None = None, rounds: int = 9, budget_s: float = 6.0,
                    warmup: int = 3) -> tuple[Latency, Latency]:
     """Time ``before`` and ``after`` with :func:`timed_blocks` (each as deployed, in rotating rounds)."""
+    per_round: dict[str, list[float]] = {}
     samples = timed_blocks({"before": before, "after": after}, rounds=rounds, budget_s=budget_s, warmup=warmup,
-                           sync=sync)
-    return _latency(samples["before"], runtimes[0], True), _latency(samples["after"], runtimes[1], True)
+                           sync=sync, per_round=per_round)
+    first, second = _latency(samples["before"], runtimes[0], True), _latency(samples["after"], runtimes[1], True)
+    first.rounds_ms, second.rounds_ms = per_round["before"], per_round["after"]
+    return first, second
 
 
 def model_latency(model: Any, example_input: Any, device: str, runtime: str = "eager") -> Latency:

@@ -87,6 +87,21 @@ class Report:
         return self.before.latency.median_ms / self.after.latency.median_ms
 
     @property
+    def stable(self) -> bool:
+        """Whether the timings were steady enough for a headline ratio."""
+        b, a = self.before.latency, self.after.latency if self.after else None
+        return not (b and a and max(b.spread, a.spread) > UNSTABLE_SPREAD)
+
+    @property
+    def speedup_range(self) -> tuple[float, float] | None:
+        """Lowest and highest speed-up of the interleaved rounds (each round's before over its after)."""
+        b, a = self.before.latency, self.after.latency if self.after else None
+        if not (b and a and b.rounds_ms and len(b.rounds_ms) == len(a.rounds_ms)):
+            return None
+        ratios = [x / y for x, y in zip(b.rounds_ms, a.rounds_ms, strict=True) if y]
+        return (min(ratios), max(ratios)) if ratios else None
+
+    @property
     def within_budget(self) -> bool:
         drop = self.metric_drop
         return self.max_accuracy_drop is None or drop is None or drop <= self.max_accuracy_drop + 1e-12
@@ -103,6 +118,8 @@ class Report:
             "after": self.after.to_dict() if self.after else None,
             "metric_drop": self.metric_drop,
             "speedup": self.speedup,
+            "speedup_range": self.speedup_range,
+            "latency_stable": self.stable,
             "max_accuracy_drop": self.max_accuracy_drop,
             "within_budget": self.within_budget,
             "warnings": self.warnings,
@@ -134,9 +151,11 @@ class Report:
             la = a.latency if a else None
             rows.append((f"latency median ms ({b.latency.runtime}"
                          f"{'' if not la or la.runtime == b.latency.runtime else ' -> ' + la.runtime})",
-                         f"{b.latency.median_ms:.3f}", f"{la.median_ms:.3f}" if la else "-", _speed(self.speedup)))
+                         f"{b.latency.median_ms:.3f}", f"{la.median_ms:.3f}" if la else "-",
+                         speed_text(self.speedup) if self.stable else _unstable(self.speedup_range)))
             rows.append(("latency p90 ms", f"{b.latency.p90_ms:.3f}", f"{la.p90_ms:.3f}" if la else "-",
-                         _speed(b.latency.p90_ms / la.p90_ms if la and la.p90_ms else None)))
+                         speed_text(b.latency.p90_ms / la.p90_ms if la and la.p90_ms else None) if self.stable
+                         else "-"))
         else:
             rows.append(("latency", "n/a", "n/a", self.latency_note or "no example input"))
         rows.append(("parameters", f"{b.parameters:,}", f"{a.parameters:,}" if a else "-",
@@ -199,11 +218,19 @@ def dumps(value: Any) -> str:
     return json.dumps(finite(value), indent=2, default=str, allow_nan=False)
 
 
-def _speed(ratio: float | None) -> str:
-    """'1.80x faster' or '1.25x slower' from before/after times."""
+def speed_text(ratio: float | None) -> str:
+    """'1.80x faster' or '10.0x slower' from before/after times (never '0.10x faster')."""
     if not ratio:
         return "-"
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def _unstable(span: tuple[float, float] | None) -> str:
+    """No headline for an unstable measurement: the range the rounds gave, or nothing."""
+    if not span:
+        return "unstable: no ratio"
+    low, high = span
+    return f"{low:.2f}-{high:.2f}x, unstable"
 
 
 def _num(value: float | None) -> str:
