@@ -74,11 +74,14 @@ class TuneResult:
     def render(self) -> str:
         lines = [f"autotune study {self.study!r}: {len(self.trials)} trials, baseline metric "
                  f"{self.baseline.metric:.4f}, latency {self.baseline.latency_ms:.3f} ms"]
-        lines.append("Pareto front within budget (metric vs latency vs size):")
-        header = f"  {'trial':>5}  {'metric':>8}  {'drop':>8}  {'speed-up':>8}  {'size':>6}  techniques"
+        lines.append("Pareto front within budget (metric vs latency vs size; * the best, re-measured):")
+        header = f"  {'trial':>6}  {'metric':>8}  {'drop':>8}  {'speed-up':>8}  {'size':>6}  techniques"
         lines.append(header)
-        for row in self.pareto:
-            lines.append(f"  {row['number']:>5}  {row['metric']:>8.4f}  {row['drop']:>8.4f}  "
+        best_number = self.best["number"] if self.best else None
+        shown = [*self.pareto, *([self.best] if self.best and self.best not in self.pareto else [])]
+        for row in shown:
+            mark = "*" if row["number"] == best_number else " "
+            lines.append(f"  {mark}{row['number']:>5}  {row['metric']:>8.4f}  {row['drop']:>8.4f}  "
                          f"{row['speedup']:>7.2f}x  {row['size_ratio']:>5.2f}x  {row['description']}")
         if self.best:
             speed = self.best.get("remeasured_speedup", self.best["speedup"])
@@ -384,7 +387,7 @@ def autotune(
                   f"metric {attrs['metric']:.4f} ({'within budget' if attrs['within_budget'] else 'over budget'}), "
                   f"{speed_text(attrs['speedup'])}, size {attrs['size_ratio']:.2f}x")
         best_text = f"{best:.2f}x" if best else "-"
-        say(f"[{len(finished)}/{trials}] trial {trial.number}: {attrs.get('description')} -> {result} | best "
+        say(f"[{len(finished)}/{trials}] {attrs.get('description')} -> {result} | best "
             f"within budget: {best_text} | ~{left:.0f}s left")
 
     def run_more(count: int) -> None:  # skipped proposals do not count; the cap stops a repeating sampler
@@ -478,7 +481,9 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
         attrs = trial.user_attrs
         if "skipped" in attrs:
             continue
-        row = {"number": trial.number, "state": trial.state.name, "description": attrs.get("description", ""),
+        # numbered as the user counts them (skipped proposals never ran); Optuna's own number for its tools
+        row = {"number": len(rows) + 1, "optuna_number": trial.number, "state": trial.state.name,
+               "description": attrs.get("description", ""),
                "steps": attrs.get("steps", []), "runtime": attrs.get("runtime", "eager"),
                "recovery_steps": attrs.get("recovery_steps", 0), "worker": attrs.get("worker")}
         if trial.state == optuna.trial.TrialState.COMPLETE:
@@ -527,7 +532,7 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
     result.output = str(out)
     with output_lock(out):
         job.save(model, records, {"autotune": {"study": study.study_name, "trial": best["number"],
-                                               "storage": storage}})
+                                               "optuna_trial": best["optuna_number"], "storage": storage}})
         result.plot = plot(measured, result.pareto, best, out.with_name(f"{out.stem}.pareto.png"), budget)
         write_text_atomic(report_path(out), dumps(result.to_dict()))
     return result
