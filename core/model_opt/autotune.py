@@ -551,11 +551,18 @@ def plot(measured: list[dict[str, Any]], front: list[dict[str, Any]], best: dict
         rows = [r for r in measured if r["within_budget"] == within]
         axes.scatter([r["speedup"] for r in rows], [r["drop"] for r in rows],
                      s=[40 + 200 * r["size_ratio"] for r in rows], c=color, alpha=0.6, label=label)
+    for row in measured:  # each point: its trial number and techniques
+        label = f"{row['number']}: {row['description']}"
+        axes.annotate(label if len(label) <= 40 else label[:39] + "...", (row["speedup"], row["drop"]), fontsize=6,
+                      xytext=(3, 3), textcoords="offset points", alpha=0.8)
     axes.plot([r["speedup"] for r in front], [r["drop"] for r in front], "k--", lw=1, label="Pareto front")
-    axes.scatter([best["speedup"]], [best["drop"]], marker="*", s=300, c="gold", edgecolors="k", label="best")
+    speed = best.get("remeasured_speedup", best["speedup"])  # the one figure the summary gives
+    axes.scatter([speed], [best["drop"]], marker="*", s=300, c="gold", edgecolors="k",
+                 label=f"best: trial {best['number']}, {speed:.2f}x (re-measured)")
+    axes.set_xscale("log")  # slow-downs and speed-ups get the same room
     axes.axvline(1.0, color="grey", lw=0.8)
     axes.axhline(budget, color="tab:red", lw=1, ls=":", label=f"budget ({budget:g})")
-    axes.set_xlabel("speed-up over the original (x)")
+    axes.set_xlabel("speed-up over the original (x, log scale)")
     axes.set_ylabel("metric drop (metric units)")
     axes.set_title("model-opt autotune: marker area = size ratio")
     axes.legend(loc="best", fontsize=8)
