@@ -410,6 +410,83 @@ def autotune_command(
     typer.echo(json.dumps(result.to_dict(), indent=2, default=str) if as_json else result.render())
 
 
+@app.command("export")
+def export_command(
+    model: Annotated[Path, typer.Argument(help="Model file or folder (as for optimize; model-opt's own outputs "
+                                                "too).")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="pt2, onnx or openvino.")],
+    test_script: Annotated[Path | None, typer.Option("--test-script", help="Test script: its load_model builds "
+                                                                           "the model, its example_input gives "
+                                                                           "the input.")] = None,
+    test_dataset: Annotated[str | None, typer.Option("--test-dataset", help="Dataset path for "
+                                                                            "example_input().")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="Random example input, e.g. 1,3,224,224 (without "
+                                                         "example_input).")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Where to write (default: beside the "
+                                                                     "model, with the format's suffix).")] = None,
+    static_shapes: Annotated[bool, typer.Option("--static-shapes", help="Fix every shape to the example's "
+                                                                        "(default: dynamic batch, and sequence "
+                                                                        "for token inputs).")] = False,
+    trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")] = False,
+) -> None:
+    """Export a model as a torch.export program, ONNX or OpenVINO IR, checked against torch at two batch sizes."""
+    from model_opt.export import SUFFIXES, check_format, export_model
+
+    try:
+        fmt = check_format(format_)
+        out = Path(output) if output else model.with_name(f"{model.stem if model.is_file() else model.name}"
+                                                          f"{SUFFIXES[fmt]}")
+        if output and (output.endswith("/") or out.is_dir()):
+            out = out / f"{model.stem if model.is_file() else model.name}{SUFFIXES[fmt]}"
+        check_export_output(out, model, fmt)
+        loaded, example = load_for_export(model, test_script, test_dataset, parse_shape(input_shape), trust_model)
+        with console(out, quiet=False, verbose=True) as progress:  # backends' messages to stderr, no log file
+            result = export_model(loaded, example, fmt, out, static=static_shapes, say=progress)
+    except ModelOptError as err:
+        raise fail(err) from None
+    except KeyboardInterrupt as interrupt:
+        raise interrupted(interrupt) from None
+    typer.echo(result.render())
+
+
+def check_export_output(out: Path, model: Path, fmt: str) -> None:
+    """An export never replaces the model, its files, or any existing file."""
+    from model_opt.job import check_writable_folder, inputs_of
+
+    targets = [out, *([out.with_suffix(".bin")] if fmt == "openvino" else [])]
+    if out.suffix != {"pt2": ".pt2", "onnx": ".onnx", "openvino": ".xml"}[fmt]:
+        raise UsageError(f"--output {out.name} does not end in the {fmt} suffix",
+                         f"name it like {out.with_suffix({'pt2': '.pt2', 'onnx': '.onnx', 'openvino': '.xml'}[fmt])}")
+    for target in targets:
+        inside = model.resolve() in target.resolve().parents
+        if inside or any(target.resolve() == p.resolve() for p in inputs_of(model)):
+            raise UsageError(f"--output {out} would overwrite {target.name}, an input", "choose another --output")
+        if target.exists() or target.is_symlink():
+            raise UsageError(f"{target} already exists", "choose another --output, or remove the file yourself")
+    check_writable_folder(out.parent)
+
+
+def load_for_export(model: Path, test_script: Path | None, dataset: str | None, shape: list[int] | None,
+                    trust_model: bool) -> tuple[Any, Any]:
+    """The model (opened like optimize opens it) and its example input."""
+    import torch
+    from model_opt import modelio
+    from model_opt.testscript import TestScript
+
+    script = TestScript(test_script) if test_script else None
+    loader = (lambda p: script.call("load_model", p)) if script and script.has("load_model") else None
+    loaded = modelio.load(model, trust_model=trust_model, loader=loader,
+                          search_paths=[script.folder] if script else [])
+    if script is not None and script.has("example_input"):
+        if dataset is None:
+            raise UsageError("the test script's example_input() needs --test-dataset", "pass --test-dataset")
+        return loaded, script.call("example_input", dataset)
+    if shape:
+        return loaded, torch.randn(*shape)
+    raise UsageError("an export needs an example input", "pass --test-script with example_input() (and "
+                     "--test-dataset), or --input-shape")
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"model-opt {__version__}")

@@ -28,7 +28,7 @@ def load(path: str, *, model: Any = None, test_script: str | None = None, trust_
         script = TestScript(test_script)
         if script.has("load_model"):
             loader = lambda p: script.call("load_model", p)  # noqa: E731
-        search_paths = [*search_paths, script.folder]
+        search_paths = [script.folder, *search_paths]  # the script's folder first
     return _load(path, model=model, trust_model=trust_model, map_location=map_location, search_paths=search_paths,
                  loader=loader)
 

@@ -52,7 +52,7 @@ def quantize(model: Any, technique: Technique, options: dict[str, Any],
 @hookspec(firstresult=True)
 def prune(model: Any, technique: Technique, options: dict[str, Any],
           context: TechniqueContext) -> TechniqueResult | tuple[Any, dict[str, Any]]:
-    """Prune ``model`` with ``technique`` (kind ``prune``). Return ``(new_model, info)``.
+    """Prune ``model`` with ``technique`` (kind ``prune``). Return a ``TechniqueResult``.
 
     Same contract as :func:`quantize`: ``options`` are validated with defaults filled in, and the
     result's ``info`` mapping is JSON-serializable and goes into the report.
@@ -62,7 +62,7 @@ def prune(model: Any, technique: Technique, options: dict[str, Any],
 @hookspec(firstresult=True)
 def fuse(model: Any, technique: Technique, options: dict[str, Any],
          context: TechniqueContext) -> TechniqueResult | tuple[Any, dict[str, Any]]:
-    """Fuse layers of ``model`` with ``technique`` (kind ``fuse``). Return ``(new_model, info)``.
+    """Fuse layers of ``model`` with ``technique`` (kind ``fuse``). Return a ``TechniqueResult``.
 
     Same contract as :func:`quantize`.
     """
@@ -71,7 +71,7 @@ def fuse(model: Any, technique: Technique, options: dict[str, Any],
 @hookspec(firstresult=True)
 def decompose(model: Any, technique: Technique, options: dict[str, Any],
               context: TechniqueContext) -> TechniqueResult | tuple[Any, dict[str, Any]]:
-    """Decompose layers of ``model`` with ``technique`` (kind ``decompose``). Return ``(new_model, info)``.
+    """Decompose layers of ``model`` with ``technique`` (kind ``decompose``). Return a ``TechniqueResult``.
 
     Same contract as :func:`quantize`.
     """

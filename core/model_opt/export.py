@@ -1,0 +1,249 @@
+"""``model-opt export``: a model (the user's, or model-opt's own result) as a file the next tool opens:
+a torch.export program (``.pt2``), ONNX, or OpenVINO IR.
+
+Shapes are dynamic by default: the batch dimension of every input, and the sequence dimension of token
+inputs (integer tensors of two or more dimensions); ``static=True`` fixes them to the example's. The
+sample inputs saved with a program are two rows of the example (copied, never a view of the dataset).
+Every export is checked against the torch model before it is written: at two batch sizes (one with static
+shapes), the largest absolute difference of the outputs is reported.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_path
+from .errors import BackendNotInstalled, TechniqueError, UsageError, describe
+from .measure import call_model, split_input
+
+FORMATS = ("pt2", "onnx", "openvino")
+#: Each format's file suffix (OpenVINO also writes the .bin beside the .xml).
+SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "openvino": ".xml"}
+#: What a format needs installed, and how to get it.
+NEEDS = {"onnx": (("onnx", "onnxscript"), 'pip install "model-opt[onnx]"'),
+         "openvino": (("openvino",), "pip install openvino")}
+
+
+@dataclass
+class ExportResult:
+    format: str
+    files: list[str]
+    dynamic: dict[str, list[int]]
+    checked: dict[int, float] = field(default_factory=dict)  # batch size -> max abs difference
+
+    def render(self) -> str:
+        words = {0: "batch", 1: "sequence"}
+        shapes = "; ".join(f"input {name}: {', '.join(words.get(d, str(d)) for d in dims)}"
+                           for name, dims in self.dynamic.items()) or "none (static shapes)"
+        checks = ", ".join(f"batch {b}: max abs diff {d:.2e}" for b, d in self.checked.items())
+        return f"exported {self.format}: {', '.join(self.files)}\n  dynamic: {shapes}\n  checked against torch: " \
+               f"{checks}"
+
+
+def check_format(name: str) -> str:
+    if name not in FORMATS:
+        raise UsageError(f"unknown export format {name!r}", f"choose one of: {', '.join(FORMATS)}")
+    import importlib.util
+
+    modules, hint = NEEDS.get(name, ((), ""))
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendNotInstalled(f"exporting to {name} needs {', '.join(missing)}, which is not installed", hint)
+    return name
+
+
+def sample(example: Any, rows: int) -> Any:
+    """``example`` with batch size ``rows`` (rows repeated as needed), copied into fresh tensors."""
+    import torch
+
+    def fit(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return value
+        reps = -(-rows // value.shape[0])
+        return value.repeat(reps, *([1] * (value.dim() - 1)))[:rows].clone()
+
+    if isinstance(example, dict):
+        return {k: fit(v) for k, v in example.items()}
+    if isinstance(example, (tuple, list)):
+        return type(example)(fit(v) for v in example)
+    return fit(example)
+
+
+def dynamic_dims(example: Any, static: bool) -> dict[str, list[int]]:
+    """Input name (or position) -> its dynamic dimensions: batch, and sequence for token inputs."""
+    import torch
+
+    args, kwargs = split_input(example)
+    named = kwargs or {str(i): v for i, v in enumerate(args)}
+    if static:
+        return {}
+    dims = {}
+    for name, value in named.items():
+        if isinstance(value, torch.Tensor) and value.dim():
+            tokens = not value.is_floating_point() and value.dim() >= 2
+            dims[name] = [0, 1] if tokens else [0]
+    return dims
+
+
+def _torch_dynamic_shapes(example: Any, dims: dict[str, list[int]]) -> Any:
+    import torch
+
+    args, kwargs = split_input(example)
+    # the sequence's range is the model's (position tables cap it): let export find it
+    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim.AUTO
+
+    def spec(name: str) -> Any:
+        chosen = dims.get(name)
+        return {d: (batch if d == 0 else seq) for d in chosen} if chosen else None
+
+    if kwargs:
+        return {k: spec(k) for k in kwargs}
+    return tuple(spec(str(i)) for i in range(len(args)))
+
+
+def export_model(model: Any, example: Any, fmt: str, path: Path, static: bool = False,
+                 say: Callable[[str], None] = lambda message: None) -> ExportResult:
+    """Export ``model`` to ``path`` in format ``fmt``, verified at two batch sizes before it is written."""
+    import torch
+
+    from .exported import ExportedModule
+
+    check_format(fmt)
+    if isinstance(model, ExportedModule):  # a .pt2 given back: export its graph, not the wrapper's *args
+        model = model.module_  # (a graph from torch.export has no train/eval switch)
+    elif hasattr(model, "eval"):
+        model = model.eval()
+    tiny = sample(example, 2)
+    dims = dynamic_dims(tiny, static)
+    batches = [_batch(example)] if static else [1, 3]
+    say(f"exporting to {fmt} ({'static shapes' if static else 'dynamic ' + ', '.join(sorted(dims)) or 'static'})")
+    with tempfile.TemporaryDirectory(prefix="model-opt-export-") as tmp:
+        staged = Path(tmp) / f"model{SUFFIXES[fmt]}"
+        try:
+            runner = {"pt2": _pt2, "onnx": _onnx, "openvino": _openvino}[fmt](model, tiny, dims, staged)
+        except (UsageError, BackendNotInstalled):
+            raise
+        except Exception as exc:
+            raise TechniqueError(f"the model could not be exported to {fmt} ({describe(exc, 200)})",
+                                 "try --static-shapes, or another format; nothing was written") from None
+        result = ExportResult(fmt, [], dims)
+        with torch.inference_mode():
+            for size in batches:
+                inputs = sample(example, size) if not static else example
+                expected = _tensors(call_model(model, inputs))
+                got = _tensors(runner(inputs))
+                if len(got) != len(expected) or any(a.shape != b.shape for a, b in zip(got, expected, strict=False)):
+                    raise TechniqueError(f"the {fmt} export gives outputs of other shapes than the model at batch "
+                                         f"{size}", "try --static-shapes; nothing was written")
+                result.checked[size] = max((float((a.float() - b.float()).abs().max()) for a, b in
+                                            zip(got, expected, strict=True) if a.numel()), default=0.0)
+        targets = [path, *([path.with_suffix(".bin")] if fmt == "openvino" else [])]
+        sources = [staged, *([staged.with_suffix(".bin")] if fmt == "openvino" else [])]
+        from .atomic import written_together
+
+        with written_together():
+            for source, target in zip(sources, targets, strict=True):
+                data = source.read_bytes()
+                if fmt == "openvino" and target.suffix == ".xml":
+                    data = data.replace(b"model.bin", path.with_suffix(".bin").name.encode())
+                with atomic_path(target) as out:
+                    out.write_bytes(data)
+        result.files = [str(t) for t in targets]
+    return result
+
+
+def _batch(example: Any) -> int:
+    import torch
+
+    args, kwargs = split_input(example)
+    first = next(v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor))
+    return int(first.shape[0])
+
+
+def _tensors(output: Any) -> list[Any]:
+    """Every tensor in a model output (tensor, tuple, dict, ModelOutput), in order."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict) or hasattr(output, "to_tuple"):
+        output = output.to_tuple() if hasattr(output, "to_tuple") else tuple(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    return []
+
+
+def _pt2(model: Any, tiny: Any, dims: dict[str, list[int]], path: Path) -> Callable[[Any], Any]:
+    import torch
+
+    args, kwargs = split_input(tiny)
+    program = torch.export.export(model, args, kwargs or None,
+                                  dynamic_shapes=_torch_dynamic_shapes(tiny, dims) if dims else None)
+    buffer = io.BytesIO()  # (a file name would become the archive's root folder)
+    torch.export.save(program, buffer)
+    path.write_bytes(buffer.getvalue())
+    module = program.module()
+    return lambda inputs: call_model(module, inputs)
+
+
+def _onnx(model: Any, tiny: Any, dims: dict[str, list[int]], path: Path) -> Callable[[Any], Any]:
+    import torch
+
+    args, kwargs = split_input(tiny)
+    program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, external_data=False,
+                                dynamic_shapes=_torch_dynamic_shapes(tiny, dims) if dims else None)
+    program.save(str(path))
+    names = [i.name for i in program.model.graph.inputs]
+    try:
+        import onnxruntime as ort
+    except ImportError:  # checked with the exported program's own reference run instead
+        return lambda inputs: program(*_positional(inputs, names))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(inputs: Any) -> Any:
+        feed = dict(zip(names, (t.numpy() for t in _positional(inputs, names)), strict=False))
+        return [torch.from_numpy(o) for o in session.run(None, feed)]
+    return run
+
+
+def _positional(inputs: Any, names: list[str]) -> list[Any]:
+    args, kwargs = split_input(inputs)
+    return [*args, *(kwargs[n] for n in names[len(args):] if n in kwargs)]
+
+
+def _openvino(model: Any, tiny: Any, dims: dict[str, list[int]], path: Path) -> Callable[[Any], Any]:
+    import openvino as ov
+    import torch
+
+    args, kwargs = split_input(tiny)
+    if isinstance(model, torch.fx.GraphModule):  # a graph from a .pt2: OpenVINO reads torch.export programs
+        source: Any = torch.export.export(model, tuple(args), kwargs or None,
+                                          dynamic_shapes=_torch_dynamic_shapes(tiny, dims) if dims else None)
+        converted = ov.convert_model(source)
+    else:
+        converted = ov.convert_model(model, example_input=kwargs or tuple(args))
+    shapes = {}
+    for index, port in enumerate(converted.inputs):
+        name = port.get_any_name()
+        value = kwargs.get(name) if kwargs else (args[index] if index < len(args) else None)
+        if not isinstance(value, torch.Tensor):
+            continue
+        chosen = dims.get(name if kwargs else str(index), [])
+        shapes[port] = ov.PartialShape([-1 if d in chosen else s for d, s in enumerate(value.shape)])
+    if shapes:
+        converted.reshape(shapes)
+    ov.save_model(converted, str(path), compress_to_fp16=False)
+    compiled = ov.Core().compile_model(ov.Core().read_model(str(path)), "CPU")
+    names = [p.get_any_name() for p in compiled.inputs]
+
+    def run(inputs: Any) -> Any:
+        a, k = split_input(inputs)
+        feed = {**dict(zip(names, (t.numpy() for t in a), strict=False)), **{n: v.numpy() for n, v in k.items()}}
+        result = compiled(feed)
+        return [torch.from_numpy(result[out].copy()) for out in compiled.outputs]
+    return run

