@@ -46,11 +46,19 @@ def console(log_path: Path, quiet: bool, verbose: bool) -> Any:
         with contextlib.redirect_stdout(sys.stderr), stdout_fd_to(2):
             yield progress
         return
-    existed = log_path.exists()
+    existed = _exists(log_path)
     with backend_output(log_path, terminal):
         yield progress
-    if log_path.exists() and (not existed or log_path.stat().st_size):
+    if _exists(log_path) and (not existed or log_path.stat().st_size):
         progress(f"backend messages (warnings, logs, progress bars): {log_path}")
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; a name the file system refuses (too long) does not."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def interrupted(interrupt: KeyboardInterrupt) -> typer.Exit:

@@ -26,12 +26,13 @@ def server():
         yield running
 
 
-def worker(digits, storage: str, out: Path, trials: int, study: str = "shared") -> subprocess.Popen:
+def worker(digits, storage: str, out: Path, trials: int, study: str = "shared",
+           lease: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "model_opt_cli.main", "autotune", str(digits.model), "--test-dataset",
          str(digits.dataset), "--test-script", str(digits.script), "--max-accuracy-drop", "0.5", "--trials",
          str(trials), "--backends", BACKENDS, "--study", study, "--storage", storage, "--output", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **FAST_LEASE})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(lease or FAST_LEASE)})
 
 
 def trials_of(storage: str, study: str = "shared") -> list:
@@ -98,10 +99,11 @@ def test_a_rerun_inside_the_grace_period_waits_for_the_killed_trial(server, digi
     budget still needs, so that the count is exact and nothing stays RUNNING."""
     storage = create_database(*server[:1], server[1], "killed_now") if kind == "postgres" else \
         str(tmp_path / "study.journal")
-    proc = worker(digits, storage, tmp_path / "best.pt", 4)
+    lease = {"MODEL_OPT_HEARTBEAT_S": "1", "MODEL_OPT_GRACE_S": "20"}  # longer than the rerun takes to start
+    proc = worker(digits, storage, tmp_path / "best.pt", 4, lease=lease)
     _kill_mid_trial(proc, storage)
     stuck = [t.number for t in trials_of(storage) if t.state.name == "RUNNING"]
-    rerun = worker(digits, storage, tmp_path / "best.pt", 4)  # at once, inside the grace period
+    rerun = worker(digits, storage, tmp_path / "best.pt", 4, lease=lease)  # at once, inside the grace period
     _, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
     trials = trials_of(storage)

@@ -296,8 +296,7 @@ def autotune(
     check_settings(the_study, settings)
     expired = expire_dead_trials(the_study)
     if expired:
-        say(f"trials {', '.join(map(str, expired))} were left running by a worker that died: failed and queued "
-            "again")
+        say(f"{_trials(expired)} left running by a worker that died: failed and queued again")
     seed_recommendations(the_study, original, device, space, manager)
     # The runtime is part of the search where a candidate technique is fast only compiled; recovery
     # fine-tuning where the test script can train.
@@ -403,6 +402,10 @@ def autotune(
     return finish(the_study, storage_label, baseline, objective, original, job, context, max_accuracy_drop)
 
 
+def _trials(numbers: list[int]) -> str:
+    return f"trial {numbers[0]} was" if len(numbers) == 1 else f"trials {', '.join(map(str, numbers))} were"
+
+
 def settle(study: Any, trials: int, run_more: Callable[[int], None], say: Callable[[str], None],
            wait: bool) -> None:
     """Leave the study with ``trials`` counted trials and none RUNNING: wait for other workers' running trials
@@ -414,8 +417,7 @@ def settle(study: Any, trials: int, run_more: Callable[[int], None], say: Callab
     while True:
         expired = expire_dead_trials(study)
         if expired:
-            say(f"trials {', '.join(map(str, expired))} were left running by a worker that died: failed and queued "
-                "again")
+            say(f"{_trials(expired)} left running by a worker that died: failed and queued again")
         running = sorted(t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
         done = len(counted(study))
         need = trials - done - len(running)

@@ -50,7 +50,7 @@ def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
         logging.lastResort = fallback
         handle.close()
         tmp = Path(tmp_name)
-        if succeeded and tmp.stat().st_size and log_path.parent.is_dir():
+        if succeeded and tmp.stat().st_size and log_path.parent.is_dir():  # (prepare checked its name)
             os.chmod(tmp, 0o666 & ~_umask())
             shutil.move(tmp, log_path)
         else:

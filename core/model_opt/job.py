@@ -165,7 +165,11 @@ def output_path(model_path: Path, output: str | os.PathLike[str] | None) -> Path
         return default_output(Path(model_path))
     text = os.fspath(output)
     out = Path(text)
-    if text.endswith(("/", os.sep)) or out.is_dir():
+    try:
+        folder = out.is_dir()
+    except OSError:  # a name too long to look up: check_output says so
+        folder = False
+    if text.endswith(("/", os.sep)) or folder:
         return out / default_output(Path(model_path)).name
     return out
 
@@ -235,11 +239,11 @@ def check_writable_folder(folder: Path, flag: str = "--output") -> None:
 def check_output(out: Path, protected: Sequence[Path], export: bool = False, flag: str = "--output") -> Path:
     """Refuse an output that would replace the user's files: the input, the test script, the data, an
     unrelated existing file; or whose side files (report, log, IR, export, plot) would replace any of them."""
-    if out.is_dir():
-        raise UsageError(f"{flag} {out} is a folder", f"pass a file path, e.g. {flag} {out / 'model.optimized.pt'}")
-    if len(out.name.encode()) > 200:
+    if len(out.name.encode()) > 200:  # before touching the file system, which refuses such names
         raise UsageError(f"{flag} name {out.name[:40]}... is {len(out.name.encode())} bytes long, too long for the "
                          "files written beside it", f"choose a shorter {flag} name")
+    if out.is_dir():
+        raise UsageError(f"{flag} {out} is a folder", f"pass a file path, e.g. {flag} {out / 'model.optimized.pt'}")
     folders = [p.resolve() for p in protected if p.is_dir()]
     owned = owned_files(out)
     for path in [out, *side_files(out)]:

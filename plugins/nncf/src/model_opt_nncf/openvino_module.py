@@ -70,23 +70,35 @@ class OpenVINOModule(nn.Module):
         core = ov.Core()
         self.ov_model = core.read_model(model=self._xml.decode(), weights=ov.Tensor(
             np.frombuffer(self._bin, dtype="uint8").copy()))
-        shapes = self.compile_config.get("static_shapes")
-        if shapes:
-            keyed = shapes.items() if isinstance(shapes, dict) else enumerate(shapes)
-            self.ov_model.reshape({key: ov.PartialShape(list(shape)) for key, shape in keyed})
         hint = self.compile_config.get("performance_hint")
-        self.compiled = core.compile_model(self.ov_model, self.ov_device,
-                                           {"PERFORMANCE_HINT": hint} if hint else {})
+        config = {"PERFORMANCE_HINT": hint} if hint else {}
+        self.compiled = core.compile_model(self.ov_model, self.ov_device, config)
+        self.compiled_static = None
+        shapes = self.compile_config.get("static_shapes")
+        if shapes:  # a second compilation for the fixed shapes; calls with other shapes use the dynamic one
+            keyed = shapes.items() if isinstance(shapes, dict) else enumerate(shapes)
+            static = self.ov_model.clone()
+            static.reshape({key: ov.PartialShape(list(shape)) for key, shape in keyed})
+            self.compiled_static = core.compile_model(static, self.ov_device, config)
+            self._static_shapes = shapes
 
     def describe_compile(self) -> str:
         """How the IR is compiled, for the report."""
         shapes = self.compile_config.get("static_shapes")
         shape_text = "dynamic shapes" if not shapes else "static shapes " + ", ".join(
-            "x".join(map(str, s)) for s in (shapes.values() if isinstance(shapes, dict) else shapes))
+            "x".join(map(str, s)) for s in (shapes.values() if isinstance(shapes, dict) else shapes)) + \
+            " (other shapes: dynamic)"
         return f"{shape_text}, PERFORMANCE_HINT={self.compile_config.get('performance_hint') or 'default'}"
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        return ov_call(self.compiled, args, kwargs)
+        static = self.compiled_static is not None and self._matches_static(args, kwargs)
+        return ov_call(self.compiled_static if static else self.compiled, args, kwargs)
+
+    def _matches_static(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        shapes = self._static_shapes
+        if isinstance(shapes, dict):
+            return all(k in kwargs and list(kwargs[k].shape) == s for k, s in shapes.items())
+        return len(args) == len(shapes) and all(list(a.shape) == s for a, s in zip(args, shapes, strict=True))
 
     def parameter_count(self) -> tuple[int, int]:
         """(weights, non-zero weights) of the constants feeding compute layers, as model-opt reports them."""
@@ -144,6 +156,7 @@ class OpenVINOModule(nn.Module):
         state = self.__dict__.copy()
         state.pop("ov_model", None)
         state.pop("compiled", None)
+        state.pop("compiled_static", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

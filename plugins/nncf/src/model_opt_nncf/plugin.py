@@ -23,8 +23,8 @@ INT8_STATIC = Technique(
         Option("ignored", list, [], "regular expressions of layer names to keep in float"),
         Option("accuracy_control", bool, True, "with --max-accuracy-drop, keep layers in float until the "
                "metric is within the budget (nncf.quantize_with_accuracy_control)"),
-        Option("static_shapes", bool, False, "compile OpenVINO for the example input's exact shapes (faster where "
-               "every call has them; other shapes then fail); default: dynamic shapes"),
+        Option("static_shapes", bool, False, "also compile OpenVINO for the example input's exact shapes, used "
+               "for calls with those shapes (others run the dynamic-shape compilation)"),
         Option("performance_hint", str, "latency", "OpenVINO's PERFORMANCE_HINT when compiling",
                choices=("latency", "throughput")),
     ),
