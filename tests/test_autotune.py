@@ -59,6 +59,7 @@ def test_recommend_prints_why_and_the_command(cli, digits) -> None:
             "--prune --prune-backend torch-pruning --prune-type structured --prune-opt amount=0.3") in result.stdout
 
 
+@pytest.mark.slow
 def test_finds_a_faster_candidate_within_budget_and_saves_it(cli, digits, tmp_path: Path) -> None:
     out = tmp_path / "best.pt"
     result = cli(*tune_args(digits, "--max-accuracy-drop", "0.3", "--trials", "6", "--backends", "torch-pruning",
@@ -76,6 +77,7 @@ def test_finds_a_faster_candidate_within_budget_and_saves_it(cli, digits, tmp_pa
     assert sum(p.numel() for p in reloaded.parameters()) < report["baseline"]["parameters"]
 
 
+@pytest.mark.slow
 def test_no_candidate_within_budget_fails_and_saves_nothing(cli, digits, tmp_path: Path) -> None:
     strict = write_fidelity_script(digits, tmp_path / "strict")
     out = tmp_path / "never.pt"
@@ -110,6 +112,7 @@ def run_worker(digits, journal: Path, out: Path, trials: int) -> subprocess.Pope
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_without_running_a_trial_twice(digits, tmp_path: Path) -> None:
     journal = tmp_path / "study.journal"
     workers = [run_worker(digits, journal, tmp_path / f"w{i}" / "best.pt", 10) for i in range(2)]
@@ -122,6 +125,7 @@ def test_two_workers_share_one_study_without_running_a_trial_twice(digits, tmp_p
     assert 10 <= len(trials) <= 11  # one shared budget of 10 (a worker may start one as the other finishes)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_without_redoing_finished_trials(cli, digits, tmp_path: Path) -> None:
     journal = tmp_path / "study.journal"
     worker = run_worker(digits, journal, tmp_path / "best.pt", 8)
@@ -144,6 +148,7 @@ def test_a_killed_run_resumes_without_redoing_finished_trials(cli, digits, tmp_p
     assert all(after[number] == description for number, description in before.items())
 
 
+@pytest.mark.slow
 def test_only_applicable_techniques_and_no_configuration_twice(cli, digits, tmp_path: Path) -> None:
     """A CNN gets no token merging (ViT only); the few configurations of a small space are each run once."""
     journal = tmp_path / "s.journal"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from postgres import binaries, create_database, postgres_server
 
+pytestmark = pytest.mark.slow  # real pretrained models / a real database, many processes
 FAST_LEASE = {"MODEL_OPT_HEARTBEAT_S": "1", "MODEL_OPT_GRACE_S": "3"}
 BACKENDS = "fusion,svd,torch-pruning"
 

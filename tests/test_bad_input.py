@@ -155,6 +155,7 @@ def calibration_data(dataset_path):
 """
 
 
+@pytest.mark.slow
 def test_exported_output_given_back_as_input_works(cli, work: Path) -> None:
     out = work / "first.pt"
     assert cli(*optimize_args(work, *PRUNE, "--export", "--output", out, "-q")).exit_code == 0

@@ -155,6 +155,7 @@ def test_optimize_with_compile_on_cuda(cli, digits, tmp_path: Path) -> None:
     assert report["device"] == "cuda" and report["after"]["latency"]["runtime"] == "compiled"
 
 
+@pytest.mark.slow
 def test_cuda_check_dry_run_lists_what_would_run() -> None:
     """Runs everywhere (not CUDA-marked): the one-command check lists its tests and benchmark rows."""
     import os

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_recommends_and_shows_a_real_speed_up(cli, tmp_path: Path) -> None:
     result = cli("demo", "--folder", str(tmp_path / "demo"), "--epochs", "4")
     assert result.exit_code == 0, result.stderr

@@ -312,6 +312,7 @@ def test_output_ending_in_a_slash_is_a_folder(cli, work: Path, tmp_path: Path) -
     assert (tmp_path / "newdir" / "model.optimized.pt").is_file()
 
 
+@pytest.mark.slow
 def test_train_returning_a_wrapped_model_or_its_loss_saves_a_model_that_reopens(cli, work: Path) -> None:
     for body in ("import torch\n\n_train = train\n\ndef train(model, dataset_path, steps):\n"
                  "    _train(model, dataset_path, steps)\n    return torch.nn.DataParallel(model)\n",
@@ -348,6 +349,7 @@ def _run_cli(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_json_stdout_survives_a_script_writing_to_fd_1(work: Path) -> None:
     script = _script(work, "import os\n\n_evaluate = evaluate\n\ndef evaluate(model, dataset_path):\n"
                            "    os.write(1, b'noise from the script\\n')\n    print('more noise')\n"

@@ -45,6 +45,7 @@ def test_in_process_contract_end_to_end(cli, digits, tmp_path: Path) -> None:
     assert accuracy == pytest.approx(report["after"]["metrics"]["accuracy"])
 
 
+@pytest.mark.slow
 def test_program_contract_with_trusted_whole_model(cli, digits, tmp_path: Path) -> None:
     out = tmp_path / "p.pt"
     result = cli(*args(digits, *PRUNE, "--output", str(out), "--trust-model", "--input-shape", "8,1,8,8", "--json",

@@ -10,6 +10,7 @@ from pathlib import Path
 import model_opt
 import pytest
 
+pytestmark = pytest.mark.slow  # real pretrained models / a real database, many processes
 DATA = Path(__file__).parent / "data" / "minilm"
 
 

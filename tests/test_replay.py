@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import model_opt
+import pytest
 import torch
 from replay_models import CASES, optimize, run
 
@@ -24,6 +25,7 @@ for name in json.loads(sys.argv[2]):
 """
 
 
+@pytest.mark.slow
 def test_every_technique_reopens_in_a_fresh_process(tmp_path: Path) -> None:
     names = list(CASES)
     expected = {}

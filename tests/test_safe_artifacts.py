@@ -210,6 +210,7 @@ def test_fifo_and_devices_are_refused_without_reading(tmp_path: Path) -> None:
             model_opt.load(path)
 
 
+@pytest.mark.slow
 def test_optimize_output_reopens_in_a_fresh_process_with_the_test_script(digits, tmp_path: Path) -> None:
     from model_opt.pipeline import Step, optimize
 

@@ -68,6 +68,7 @@ print("ok")
     assert proc.stdout.strip() == "ok", proc.stderr
 
 
+@pytest.mark.slow
 def test_technique_runs_through_optimize(installed, digits, tmp_path: Path) -> None:
     out = tmp_path / "o.pt"
     proc = run("optimize", str(digits.model), "--test-dataset", str(digits.dataset), "--test-script",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import model_opt
 import numpy as np
+import pytest
 import torch
 from helpers import write_fidelity_script
 from model_opt.exported import ExportedModule
@@ -57,6 +58,7 @@ def test_weight_only_rtn_packs_linear_weights() -> None:
     assert after.tell() < 0.4 * before.tell()
 
 
+@pytest.mark.slow
 def test_autotune_within_budget_and_refusal_when_none_fits(cli, digits, tmp_path: Path) -> None:
     base = ["optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
             "--quantize", "--quant-backend", "neural-compressor", "--quant-method", "autotune", "-q"]

@@ -38,6 +38,7 @@ def test_digits_int8_agrees_with_float_and_reloads(cli, digits, tmp_path: Path) 
         assert agreement >= 0.98
 
 
+@pytest.mark.slow
 def test_accuracy_control_uses_the_users_metric(cli, digits, tmp_path: Path) -> None:
     result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
                  "--quantize", "--quant-backend", "nncf", "--quant-method", "int8_static", "--output",
@@ -50,6 +51,7 @@ def test_accuracy_control_uses_the_users_metric(cli, digits, tmp_path: Path) -> 
     assert report["metric_drop"] <= 0.01
 
 
+@pytest.mark.slow
 def test_accuracy_control_runs_when_plain_int8_is_over_budget(cli, digits, tmp_path: Path) -> None:
     from helpers import write_fidelity_script
 
@@ -102,6 +104,7 @@ def test_conversion_failure_names_the_op_and_keeps_the_model() -> None:
                              calibration_data=[torch.rand(2, 4)])
 
 
+@pytest.mark.slow
 def test_nncf_pruning_with_recovery_stays_within_a_point(cli, digits, tmp_path: Path) -> None:
     out = tmp_path / "sparse.pt"
     result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
@@ -135,6 +138,7 @@ def test_nncf_pruning_of_a_plain_sequential_through_the_seed_api() -> None:
     assert pruned[0].weight.requires_grad
 
 
+@pytest.mark.slow
 def test_nncf_regularization_trains_masks_with_the_train_hook(cli, digits, tmp_path: Path) -> None:
     result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
                  "--prune", "--prune-backend", "nncf", "--prune-type", "regularization", "--prune-amount", "0.6",

@@ -90,6 +90,7 @@ def test_fused_and_unfused_attention_agree_under_merging() -> None:
         torch.testing.assert_close(patched(x), fused, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_trained_vit_keeps_accuracy_at_small_r(tmp_path: Path) -> None:
     data = np.load(DIGITS / "digits.npz")
     images = torch.from_numpy(data["images"]).float().div(16).unsqueeze(1)

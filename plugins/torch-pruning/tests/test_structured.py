@@ -72,6 +72,7 @@ def test_user_ignored_layers_keep_their_width() -> None:
     assert pruned.layer2[0].conv1.out_channels < 128
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
 def test_pruned_model_reloads_in_a_fresh_process_and_as_export(name: str, tmp_path: Path) -> None:
     from model_opt.pipeline import export_program
@@ -102,6 +103,7 @@ print("same")
     assert proc.stdout.strip() == "same", proc.stderr
 
 
+@pytest.mark.slow
 def test_recovery_brings_digits_back_within_one_point(cli, digits, tmp_path: Path) -> None:
     result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
                  "--prune", "--prune-backend", "torch-pruning", "--prune-amount", "0.3", "--prune-criterion",

@@ -106,6 +106,7 @@ def test_bad_input() -> None:
         Quantizer().quantize(mlp(), method="int8_dynamc", backend="torchao")
 
 
+@pytest.mark.slow
 def test_cli_eager_warns_and_compile_measures_the_compiled_runtime(cli, digits, tmp_path: Path) -> None:
     base = ["optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
             "--quantize", "--quant-method", "int8_dynamic", "--quant-opt", "skip_head=false", "-q"]
