@@ -387,3 +387,44 @@ def test_an_unstable_measurement_shows_a_range_not_a_headline() -> None:
     assert busy.to_dict()["latency_stable"] is False and busy.to_dict()["speedup_range"] == (2.0, 4.0)
     slow = Report("m.pt", "cpu", 2, True, measured(1.0, 0.1, [1, 1]), measured(10.0, 0.1, [10, 10]))
     assert "10.00x slower" in slow.render() and "0.10x" not in slow.render()
+
+
+def test_a_killed_program_mode_run_leaves_no_child_and_its_copy_is_swept(work: Path, tmp_path: Path) -> None:
+    """SIGKILL model-opt while a program-mode script evaluates: the evaluation child dies with it, and the
+    pickled copy of the model it left in the temp folder is removed by the next run."""
+    import signal
+    import tempfile
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    script = work / "eval_slow.py"
+    script.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n"
+                      "print('accuracy = 0.5')\n")
+    proc = subprocess.Popen([sys.executable, "-m", "model_opt_cli.main", "optimize", str(work / "model_whole.pth"),
+                             "--trust-model", "--test-dataset", str(work / "data"), "--test-script", str(script),
+                             *PRUNE, "--output", str(work / "o.pt"), "-q"], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert pid_file.exists()
+    time.sleep(0.3)
+    left = [p for p in Path(tempfile.gettempdir()).glob(f"model-opt-eval-{proc.pid}-*")]
+    assert left  # the pickled copy the child is evaluating
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        if state in ("Z", "X"):  # dead, waiting to be reaped by whoever adopted it
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the evaluation child outlived model-opt")
+    from model_opt.atomic import remove_stale_temp
+
+    remove_stale_temp(Path(tempfile.gettempdir()), "model-opt-eval-")  # what the next program-mode run does first
+    assert not any(p.exists() for p in left)

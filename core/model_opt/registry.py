@@ -23,6 +23,24 @@ def extras() -> set[str]:
         return set()
 
 
+def plugin_extras() -> set[str]:
+    """The extras that install a first-party plugin (an extra whose requirement is exactly a model-opt-<name>
+    distribution), read from model-opt's metadata: no list kept by hand."""
+    import re
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        lines = requires("model-opt") or []
+    except PackageNotFoundError:
+        return set()
+    found: dict[str, set[str]] = {}
+    for line in lines:
+        match = re.match(r"^([A-Za-z0-9_.-]+).*;\s*extra\s*==\s*['\"]([^'\"]+)['\"]", line)
+        if match:
+            found.setdefault(match.group(2), set()).add(match.group(1).lower())
+    return {extra for extra, names in found.items() if names == {f"model-opt-{extra}"}}
+
+
 def install_hint(name: str) -> str:
     """How to install ``name``: an extra of model-opt (first-party plugins), else a distribution's name."""
     return f'pip install "model-opt[{name}]"' if name in extras() else f'pip install "{name}"'
@@ -269,8 +287,7 @@ class Registry:
             if not by_method:
                 where = f" of backend {backend!r}" if backend else ""
                 error = choose_one_of(f"{kind} method{where}", method, (t.method for t in candidates))
-                missing = sorted(extras() - {t.plugin for t in self.techniques.values()} - {"all", "autotune",
-                                                                                          "postgres", "transformers"})
+                missing = sorted(plugin_extras() - {t.plugin for t in self.techniques.values()})
                 if missing and backend is None:  # the method may come with a plugin that is not installed
                     error = UsageError(error.problem, f"{error.fix}; more methods come with plugins not installed "
                                        f"here ({', '.join(missing)}): pip install \"model-opt[all]\"")
