@@ -514,9 +514,7 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
     for row in finalists:
         built[row["number"]] = build_candidate(original, row["steps"], row["recovery_steps"], row["runtime"], job,
                                                context)
-    calls = {"original": partial(call_model, original, example)}
-    calls.update({str(n): partial(call_model, runnable, example) for n, (_, _, runnable) in built.items()})
-    times = interleaved_ms(calls, rounds=5, per_round=3)
+    times = remeasure(original, built, job)
     for row in finalists:
         row["remeasured_speedup"] = times["original"] / times[str(row["number"])]
     if objective != "size":
@@ -538,6 +536,33 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
         result.plot = plot(measured, result.pareto, best, out.with_name(f"{out.stem}.pareto.png"), budget)
         write_text_atomic(report_path(out), dumps(result.to_dict()))
     return result
+
+
+def remeasure(original: Any, built: dict[int, tuple[Any, list, Any]], job: Job) -> dict[str, float]:
+    """Median ms of the original and each finalist, timed with the same routine as ``optimize``: each in a
+    process of its own when any of them runs in another runtime than the original, else interleaved here."""
+    import statistics
+    import tempfile
+
+    from .timing import Deployed, in_processes, time_deployed
+
+    example = job.example
+    if any(in_processes(original, runnable) for _, _, runnable in built.values()):
+        job.say("timing the finalists and the original, each in its own process")
+        try:
+            with tempfile.TemporaryDirectory(prefix="model-opt-finalists-") as tmp:
+                candidates = {"original": job.deployed()}
+                for number, (model, records, runnable) in built.items():
+                    path = job.save(model, records, path=Path(tmp) / f"trial-{number}.pt")
+                    candidates[str(number)] = Deployed(str(path), str(job.script.path), True,
+                                                       compile=runnable is not model)
+                timed = time_deployed(candidates, example, job.device, rounds=5)
+                return {name: statistics.median(t.samples) for name, t in timed.items()}
+        except ModelOptError as exc:
+            job.say(f"timing here instead: {exc.problem}")
+    calls = {"original": partial(call_model, original, example)}
+    calls.update({str(n): partial(call_model, runnable, example) for n, (_, _, runnable) in built.items()})
+    return interleaved_ms(calls, rounds=5, per_round=3)
 
 
 def plot(measured: list[dict[str, Any]], front: list[dict[str, Any]], best: dict[str, Any], path: Path,

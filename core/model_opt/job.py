@@ -410,9 +410,11 @@ class Job:
         check_module_names(self.model, planned)
 
     # -- saving ------------------------------------------------------------------------------
-    def save(self, model: Any, records: Sequence[StepRecord], extra: dict[str, Any] | None = None) -> Path:
-        """Write the artifact: the recipe (source, every step with its replay state), the weights, and the names
-        of the side files this output may have (a rerun may replace those, and no other file)."""
+    def save(self, model: Any, records: Sequence[StepRecord], extra: dict[str, Any] | None = None,
+             path: Path | None = None) -> Path:
+        """Write the artifact (to the output, or ``path``): the recipe (source, every step with its replay
+        state), the weights, and the names of the side files this output may have (a rerun may replace those,
+        and no other file)."""
         manifest = {
             "source": self.source,
             "files": [p.name for p in side_files(self.output)],
@@ -420,5 +422,13 @@ class Job:
             "import_paths": [str(p.resolve()) for p in self.search_paths()],
             **(extra or {}),
         }
+        if path is not None:
+            return modelio.save(model, path, manifest)
         self.say(f"saving {self.output}")
         return modelio.save(model, self.output, manifest)
+
+    def deployed(self) -> Any:
+        """How a timing process opens the original model: from its file, as this job did."""
+        from .timing import Deployed
+
+        return Deployed(str(self.model_path), str(self.script.path), self.trust_model)

@@ -49,6 +49,9 @@ def _serialize(ov_model: Any) -> tuple[bytes, bytes]:
 class OpenVINOModule(nn.Module):
     """A compiled OpenVINO model behind ``forward``: torch tensors in, torch tensors out."""
 
+    #: model-opt times a model of another runtime than the original's in a process of its own.
+    deployed_runtime = "openvino"
+
     def __init__(self, ov_model: Any = None, device: str = "CPU", compile_config: dict[str, Any] | None = None) -> None:
         """``ov_model=None`` makes an empty module that :meth:`load_state_dict` fills from saved IR.
 

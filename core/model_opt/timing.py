@@ -1,0 +1,177 @@
+"""Time models as they are deployed: each in a process of its own, in interleaved rounds.
+
+Two runtimes in one process slow each other even when only one of them runs (each keeps a thread pool on
+the same few cores), so a model timed beside another is not the model a user deploys. Here every candidate
+is loaded by a worker process of its own (``python -m model_opt.timing``), from a file, the way a user
+reopens it; the parent asks each worker in turn for a block of calls (rounds rotate, so a drift of a shared
+machine hits every candidate alike) while the others wait on a pipe, idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelOptError, first_line
+
+PREFIX = "MODEL_OPT_TIMING "
+
+
+@dataclass
+class Deployed:
+    """How a worker opens a candidate: a model file (or folder), opened like ``model_opt.load`` does."""
+
+    path: str
+    test_script: str | None = None
+    trust_model: bool = False
+    compile: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Timings:
+    samples: list[float] = field(default_factory=list)
+    rounds_ms: list[float] = field(default_factory=list)
+
+
+class Worker:
+    """One candidate in its own process, answering 'block' requests with milliseconds per call."""
+
+    def __init__(self, deployed: Deployed, example_file: Path, device: str, threads: int) -> None:
+        spec = {**deployed.to_dict(), "example": str(example_file), "device": device, "threads": threads}
+        self.errors = tempfile.TemporaryFile(mode="w+")  # (a pipe could fill up and block a chatty backend)
+        self.proc = subprocess.Popen([sys.executable, "-m", "model_opt.timing", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
+                                     text=True, bufsize=1)
+        self.read()  # ready (loaded, warmed up)
+
+    def read(self) -> Any:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(PREFIX):
+                return json.loads(line[len(PREFIX):])
+        self.proc.wait()
+        self.errors.seek(0)
+        error = self.errors.read()
+        lines = [x for x in error.strip().splitlines() if x.strip()]
+        raise ModelOptError(f"the timing process failed ({lines[-1][:200] if lines else 'no message'})",
+                            "set MODEL_OPT_TIMING=inline to time in this process")
+
+    def block(self, block_s: float) -> list[float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{block_s}\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.proc.stdin:
+                self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.errors.close()
+
+
+def time_deployed(candidates: dict[str, Deployed], example: Any, device: str = "cpu", *, rounds: int = 9,
+                  min_rounds: int = 4, budget_s: float = 8.0, block_s: float = 0.15) -> dict[str, Timings]:
+    """Milliseconds per call of each candidate, each loaded and run in its own process (see the module)."""
+    import torch
+
+    timings = {name: Timings() for name in candidates}
+    workers: dict[str, Worker] = {}
+    with tempfile.TemporaryDirectory(prefix="model-opt-timing-") as tmp:
+        example_file = Path(tmp) / "example.pt"
+        torch.save(example, example_file)
+        try:
+            for name, deployed in candidates.items():
+                workers[name] = Worker(deployed, example_file, device, torch.get_num_threads())
+            names = list(candidates)
+            started = time.perf_counter()
+            index = 0
+            while index < rounds and (index < min_rounds or time.perf_counter() - started < budget_s):
+                shift = index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    block = workers[name].block(block_s)
+                    timings[name].samples += block
+                    timings[name].rounds_ms.append(statistics.median(block))
+                index += 1
+        finally:
+            for worker in workers.values():
+                worker.close()
+    return timings
+
+
+def runtime_of(model: Any) -> str:
+    """The runtime a model runs in: ``torch``, or what it declares (an OpenVINO model says ``openvino``)."""
+    return str(getattr(model, "deployed_runtime", "torch"))
+
+
+def in_processes(before: Any, after: Any) -> bool:
+    """Whether to time in worker processes: when the two run in different runtimes (which slow each other in
+    one process), or MODEL_OPT_TIMING=process; never with MODEL_OPT_TIMING=inline."""
+    choice = os.environ.get("MODEL_OPT_TIMING", "").strip().lower()
+    if choice in ("inline", "process"):
+        return choice == "process"
+    return runtime_of(before) != runtime_of(after)
+
+
+def _serve(spec: dict[str, Any]) -> None:
+    """The worker: open the model, warm it up, then answer each block request on stdin."""
+    import torch
+
+    import model_opt
+
+    from .measure import call_model, compile_model
+
+    torch.set_num_threads(int(spec["threads"]))
+    sync = torch.cuda.synchronize if str(spec["device"]).startswith("cuda") else None
+    model = model_opt.load(spec["path"], test_script=spec["test_script"], trust_model=spec["trust_model"],
+                           map_location=spec["device"])
+    if hasattr(model, "to") and not spec["path"].endswith(".xml"):
+        model = model.to(spec["device"])
+    if hasattr(model, "eval"):
+        model = model.eval()
+    example = torch.load(spec["example"], weights_only=True, map_location=spec["device"])
+    if spec["compile"]:
+        model = compile_model(model, example)[0]
+
+    def call() -> None:
+        call_model(model, example)
+        if sync:
+            sync()
+
+    with torch.inference_mode():
+        for _ in range(3):
+            call()
+        print(PREFIX + json.dumps("ready"), flush=True)
+        for line in sys.stdin:
+            block_s = float(line)
+            call()  # the first call after waiting wakes this runtime's threads: not timed
+            times: list[float] = []
+            started = time.perf_counter()
+            while len(times) < 3 or time.perf_counter() - started < block_s:
+                t0 = time.perf_counter()
+                call()
+                times.append((time.perf_counter() - t0) * 1000)
+            print(PREFIX + json.dumps(times), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        _serve(json.loads(sys.argv[1]))
+    except Exception as exc:  # the parent shows the last line of stderr
+        print(f"{type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
+        sys.exit(1)
