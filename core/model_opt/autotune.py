@@ -476,7 +476,7 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
            context: TechniqueContext, budget: float) -> TuneResult:
     import optuna
 
-    say, device, example, out = job.say, job.device, job.example, job.output
+    say, device, out = job.say, job.device, job.output
 
     rows = []
     for trial in study.get_trials(deepcopy=False):
