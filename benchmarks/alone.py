@@ -1,7 +1,7 @@
 """Time one saved model alone, in this (fresh) process, as a user deploys it: the yardstick the report's
 ratios are checked against.
 
-    python benchmarks/alone.py MODEL --test-script eval.py --test-dataset data/ [--calls 300] [--compile]
+    python benchmarks/alone.py MODEL --test-script eval.py --test-dataset data/ [--calls 300] [--seconds 30] [--compile]
 
 Prints ``median_ms = X`` and ``p10_ms``/``p90_ms``; the example input is the test script's example_input().
 """
@@ -19,6 +19,7 @@ def main() -> None:
     parser.add_argument("--test-script", required=True)
     parser.add_argument("--test-dataset", required=True)
     parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--seconds", type=float, default=30.0, help="stop earlier once this long (20 calls at least)")
     parser.add_argument("--compile", action="store_true", help="run it under torch.compile with freezing")
     args = parser.parse_args()
 
@@ -36,7 +37,8 @@ def main() -> None:
     with torch.inference_mode():
         for _ in range(10):
             call_model(model, example)
-        for _ in range(args.calls):
+        begun = time.perf_counter()
+        while len(times) < args.calls and (len(times) < 20 or time.perf_counter() - begun < args.seconds):
             started = time.perf_counter()
             call_model(model, example)
             times.append((time.perf_counter() - started) * 1000)

@@ -81,6 +81,8 @@ class Option:
     maximum: float | None = None
     exclusive_minimum: bool = False
     exclusive_maximum: bool = False
+    #: Former names, still accepted for one release with a deprecation note.
+    aliases: tuple[str, ...] = ()
 
     def describe_range(self) -> str:
         if self.minimum is None and self.maximum is None:
@@ -184,6 +186,13 @@ class Technique:
         for opt in self.options:
             if opt.name == name:
                 return opt
+        for opt in self.options:
+            if name in opt.aliases:
+                import warnings
+
+                warnings.warn(f"{self.backend} {self.method}: option {name!r} is now {opt.name!r}; the old name "
+                              "is accepted for one more release", FutureWarning, stacklevel=3)
+                return opt
         raise choose_one_of(f"option for {self.backend} {self.method}", name, (o.name for o in self.options))
 
     def missing_packages(self) -> list[str]:
@@ -212,7 +221,7 @@ class Technique:
         resolved = {opt.name: opt.default for opt in self.options}
         for name, value in (given or {}).items():
             opt = self.option(name)
-            resolved[name] = opt.coerce(value, where=f"{self.backend} {self.method} ")
+            resolved[opt.name] = opt.coerce(value, where=f"{self.backend} {self.method} ")
         return resolved
 
     def to_dict(self) -> dict[str, Any]:

@@ -64,12 +64,20 @@ def test_channel_ratio_half_removes_about_three_quarters_of_resnet18() -> None:
     assert "left 26% of the parameters" in pruner.info["note"]
 
 
-def test_user_ignored_layers_keep_their_width() -> None:
+def test_user_excluded_layers_keep_their_width() -> None:
     model = timm.create_model("resnet18", pretrained=False).eval()
     pruned = Pruner().prune_model(model, amount=0.5, prune_type="structured", example_input=torch.randn(1, 3, 64, 64),
-                                  ignored_layers=["layer1.0.conv1"])
+                                  exclude=["layer1.0.conv1"])
     assert pruned.layer1[0].conv1.out_channels == 64
     assert pruned.layer2[0].conv1.out_channels < 128
+
+
+def test_the_former_name_ignored_layers_still_works_with_a_note() -> None:
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    with pytest.warns(FutureWarning, match="option 'ignored_layers' is now 'exclude'"):
+        pruned = Pruner().prune_model(model, amount=0.5, prune_type="structured",
+                                      example_input=torch.randn(1, 3, 64, 64), ignored_layers=["layer1.0.conv1"])
+    assert pruned.layer1[0].conv1.out_channels == 64
 
 
 @pytest.mark.slow
@@ -137,5 +145,5 @@ def test_bad_input() -> None:
         Pruner().prune_model(model, amount=0.3, criterion="taylor", prune_type="structured", example_input=x)
     with pytest.raises(UsageError, match=r"outside \(0, 1\)"):
         Pruner().prune_model(model, amount=1.0, prune_type="structured", example_input=x)
-    with pytest.raises(TechniqueError, match="ignored_layers names no module 'layer9'"):
-        Pruner().prune_model(model, amount=0.3, prune_type="structured", example_input=x, ignored_layers=["layer9"])
+    with pytest.raises(TechniqueError, match="exclude names no module 'layer9'"):
+        Pruner().prune_model(model, amount=0.3, prune_type="structured", example_input=x, exclude=["layer9"])

@@ -21,8 +21,8 @@ STRUCTURED = Technique(
                "the test script), group_norm (un-normalized group L2), bn_scale, random", choices=CRITERIA),
         Option("global_pruning", bool, False, "rank channels across layers instead of per layer"),
         Option("iterative_steps", int, 1, "reach the amount in this many steps", minimum=1),
-        Option("ignored_layers", list, [], "module names to leave unpruned (the classifier head is found "
-               "and ignored automatically)"),
+        Option("exclude", list, [], "module names (or prefixes) to leave unpruned (the classifier head is found "
+               "and left automatically)", aliases=("ignored_layers",)),
         Option("round_to", int, 0, "keep channel counts multiples of this (0: no rounding)", minimum=0),
         Option("prune_heads", bool, True, "on attention modules, remove whole heads (else head dims)"),
         Option("calibration_batches", int, 4, "labelled batches for taylor", minimum=1),

@@ -126,14 +126,16 @@ def labelled_batches(context: Any, limit: int) -> list[tuple[Any, torch.Tensor]]
 
 def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
     example = context.require_example_input("torch-pruning structured")
+    from model_opt.modules import excluded
+
     modules = dict(model.named_modules())
-    unknown = [n for n in options["ignored_layers"] if n not in modules]
+    unknown = [e for e in options["exclude"] if not any(excluded(n, [e]) for n in modules if n)]
     if unknown:
-        raise TechniqueError(f"ignored_layers names no module {unknown[0]!r}",
-                             "use names from model.named_modules()")
+        raise TechniqueError(f"exclude names no module {unknown[0]!r}", "use names from model.named_modules()")
     run_checked(model, example)
     heads = output_layers(model, example)
-    ignored_names = list(dict.fromkeys([*heads, *options["ignored_layers"]]))
+    chosen = [n for n in modules if n and excluded(n, options["exclude"])]
+    ignored_names = list(dict.fromkeys([*heads, *chosen]))
     attention = attention_modules(model)
     hf_attention = hf_attention_modules(model)
     num_heads: dict[nn.Module, int] = {qkv: attn.num_heads for qkv, attn in attention.items()}
@@ -160,7 +162,7 @@ def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) ->
     except Exception as exc:
         raise TechniqueError(
             f"torch-pruning could not trace the model ({describe(exc)})",
-            "add the module that fails to ignored_layers, or pass an example input of the right shape",
+            "add the module that fails to --prune-opt exclude=..., or pass an example input of the right shape",
         ) from None
     for _ in range(options["iterative_steps"]):
         if options["criterion"] == "taylor":
