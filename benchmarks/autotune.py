@@ -74,6 +74,20 @@ def timm_subject(folder: Path, name: str, size: int, **kwargs) -> tuple[Path, Pa
     return folder / "model.pth", folder / "data", folder / "eval.py"
 
 
+def alone_speedup(original: Path, optimized: Path, script: Path, data: Path) -> float:
+    """Original over optimized, each timed alone in a fresh process, twice in turn (medians)."""
+    import statistics
+    import subprocess
+
+    def alone(path: Path) -> float:
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("alone.py")), str(path), "--test-script",
+                               str(script), "--test-dataset", str(data)], capture_output=True, text=True, check=True)
+        return float(proc.stdout.split("median_ms = ")[1].split()[0])
+
+    pairs = [(alone(original), alone(optimized)) for _ in range(2)]
+    return statistics.median(p[0] for p in pairs) / statistics.median(p[1] for p in pairs)
+
+
 def compare(name: str, model: Path, data: Path, script: Path, budget: float, trials: int) -> list[dict]:
     singles = []
     for step in SINGLES:
@@ -112,12 +126,19 @@ def compare(name: str, model: Path, data: Path, script: Path, budget: float, tri
         contenders["single"] = model_opt.load(model.with_name(f"single-{backend}.pt"), test_script=script)
     times = time_models(contenders, x, rounds=9, per_round=3)
     skipped = sum(1 for t in result.trials if t.get("error"))
+    # and each saved model alone in a fresh process, as deployed (benchmarks/alone.py), original in turn
+    files = {"tuned": model.with_name("tuned.pt")}
+    if best_single:
+        files["single"] = model.with_name(f"single-{best_single['technique'].split(':')[0]}.pt")
+    alone_ratio = {name: alone_speedup(model, path, script, data) for name, path in files.items()}
     return [{
         "subject": name, "budget": budget,
         "best single (defaults)": best_single["technique"] if best_single else "-",
         "single speed-up": times["original"] / times["single"] if best_single else "-",
         "single drop": best_single["drop"] if best_single else "-",
+        "single alone": alone_ratio.get("single", "-"),
         "tuner best": best["description"], "tuner speed-up": times["original"] / times["tuned"],
+        "tuner alone": alone_ratio["tuned"],
         "tuner drop": best["drop"], "trials": len(result.trials), "failed trials": skipped,
         "trials to match single": first_at_least or "-",
     }]

@@ -26,18 +26,20 @@ def alone_ms(model: Path, digits) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("quant_opts", [[], ["--quant-opt", "static_shapes=true"]], ids=["dynamic", "static"])
 def test_report_ratio_matches_the_models_timed_alone(cli, digits, tmp_path: Path, quant_opts: list) -> None:
-    out = tmp_path / "int8.pt"
-    result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
-                 "--quantize", "--quant-backend", "nncf", "--quant-method", "int8_static", *quant_opts,
-                 "--output", out, "--json", "-q")
-    assert result.exit_code == 0, result.stderr
-    report = json.loads(result.stdout)
-    reported = report["before"]["latency"]["median_ms"] / report["after"]["latency"]["median_ms"]
-    compiled_with = report["steps"][0]["info"]["compiled_with"]
-    assert compiled_with.startswith("static shapes 32x1x8x8" if quant_opts else "dynamic shapes")
-    ratios = []
-    for _ in range(3):
-        ratios.append(alone_ms(digits.model, digits) / alone_ms(out, digits))
-        if abs(reported / ratios[-1] - 1) <= 0.10:
-            break
-    assert abs(reported / ratios[-1] - 1) <= 0.10, f"report {reported:.2f}x, alone {ratios}"
+    seen = []
+    for attempt in range(2):  # a burst of other work can spoil one report: one more run, then fail
+        out = tmp_path / f"int8-{attempt}.pt"
+        result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
+                     "--quantize", "--quant-backend", "nncf", "--quant-method", "int8_static", *quant_opts,
+                     "--output", out, "--json", "-q")
+        assert result.exit_code == 0, result.stderr
+        report = json.loads(result.stdout)
+        reported = report["before"]["latency"]["median_ms"] / report["after"]["latency"]["median_ms"]
+        compiled_with = report["steps"][0]["info"]["compiled_with"]
+        assert compiled_with.startswith("static shapes 32x1x8x8" if quant_opts else "dynamic shapes")
+        for _ in range(3):
+            alone = alone_ms(digits.model, digits) / alone_ms(out, digits)
+            seen.append((round(reported, 2), round(alone, 2)))
+            if abs(reported / alone - 1) <= 0.10:
+                return
+    pytest.fail(f"report vs alone never within 10%: {seen}")

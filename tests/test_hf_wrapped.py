@@ -58,3 +58,43 @@ def test_structured_pruning_of_a_wrapped_hf_model_reopens(shape: str, tmp_path: 
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0 and "same outputs" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["mean_pooled", "dual_encoder"])
+@pytest.mark.parametrize("method", ["torchao:int8_dynamic", "nncf:int8_static"])
+def test_quantizers_on_a_wrapped_hf_model_reopen(shape: str, method: str, tmp_path: Path, monkeypatch) -> None:
+    """The quantizers that declare the transformer family, on HF models inside the user's module: outputs
+    close to float, saved, reopened in a fresh process with no trust flag, same outputs."""
+    import hf_wrappers
+    import model_opt
+    from model_opt.techniques import Quantizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    backend, name = method.split(":")
+    model = hf_wrappers.SHAPES[shape]()
+    x = hf_wrappers.example()
+    with torch.no_grad():
+        reference = model(**x)
+    quantized, _ = Quantizer().quantize(model, backend=backend, method=name, example_input=x,
+                                        calibration_data=[x])
+    with torch.no_grad():
+        out = quantized(**x)
+    cosine = torch.nn.functional.cosine_similarity(out.flatten(1), reference.flatten(1)).min()
+    assert cosine > 0.95, cosine
+    path = tmp_path / "quantized.pt"
+    model_opt.save(quantized, path)
+    torch.save({"x": x, "out": out}, tmp_path / "expected.pt")
+    check = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(HERE)!r})
+        import hf_wrappers, model_opt
+        model = model_opt.load({str(path)!r}, model=hf_wrappers.SHAPES[{shape!r}]())
+        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**expected["x"]), expected["out"], rtol=1e-3, atol=1e-3)
+        print("same outputs")
+    """)
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0 and "same outputs" in proc.stdout, proc.stderr[-2000:]
