@@ -179,21 +179,14 @@ def build_candidate(original: Any, steps: list[dict[str, Any]], recovery: int, r
                     context: TechniqueContext) -> tuple[Any, list[Any], Any]:
     """Apply ``steps`` to a copy of the original, fine-tune ``recovery`` steps with the test script's
     train() (pruned zeros kept), and compile it when ``runtime`` is compiled: (model, records, runnable)."""
-    from .job import Step, apply
+    from .job import Step
     from .job import plan as plan_steps
     from .measure import compile_model
-    from .pipeline import recover, split_for_recovery
+    from .pipeline import apply_with_recovery, split_for_recovery
 
     planned = plan_steps([Step(s["kind"], s["backend"], s["method"], s["options"]) for s in steps], job.manager)
-    trainable, rest = split_for_recovery(planned) if recovery else (planned, [])
-    model, records = apply(copy.deepcopy(original), trainable, context, job.manager, allow_unchanged=bool(rest))
-    if recovery:
-        model = recover(model, job.script, job.dataset, recovery)
-    if rest:
-        model, more = apply(model.eval(), rest, context, job.manager,
-                            allow_unchanged=any(r.info.get("changed") is not False for r in records))
-        records += more
-    model = model.eval()
+    split = split_for_recovery(planned) if recovery else (planned, [])
+    model, records = apply_with_recovery(copy.deepcopy(original), split, context, job, recovery)
     runnable = model
     if runtime == "compiled":
         try:
@@ -542,22 +535,17 @@ def remeasure(original: Any, built: dict[int, tuple[Any, list, Any]], job: Job) 
     """Median ms of the original and each finalist, timed with the same routine as ``optimize``: each in a
     process of its own when any of them runs in another runtime than the original, else interleaved here."""
     import statistics
-    import tempfile
 
-    from .timing import Deployed, in_processes, time_deployed
+    from .timing import in_processes
 
     example = job.example
     if any(in_processes(original, runnable) for _, _, runnable in built.values()):
         job.say("timing the finalists and the original, each in its own process")
         try:
-            with tempfile.TemporaryDirectory(prefix="model-opt-finalists-") as tmp:
-                candidates = {"original": job.deployed()}
-                for number, (model, records, runnable) in built.items():
-                    path = job.save(model, records, path=Path(tmp) / f"trial-{number}.pt")
-                    candidates[str(number)] = Deployed(str(path), str(job.script.path), True,
-                                                       compile=runnable is not model)
-                timed = time_deployed(candidates, example, job.device, rounds=5)
-                return {name: statistics.median(t.samples) for name, t in timed.items()}
+            with job.saved_candidates({str(n): (model, records, runnable is not model)
+                                       for n, (model, records, runnable) in built.items()}) as saved:
+                timed = job.time_deployed(saved, rounds=5)
+            return {name: statistics.median(t.samples) for name, t in timed.items()}
         except ModelOptError as exc:
             job.say(f"timing here instead: {exc.problem}")
     calls = {"original": partial(call_model, original, example)}

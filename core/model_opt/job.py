@@ -427,8 +427,21 @@ class Job:
         self.say(f"saving {self.output}")
         return modelio.save(model, self.output, manifest)
 
-    def deployed(self) -> Any:
-        """How a timing process opens the original model: from its file, as this job did."""
+    @contextlib.contextmanager
+    def saved_candidates(self, candidates: dict[str, tuple[Any, Sequence[StepRecord], bool]]) -> Iterator[dict]:
+        """Each candidate ``(model, records, compiled)`` saved to a temporary artifact, as a timing process
+        reopens it (our own file, so trusted), beside the original opened from its file as this job did."""
         from .timing import Deployed
 
-        return Deployed(str(self.model_path), str(self.script.path), self.trust_model)
+        with tempfile.TemporaryDirectory(prefix="model-opt-candidates-") as tmp:
+            saved = {"original": Deployed(str(self.model_path), str(self.script.path), self.trust_model)}
+            for name, (model, records, compiled) in candidates.items():
+                path = self.save(model, records, path=Path(tmp) / f"{name}.pt")
+                saved[name] = Deployed(str(path), str(self.script.path), trust_model=True, compile=compiled)
+            yield saved
+
+    def time_deployed(self, saved: dict[str, Any], rounds: int = 9) -> dict[str, Any]:
+        """:func:`model_opt.timing.time_deployed` of saved candidates on this job's example and device."""
+        from .timing import time_deployed
+
+        return time_deployed(saved, self.example, self.device, rounds=rounds)

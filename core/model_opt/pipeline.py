@@ -62,21 +62,23 @@ def time_pair(original: Any, optimized: Any, example: Any, device: str, compiled
                           runtimes=("eager", "compiled" if compiled is not None else "eager"))
 
 
-def steady_pair(original: Any, optimized: Any, example: Any, device: str, compiled: Any,
-                say: Callable[[str], None], attempts: int = 3, cap_s: float = 30.0) -> tuple[Any, Any]:
-    """:func:`time_pair`, timed again (up to ``attempts`` times, ``cap_s`` seconds) while the timings are
-    unstable; the steadiest measurement is kept, and the report shows a range if none was steady."""
+def steadiest(time_once: Callable[[], tuple[Any, Any]], say: Callable[[str], None], attempts: int = 3,
+              cap_s: float = 30.0) -> tuple[Any, Any]:
+    """A before/after latency pair, timed again (up to ``attempts`` times, ``cap_s`` seconds) while the timings
+    are unstable; the steadiest is kept (the report shows a range if none was steady)."""
     import time
 
+    def spread(pair: tuple[Any, Any]) -> float:
+        return max(pair[0].spread, pair[1].spread)
+
     started = time.perf_counter()
-    best = time_pair(original, optimized, example, device, compiled)
+    best = time_once()
     for _ in range(attempts - 1):
-        spread = max(best[0].spread, best[1].spread)
-        if spread <= UNSTABLE_SPREAD or time.perf_counter() - started > cap_s:
+        if spread(best) <= UNSTABLE_SPREAD or time.perf_counter() - started > cap_s:
             break
-        say(f"the timings spread {spread:.0%} (the machine is busy): timing again")
-        again = time_pair(original, optimized, example, device, compiled)
-        if max(again[0].spread, again[1].spread) < spread:
+        say(f"the timings spread {spread(best):.0%} (the machine is busy): timing again")
+        again = time_once()
+        if spread(again) < spread(best):
             best = again
     return best
 
@@ -85,30 +87,23 @@ def time_as_deployed(job: Job, model: Any, records: Sequence[Any], compiled: Any
     """Before and after each in a process of its own (they run in different runtimes), interleaved rounds,
     re-timed while unstable; the optimized model is reopened there from a temporary artifact, as a user
     reopens it. Falls back to timing in this process, and says so, when that cannot be done."""
-    import tempfile
-
     from .measure import _latency
-    from .timing import Deployed, time_deployed
+
+    runtime = "compiled" if compiled is not None else "eager"
+
+    def time_once(saved: dict[str, Any]) -> tuple[Any, Any]:
+        timed = job.time_deployed(saved)
+        pair = (_latency(timed["original"].samples, "eager", True), _latency(timed["after"].samples, runtime, True))
+        pair[0].rounds_ms, pair[1].rounds_ms = timed["original"].rounds_ms, timed["after"].rounds_ms
+        return pair
 
     job.say("timing the original and the optimized model, each in its own process, interleaved")
     try:
-        with tempfile.TemporaryDirectory(prefix="model-opt-deployed-") as tmp:
-            candidate = job.save(model, records, path=Path(tmp) / "candidate.pt")
-            after = Deployed(str(candidate), str(job.script.path), trust_model=True, compile=compiled is not None)
-            best = None
-            for _ in range(3):
-                timed = time_deployed({"before": job.deployed(), "after": after}, job.example, job.device)
-                pair = [_latency(timed[k].samples, runtime, True) for k, runtime in
-                        (("before", "eager"), ("after", "compiled" if compiled is not None else "eager"))]
-                pair[0].rounds_ms, pair[1].rounds_ms = timed["before"].rounds_ms, timed["after"].rounds_ms
-                if best is None or max(p.spread for p in pair) < max(p.spread for p in best):
-                    best = pair
-                if max(p.spread for p in best) <= UNSTABLE_SPREAD:
-                    break
-            return best[0], best[1]
+        with job.saved_candidates({"after": (model, records, compiled is not None)}) as saved:
+            return steadiest(lambda: time_once(saved), job.say)
     except ModelOptError as exc:
         report.latency_note = f"timed in this process, not each as deployed ({exc.problem})"
-        return steady_pair(job.model, model, job.example, job.device, compiled, job.say)
+        return steadiest(lambda: time_pair(job.model, model, job.example, job.device, compiled), job.say)
 
 
 def optimize(
@@ -170,18 +165,13 @@ def optimize(
     if not copied and example is not None:  # techniques may change it in place: time the original now
         report.before.latency = model_latency(original, example, device)
         report.latency_note = "the model could not be copied, so before and after were timed one after another"
-    model, report.steps = apply(model, trainable, context, job.manager, allow_unchanged=bool(rest))
-    model = model.eval()
-    if finetune_steps:
+    def before_recovery(pruned: Any) -> None:
         report.recovery = {"steps": finetune_steps, "after": [t.name for t, _ in trainable],
-                           "metrics_before_recovery": script.evaluate(model, dataset, device).values}
+                           "metrics_before_recovery": script.evaluate(pruned, dataset, device).values}
         say(f"recovery fine-tuning: {finetune_steps} steps")
-        model = recover(model, script, dataset, finetune_steps).eval()
-    if rest:
-        model, more = apply(model, rest, context, job.manager, allow_unchanged=any(
-            r.info.get("changed") is not False for r in report.steps))
-        report.steps += more
-        model = model.eval()
+
+    model, report.steps = apply_with_recovery(model, (trainable, rest), context, job, finetune_steps,
+                                              before_recovery)
     compiled = None
     if compile:
         say("compiling the optimized model (torch.compile, inductor freezing)")
@@ -192,7 +182,8 @@ def optimize(
         report.before.latency, report.after.latency = time_as_deployed(job, model, report.steps, compiled, report)
     elif copied:
         say("timing the original and the optimized model, interleaved")
-        report.before.latency, report.after.latency = steady_pair(original, model, example, device, compiled, say)
+        report.before.latency, report.after.latency = steadiest(
+            lambda: time_pair(original, model, example, device, compiled), say)
     elif example is not None:
         report.after.latency = model_latency(compiled if compiled is not None else model, example, device,
                                              runtime="compiled" if compiled is not None else "eager")
@@ -239,6 +230,23 @@ def split_for_recovery(planned: Sequence[tuple[Technique, dict[str, Any]]]) -> t
                          "asked for", "add --prune or --decompose, or drop --finetune-steps")
     return ([item for item in planned if item[0].kind in RECOVERABLE_KINDS],
             [item for item in planned if item[0].kind not in RECOVERABLE_KINDS])
+
+
+def apply_with_recovery(model: Any, split: tuple[list, list], context: Any, job: Job, steps: int,
+                        before_recovery: Callable[[Any], None] = lambda model: None) -> tuple[Any, list]:
+    """Apply the steps recovery follows, fine-tune ``steps`` steps (if any), then apply the rest
+    (:func:`split_for_recovery`); returns the eval-mode model and every step's record."""
+    trainable, rest = split
+    model, records = apply(model, trainable, context, job.manager, allow_unchanged=bool(rest))
+    model = model.eval()
+    if steps:
+        before_recovery(model)
+        model = recover(model, job.script, job.dataset, steps).eval()
+    if rest:
+        model, more = apply(model, rest, context, job.manager,
+                            allow_unchanged=any(r.info.get("changed") is not False for r in records))
+        records += more
+    return model.eval(), records
 
 
 def recover(model: Any, script: TestScript, dataset: str, steps: int) -> Any:
