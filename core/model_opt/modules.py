@@ -3,6 +3,7 @@
 - :func:`excluded` / :func:`selected`: module selection by name or prefix (the ``exclude`` option);
 - :func:`set_module`: replace a submodule by its dotted name;
 - :func:`device_of`: the device of a model's first parameter;
+- :func:`linear_from_conv1d`: transformers' ``Conv1D`` (GPT-2 family) as the equivalent ``nn.Linear``;
 - :func:`structure_snapshot`, :func:`structure_changes`, :func:`rebuild_structure`: record which layer
   shapes and size attributes a technique changed (pruned channels, heads), as JSON, and rebuild those
   shapes on a fresh copy of the architecture, which is what a ``restore`` hook needs for any technique
@@ -39,6 +40,26 @@ def device_of(model: Any) -> str:
         for tensor in parameters():
             return str(tensor.device)
     return str(getattr(model, "device", "cpu"))  # e.g. a diffusers pipeline
+
+
+def linear_from_conv1d(model: Any) -> list[str]:
+    """Replace every transformers ``Conv1D`` (GPT-2's projections: ``x @ W + b`` with W stored (in, out)) by the
+    ``nn.Linear`` that computes the same, so that every technique that handles Linear layers handles these;
+    returns the replaced names. Found by duck typing (class name and ``nf``), without importing transformers."""
+    import torch
+
+    names = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"
+             and hasattr(module, "nf") and getattr(module, "weight", None) is not None and module.weight.dim() == 2]
+    for name in names:
+        conv = model.get_submodule(name)
+        linear = torch.nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None,
+                                 device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(conv.weight.t())
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        set_module(model, name, linear)
+    return names
 
 
 def _sizes(module: Any) -> dict[str, Any]:

@@ -22,21 +22,20 @@ class Recommendation:
     available: bool = True
     missing: str = ""
 
-    def flags(self) -> str:
-        prefix = {"prune": "prune", "quantize": "quant", "fuse": "fuse", "decompose": "decompose"}[self.kind]
-        flag = {"prune": "--prune", "quantize": "--quantize", "fuse": "--fuse", "decompose": "--decompose"}[self.kind]
-        method = {"prune": "--prune-type", "quantize": "--quant-method", "fuse": "--fuse-types",
-                  "decompose": "--decompose-method"}[self.kind]
-        parts = [flag, f"--{prefix}-backend {self.backend}", f"{method} {self.method}"]
-        parts += [f"--{prefix}-opt {k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                  for k, v in self.options.items()]
-        return " ".join(parts)
-
 
 def detect_family(model: Any) -> tuple[str, str]:
     """(family, evidence) from the module structure."""
     from torch import nn
 
+    config = getattr(model, "config", None)
+    if callable(getattr(config, "to_dict", None)):
+        from .modelio import is_causal_lm
+
+        values = config.to_dict()
+        if is_causal_lm(values):
+            layers = values.get("num_hidden_layers", values.get("n_layer", "?"))
+            return "causal-lm", (f"{(values.get('architectures') or [type(model).__name__])[0]}, {layers} decoder "
+                                 f"layers, vocabulary {values.get('vocab_size', '?')}")
     modules = list(model.modules())
     kinds = [type(m).__name__ for m in modules]
     convs = sum(isinstance(m, nn.modules.conv._ConvNd) for m in modules)

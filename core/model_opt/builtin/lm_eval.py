@@ -1,0 +1,123 @@
+"""model-opt's built-in evaluation of causal language models, used when MODEL is a causal LM (a Hugging Face
+folder whose architecture ends in ForCausalLM/LMHeadModel) and no ``--test-script`` is given; the dataset is
+a folder of ``.txt`` files, tokenized with the model folder's tokenizer.
+
+Metrics, perplexity first (the primary metric, lower is better):
+
+- ``perplexity``: exp of the mean next-token loss over fixed windows of the text (``MODEL_OPT_LM_WINDOW``
+  tokens each, at most ``MODEL_OPT_LM_WINDOWS`` windows);
+- ``next_token_agreement``: how often the model's top-1 next token is the float model's;
+- ``prefill_ms``: one forward pass over a prompt of ``MODEL_OPT_LM_PROMPT`` tokens (batch 1);
+- ``decode_tokens_per_s``: greedy decoding of ``MODEL_OPT_LM_GENERATE`` tokens after that prompt with a static
+  KV cache (``cache_implementation="static"``), one token per step, batch 1.
+
+The report's size row gives the weights' memory.
+
+A model that cannot generate (an OpenVINO module) reports no decode figure.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HIGHER_IS_BETTER = False
+WINDOW = int(os.environ.get("MODEL_OPT_LM_WINDOW", "128"))
+WINDOWS = int(os.environ.get("MODEL_OPT_LM_WINDOWS", "16"))
+PROMPT = int(os.environ.get("MODEL_OPT_LM_PROMPT", "32"))
+GENERATE = int(os.environ.get("MODEL_OPT_LM_GENERATE", "32"))
+_CACHE: dict[str, Any] = {}
+
+
+def settings() -> dict[str, int]:
+    """The fixed lengths the figures are measured with (stated in the report)."""
+    return {"window": WINDOW, "windows": WINDOWS, "prompt": PROMPT, "generate": GENERATE}
+
+
+def _tokens(dataset_path: str, model_path: str) -> torch.Tensor:
+    """The text files of the dataset folder, tokenized and cut into windows: (windows, WINDOW) token ids."""
+    key = f"tokens:{dataset_path}:{model_path}"
+    if key not in _CACHE:
+        from transformers import AutoTokenizer
+
+        files = sorted(Path(dataset_path).glob("*.txt")) if Path(dataset_path).is_dir() else [Path(dataset_path)]
+        text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+        ids = AutoTokenizer.from_pretrained(model_path)(text, return_tensors="pt")["input_ids"][0]
+        count = min(WINDOWS, len(ids) // WINDOW)
+        if count < 1:
+            raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {WINDOW}; add text or set "
+                             "MODEL_OPT_LM_WINDOW lower")
+        _CACHE[key] = ids[: count * WINDOW].reshape(count, WINDOW)
+    return _CACHE[key]
+
+
+def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
+
+
+def _reference(dataset_path: str, model_path: str) -> torch.Tensor:
+    """The float model's top-1 next tokens on every window (computed once)."""
+    key = f"reference:{dataset_path}:{model_path}"
+    if key not in _CACHE:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+        with torch.inference_mode():
+            _CACHE[key] = torch.cat([_logits(model, row[None]).argmax(-1) for row in _tokens(dataset_path,
+                                                                                               model_path)])
+    return _CACHE[key]
+
+
+def evaluate(model: Any, dataset_path: str, model_path: str) -> dict[str, float]:
+    ids = _tokens(dataset_path, model_path)
+    losses, agree, predicted = [], 0, []
+    with torch.inference_mode():
+        for row in ids:
+            logits = _logits(model, row[None]).float()
+            losses.append(torch.nn.functional.cross_entropy(logits[0, :-1], row[1:], reduction="sum").item())
+            predicted.append(logits.argmax(-1))
+        reference = _reference(dataset_path, model_path)
+        agree = (torch.cat(predicted) == reference).float().mean().item()
+    metrics = {"perplexity": math.exp(sum(losses) / (ids.shape[0] * (WINDOW - 1))), "next_token_agreement": agree}
+    prompt = ids[:1, :PROMPT]
+    metrics["prefill_ms"] = _prefill_ms(model, prompt)
+    if callable(getattr(model, "generate", None)):
+        metrics["decode_tokens_per_s"] = _decode_tokens_per_s(model, prompt)
+    return metrics
+
+
+def _prefill_ms(model: Any, prompt: torch.Tensor, calls: int = 5) -> float:
+    with torch.inference_mode():
+        _logits(model, prompt)
+        started = time.perf_counter()
+        for _ in range(calls):
+            _logits(model, prompt)
+    return (time.perf_counter() - started) / calls * 1000
+
+
+def _decode_tokens_per_s(model: Any, prompt: torch.Tensor) -> float:
+    """Greedy decode with a static KV cache: tokens per second over the generated tokens (prefill excluded)."""
+    kwargs = {"do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm up (and build the cache)
+        started = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        prefill = time.perf_counter() - started
+        started = time.perf_counter()
+        model.generate(prompt, max_new_tokens=GENERATE, min_new_tokens=GENERATE, **kwargs)
+        total = time.perf_counter() - started
+    return (GENERATE - 1) / max(total - prefill, 1e-9)
+
+
+def example_input(dataset_path: str, model_path: str) -> dict[str, torch.Tensor]:
+    return {"input_ids": _tokens(dataset_path, model_path)[:1, :PROMPT]}
+
+
+def calibration_data(dataset_path: str, model_path: str) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": row[None]} for row in _tokens(dataset_path, model_path)[:8]]

