@@ -24,8 +24,9 @@ def digits(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture()
 def cli():
     """Invoke the model-opt app in-process; returns the click Result (exit_code, stdout, stderr)."""
-    from model_opt_cli.main import app
+    from model_opt_cli.main import with_plugins
 
+    app = with_plugins()
     runner = CliRunner()
 
     def invoke(*args: str):

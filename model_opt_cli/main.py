@@ -13,6 +13,15 @@ import typer
 from model_opt import __version__
 from model_opt.errors import AccuracyBudgetExceeded, ModelOptError, UsageError
 
+from model_opt_cli.flags import (
+    KIND_FLAGS,
+    build_steps,
+    command_flags,
+    option_usage,
+    with_technique_flags,
+    without_technique_flags,
+)
+
 app = typer.Typer(
     name="model-opt",
     help="Make trained PyTorch models smaller and faster, and prove it: metric, latency and size before "
@@ -25,9 +34,10 @@ app = typer.Typer(
 
 def log_path_for(model: Path, output: str | None) -> Path:
     """Where backend messages of a run go: beside its output, under the output's name."""
-    from model_opt.job import output_path
+    from model_opt.job import output_target, side_path
 
-    return output_path(model, output).with_name(f"{output_path(model, output).stem}.log")
+    out, folder = output_target(model, output)
+    return side_path(out, ".log", folder)
 
 
 @contextlib.contextmanager
@@ -36,21 +46,18 @@ def console(log_path: Path, quiet: bool, verbose: bool) -> Any:
     the end) unless --verbose; --quiet silences model-opt's own progress too."""
     from model_opt.backend_output import backend_output, stdout_fd_to
 
+    from model_opt_cli.progress import progress_display
+
     terminal: list[Any] = [sys.stderr]
-
-    def progress(message: str) -> None:
-        if not quiet:
-            print(f"model-opt: {message}", file=terminal[0], flush=True)
-
-    if verbose:  # backends may print, even to fd 1 directly; the report alone goes to stdout
-        with contextlib.redirect_stdout(sys.stderr), stdout_fd_to(2):
+    with progress_display(sys.stderr, quiet, terminal=False if verbose else None) as progress:
+        if verbose:  # backends may print, even to fd 1 directly; the report alone goes to stdout
+            with contextlib.redirect_stdout(sys.stderr), stdout_fd_to(2):
+                yield progress
+            return
+        with backend_output(log_path, terminal):
             yield progress
-        return
-    existed = _exists(log_path)
-    with backend_output(log_path, terminal):
-        yield progress
-    if _exists(log_path) and (not existed or log_path.stat().st_size):
-        progress(f"backend messages (warnings, logs, progress bars): {log_path}")
+        if _exists(log_path) and log_path.stat().st_size > 1:  # an empty log (or a lone newline) says nothing
+            progress(f"backend messages (warnings, logs, progress bars): {log_path}")
 
 
 def _exists(path: Path) -> bool:
@@ -77,16 +84,6 @@ def fail(err: ModelOptError) -> typer.Exit:
     return typer.Exit(err.exit_code)
 
 
-def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, str]:
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"{flag} {pair!r} is not KEY=VALUE", f"write it like {flag} amount=0.3")
-        options[key.strip()] = value.strip()
-    return options
-
-
 def parse_shape(text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -100,94 +97,18 @@ def parse_shape(text: str | None) -> list[int] | None:
     return shape
 
 
-#: The CLI flag that passes extra options to each kind of technique (the seed's spellings).
-OPTION_FLAGS = {"prune": "--prune-opt", "decompose": "--decompose-opt", "fuse": "--fuse-opt", "quantize": "--quant-opt"}
-
-
-def default_prune_method(backend: str | None) -> str | None:
-    """The seed's default pruning is unstructured; a backend without that method keeps its only one."""
-    from model_opt.plugins import get_plugin_manager
-
-    if backend is None:
-        return "unstructured"
-    techniques = get_plugin_manager().registry.techniques
-    return "unstructured" if ("prune", backend, "unstructured") in techniques else None
-
-
-def build_steps(prune: bool, prune_backend: str | None, prune_type: str | None, prune_amount: float | None,
-                prune_criterion: str | None, prune_opt: list[str] | None,
-                quantize: bool, quant_backend: str | None, quant_method: str | None, quant_opt: list[str] | None,
-                fuse: bool, fuse_backend: str | None, fuse_types: str | None, fuse_opt: list[str] | None,
-                decompose: bool, decompose_backend: str | None, decompose_method: str | None,
-                rank_ratio: float | None, decompose_opt: list[str] | None) -> list[Any]:
-    from model_opt.job import Step
-
-    given = {
-        "prune": (prune, {"--prune-backend": prune_backend, "--prune-type": prune_type, "--prune-amount": prune_amount,
-                          "--prune-criterion": prune_criterion, "--prune-opt": prune_opt}),
-        "quantize": (quantize, {"--quant-backend": quant_backend, "--quant-method": quant_method,
-                                "--quant-opt": quant_opt}),
-        "fuse": (fuse, {"--fuse-backend": fuse_backend, "--fuse-types": fuse_types, "--fuse-opt": fuse_opt}),
-        "decompose": (decompose, {"--decompose-backend": decompose_backend, "--decompose-method": decompose_method,
-                                  "--rank-ratio": rank_ratio, "--decompose-opt": decompose_opt}),
-    }
-    for kind, (enabled, flags) in given.items():
-        stray = [flag for flag, value in flags.items() if value not in (None, [])]
-        if stray and not enabled:
-            raise UsageError(f"{stray[0]} is set, but --{kind} is not, so it would do nothing",
-                             f"add --{kind}, or drop {stray[0]}")
-    steps = []
-    if prune:
-        options: dict[str, Any] = parse_pairs(prune_opt, "--prune-opt")
-        if prune_amount is not None:
-            options["amount"] = prune_amount
-        if prune_criterion is not None:
-            options["criterion"] = prune_criterion
-        method = prune_type or default_prune_method(prune_backend)
-        steps.append(Step("prune", prune_backend, method, options))
-    if decompose:
-        options = parse_pairs(decompose_opt, "--decompose-opt")
-        if rank_ratio is not None:
-            options["rank_ratio"] = rank_ratio
-        steps.append(Step("decompose", decompose_backend, decompose_method, options))
-    if fuse:
-        options = parse_pairs(fuse_opt, "--fuse-opt")
-        types = [t.strip() for t in (fuse_types or "").split(",") if t.strip()] or [None]
-        steps.extend(Step("fuse", fuse_backend, t, dict(options)) for t in types)
-    if quantize:
-        steps.append(Step("quantize", quant_backend, quant_method, parse_pairs(quant_opt, "--quant-opt")))
-    return steps
-
-
 @app.command()
 def optimize(
-    model: Annotated[Path, typer.Argument(help="Model file: a state_dict (with load_model in the test "
-                                                "script), a .pt2 program, TorchScript, or a pickled module "
-                                                "(with --trust-model).")],
+    model: Annotated[Path, typer.Argument(help="Model file or folder: a state_dict (with load_model in the "
+                                                "test script), a Hugging Face folder, a model-opt output, a "
+                                                ".pt2 program, TorchScript, an OpenVINO IR .xml, or a pickled "
+                                                "module (with --trust-model).")],
     test_dataset: Annotated[Path, typer.Option("--test-dataset", help="Dataset path passed to the test script.")],
-    test_script: Annotated[Path, typer.Option("--test-script", help="eval.py: defines evaluate(model, "
-                                                                    "dataset_path), or prints 'name = number'.")],
-    prune: Annotated[bool, typer.Option("--prune", help="Prune the model.")] = False,
-    prune_backend: Annotated[str | None, typer.Option(help="Pruning backend (default: the default for the "
-                                                           "method, basic for unstructured).")] = None,
-    prune_type: Annotated[str | None, typer.Option("--prune-type", "--prune-method",
-                                                   help="unstructured or structured.")] = None,
-    prune_amount: Annotated[float | None, typer.Option(help="Fraction to prune, in (0, 1).")] = None,
-    prune_criterion: Annotated[str | None, typer.Option(help="l1, magnitude, random, ...")] = None,
-    prune_opt: Annotated[list[str] | None, typer.Option(help="Extra pruning option KEY=VALUE.")] = None,
-    quantize: Annotated[bool, typer.Option("--quantize", help="Quantize the model.")] = False,
-    quant_backend: Annotated[str | None, typer.Option(help="Quantization backend.")] = None,
-    quant_method: Annotated[str | None, typer.Option(help="e.g. int8_dynamic, int8_weight_only.")] = None,
-    quant_opt: Annotated[list[str] | None, typer.Option(help="Extra quantization option KEY=VALUE.")] = None,
-    fuse: Annotated[bool, typer.Option("--fuse", help="Fuse layers.")] = False,
-    fuse_backend: Annotated[str | None, typer.Option(help="Fusion backend.")] = None,
-    fuse_types: Annotated[str | None, typer.Option(help="Comma list, e.g. conv_bn_relu,linear_gelu.")] = None,
-    fuse_opt: Annotated[list[str] | None, typer.Option(help="Extra fusion option KEY=VALUE.")] = None,
-    decompose: Annotated[bool, typer.Option("--decompose", help="Low-rank decomposition.")] = False,
-    decompose_backend: Annotated[str | None, typer.Option(help="Decomposition backend.")] = None,
-    decompose_method: Annotated[str | None, typer.Option(help="e.g. svd.")] = None,
-    rank_ratio: Annotated[float | None, typer.Option(help="Rank as a fraction of min(in, out).")] = None,
-    decompose_opt: Annotated[list[str] | None, typer.Option(help="Extra decomposition option KEY=VALUE.")] = None,
+    test_script: Annotated[Path | None, typer.Option("--test-script", help="eval.py: defines evaluate(model, "
+                                                                           "dataset_path), or prints 'name = "
+                                                                           "number'. Optional for causal LMs "
+                                                                           "(built-in perplexity and tokens/s on "
+                                                                           "a folder of .txt files).")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Where to write the optimized model "
                                                                      "(default: beside the input; a path ending "
                                                                      "in / is a folder).")] = None,
@@ -210,14 +131,16 @@ def optimize(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show backends' own warnings, logs and "
                                                                   "progress bars (else: a .log beside the "
                                                                   "output).")] = False,
+    **technique_flags: Any,
 ) -> None:
-    """Apply techniques (in the order prune, decompose, fuse, quantize) and report before/after."""
+    """Apply techniques (in the order prune, decompose, fuse, quantize) and report before/after.
+
+    MODEL is a model file or a folder: a Hugging Face folder gives a Hugging Face folder out."""
     from model_opt.pipeline import optimize as run
+    from model_opt.plugins import get_plugin_manager
 
     try:
-        steps = build_steps(prune, prune_backend, prune_type, prune_amount, prune_criterion, prune_opt,
-                            quantize, quant_backend, quant_method, quant_opt, fuse, fuse_backend, fuse_types,
-                            fuse_opt, decompose, decompose_backend, decompose_method, rank_ratio, decompose_opt)
+        steps = build_steps(technique_flags, get_plugin_manager().registry)
         with console(log_path_for(model, output), quiet, verbose) as progress:
             report = run(model, test_script=test_script, dataset=test_dataset, steps=steps, output=output,
                          device=device, max_accuracy_drop=max_accuracy_drop, trust_model=trust_model,
@@ -232,6 +155,9 @@ def optimize(
     except KeyboardInterrupt as interrupt:
         raise interrupted(interrupt) from None
     typer.echo(report.to_json() if as_json else report.render())
+
+
+without_technique_flags(optimize)
 
 
 @app.command()
@@ -260,8 +186,8 @@ def techniques(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
     from model_opt.plugins import get_plugin_manager
 
     registry = get_plugin_manager().registry
-    items = sorted(registry.techniques.values(), key=lambda t: (("prune", "decompose", "fuse", "quantize")
-                                                                .index(t.kind), t.backend, t.method))
+    order = list(KIND_FLAGS)
+    items = sorted(registry.techniques.values(), key=lambda t: (order.index(t.kind), t.backend, t.method))
     if as_json:
         typer.echo(json.dumps([t.to_dict() for t in items], indent=2, default=str))
         return
@@ -269,10 +195,10 @@ def techniques(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
         typer.echo(f"{t.kind} {t.backend}:{t.method}  (plugin {t.plugin})")
         typer.echo(f"    {t.summary}")
         for o in t.options:
-            extra = f" choices: {', '.join(map(str, o.choices))}" if o.choices else ""
-            extra += f" range: {o.describe_range()}" if o.describe_range() else ""
-            flag = OPTION_FLAGS[t.kind]
-            typer.echo(f"    {flag} {o.name}=<{o.type.__name__}> default {o.default!r}.{extra} {o.help}")
+            facts = [f"default {o.default!r}"]
+            facts += [f"choices: {', '.join(map(str, o.choices))}"] if o.choices else []
+            facts += [f"range: {o.describe_range()}"] if o.describe_range() else []
+            typer.echo(f"    {option_usage(t.kind, o)}: {o.help.rstrip('.') or o.name} ({'; '.join(facts)})")
         typer.echo(f"    needs: {', '.join(t.needs) or 'nothing'}; requires: {', '.join(t.requires) or '-'}")
         typer.echo(f"    speeds up on: {', '.join(t.speeds_up) or 'no device'}"
                    + (f" ({t.speed_note})" if t.speed_note else ""))
@@ -299,12 +225,14 @@ def demo(
         example = prepare(folder, epochs=epochs)
         plan = print_recommendation(example.model, example.script, str(example.dataset), "cpu", False)
         registry = get_plugin_manager().registry.techniques
-        chosen = next((item for item in plan if item.available and "cpu" in registry[
-            (item.kind, item.backend, item.method)].speeds_up), None)
-        if chosen is None:  # only the core is installed: its pruner, which the report says is not faster
-            step, flags = Step("prune", "basic", "unstructured", {"amount": 0.5}), "--prune --prune-amount 0.5"
-        else:
-            step, flags = Step(chosen.kind, chosen.backend, chosen.method, dict(chosen.options)), chosen.flags()
+        available = [item for item in plan if item.available]
+        chosen = next((item for item in available if "cpu" in registry[
+            (item.kind, item.backend, item.method)].speeds_up), available[0] if available else None)
+        if chosen is None:
+            raise ModelOptError("no installed technique applies to the example", 'pip install "model-opt[all]"')
+        step = Step(chosen.kind, chosen.backend, chosen.method, dict(chosen.options))
+        flags = command_flags(chosen.kind, chosen.backend, chosen.method, chosen.options,
+                              registry[(chosen.kind, chosen.backend, chosen.method)])
         say(f"running: model-opt optimize {example.model} --test-dataset {example.dataset} --test-script "
             f"{example.script} {flags}")
         with console(log_path_for(example.model, None), False, False) as progress:
@@ -318,22 +246,23 @@ def demo(
 def print_recommendation(model: Path, test_script: Path | None, test_dataset: str, device: str,
                          trust_model: bool) -> list[Any]:
     """Print the model's family and the plan for it (with the command for each line); return the plan."""
-    from model_opt import modelio
+    from model_opt.job import open_model
+    from model_opt.plugins import get_plugin_manager
     from model_opt.recommend import recommend
     from model_opt.testscript import TestScript
 
-    script = TestScript(test_script) if test_script else None
-    loader = (lambda p: script.call("load_model", p)) if script and script.has("load_model") else None
-    loaded = modelio.load(model, trust_model=trust_model, loader=loader,
-                          search_paths=[script.folder] if script else [])
+    loaded = open_model(model, TestScript(test_script) if test_script else None, trust_model)
     family, evidence, plan = recommend(loaded, device)
     typer.echo(f"{model}: {family} ({evidence})")
     script_arg = test_script or "eval.py"
+    registry = get_plugin_manager().registry.techniques
     for item in plan:
         if item.available:
+            flags = command_flags(item.kind, item.backend, item.method, item.options,
+                                  registry[(item.kind, item.backend, item.method)])
             typer.echo(f"- {item.kind} {item.backend}:{item.method}: {item.why}")
             typer.echo(f"    model-opt optimize {model} --test-dataset {test_dataset} --test-script {script_arg} "
-                       f"{item.flags()}")
+                       f"{flags}")
         else:
             typer.echo(f"- {item.kind} {item.backend}:{item.method}: {item.why} [{item.missing}]")
     typer.echo(f"Search them together, within an accuracy budget: model-opt autotune {model} --test-dataset "
@@ -365,8 +294,9 @@ def recommend_command(
 def autotune_command(
     model: Annotated[Path, typer.Argument(help="Model file (as for optimize).")],
     test_dataset: Annotated[Path, typer.Option("--test-dataset", help="Dataset path passed to the test script.")],
-    test_script: Annotated[Path, typer.Option("--test-script", help="The test script (see optimize).")],
     max_accuracy_drop: Annotated[float, typer.Option(help="Largest metric drop accepted, in metric units.")],
+    test_script: Annotated[Path | None, typer.Option("--test-script", help="The test script (see optimize; "
+                                                                           "optional for causal LMs).")] = None,
     trials: Annotated[int, typer.Option(help="Trials in the study (all workers together).")] = 20,
     timeout: Annotated[float | None, typer.Option(help="Stop this worker after this many seconds.")] = None,
     objective: Annotated[str, typer.Option(help="latency, size or both.")] = "latency",
@@ -478,13 +408,11 @@ def load_for_export(model: Path, test_script: Path | None, dataset: str | None, 
                     trust_model: bool) -> tuple[Any, Any]:
     """The model (opened like optimize opens it) and its example input."""
     import torch
-    from model_opt import modelio
+    from model_opt.job import open_model
     from model_opt.testscript import TestScript
 
     script = TestScript(test_script) if test_script else None
-    loader = (lambda p: script.call("load_model", p)) if script and script.has("load_model") else None
-    loaded = modelio.load(model, trust_model=trust_model, loader=loader,
-                          search_paths=[script.folder] if script else [])
+    loaded = open_model(model, script, trust_model)
     if script is not None and script.has("example_input"):
         if dataset is None:
             raise UsageError("the test script's example_input() needs --test-dataset", "pass --test-dataset")
@@ -519,8 +447,23 @@ def handle_sigterm() -> None:
     signal.signal(signal.SIGTERM, terminated)
 
 
+def with_plugins(manager: Any = None) -> typer.Typer:
+    """The app with the installed techniques' flags on ``optimize`` and the plugins' own commands."""
+    from model_opt.plugins import get_plugin_manager
+
+    manager = manager or get_plugin_manager()
+    with_technique_flags(optimize, manager.registry)
+    if manager not in _commands_from:  # once per plugin manager
+        _commands_from.append(manager)
+        manager.register_commands(app)
+    return app
+
+
+_commands_from: list[Any] = []
+
+
 def main() -> None:
-    """Console entry point: plugin commands are added, then the app runs."""
+    """Console entry point: plugin flags and commands are added, then the app runs."""
     from model_opt.backend_output import stdout_fd_to
     from model_opt.plugins import get_plugin_manager
     from typer._click import exceptions as click_errors  # typer's own copy of Click
@@ -528,10 +471,11 @@ def main() -> None:
     handle_sigterm()
     # a plugin's print() at import or in register_commands must not reach --json output
     with contextlib.redirect_stdout(sys.stderr), stdout_fd_to(2):
-        manager = get_plugin_manager()
-        manager.register_commands(app)
+        with_plugins(get_plugin_manager())
+    command = typer.main.get_command(app)
+    plain_flags(command)
     try:
-        code = typer.main.get_command(app).main(standalone_mode=False, prog_name="model-opt")
+        code = command.main(standalone_mode=False, prog_name="model-opt")
     except KeyboardInterrupt as interrupt:
         sys.exit(interrupted(interrupt).exit_code)
     except click_errors.NoArgsIsHelpError as err:
@@ -540,6 +484,24 @@ def main() -> None:
     except click_errors.ClickException as err:  # usage errors: one line, like every other error
         sys.exit(usage_line(err))
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def plain_flags(command: Any) -> None:
+    """On/off flags (--prune, --help, ...) take no value: show none in help, for every command."""
+    for param in getattr(command, "params", []):
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    original = command.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:  # --help is made per call
+        option = original(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = get_help_option
+    for sub in getattr(command, "commands", {}).values():
+        plain_flags(sub)
 
 
 def usage_line(err: Any) -> int:

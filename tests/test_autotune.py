@@ -56,7 +56,7 @@ def test_recommend_prints_why_and_the_command(cli, digits) -> None:
     assert result.stdout.startswith(f"{digits.model}: cnn (2 convolutions, no attention)")
     assert "- prune torch-pruning:structured: removing 30-50% of channels" in result.stdout
     assert (f"model-opt optimize {digits.model} --test-dataset {digits.dataset} --test-script {digits.script} "
-            "--prune --prune-backend torch-pruning --prune-type structured --prune-opt amount=0.3") in result.stdout
+            "--prune --prune-backend torch-pruning --prune-type structured --prune-amount 0.3") in result.stdout
 
 
 @pytest.mark.slow

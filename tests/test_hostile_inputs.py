@@ -309,7 +309,12 @@ def test_input_shape_with_a_non_number_is_refused(cli, work: Path) -> None:
 def test_output_ending_in_a_slash_is_a_folder(cli, work: Path, tmp_path: Path) -> None:
     result = cli(*optimize_args(work, *PRUNE, "--output", f"{tmp_path / 'newdir'}/", "-q"))
     assert result.exit_code == 0, result.stderr
-    assert (tmp_path / "newdir" / "model.optimized.pt").is_file()
+    assert {p.name for p in (tmp_path / "newdir").iterdir()} == {"model.safetensors", "model_opt.json"}
+    assert (tmp_path / "newdir.report.json").is_file()
+    import model_opt
+
+    reopened = model_opt.load(tmp_path / "newdir", test_script=work / "eval.py")
+    assert sum(int((p == 0).sum()) for p in reopened.parameters()) > 0  # the pruned weights
 
 
 @pytest.mark.slow

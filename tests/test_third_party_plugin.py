@@ -68,15 +68,28 @@ print("ok")
     assert proc.stdout.strip() == "ok", proc.stderr
 
 
+def test_its_kind_level_option_is_a_flag_of_optimize(installed) -> None:
+    import re
+
+    help_text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", run("optimize", "--help").stdout).split())
+    assert "--fuse-min-p" in help_text and "Strip only Dropout layers with p at least this." in help_text
+    assert "--fuse-min-p <float>: strip only Dropout layers with p at least this (default 0.0; range: [0, inf])" \
+        in run("techniques").stdout
+    proc = run("optimize", "model.pt", "--test-dataset", ".", "--test-script", "eval.py", "--fuse-min-p", "0.2")
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        "Error: --fuse-min-p is set, but --fuse is not, so it would do nothing; add --fuse, or drop --fuse-min-p"
+
+
 @pytest.mark.slow
 def test_technique_runs_through_optimize(installed, digits, tmp_path: Path) -> None:
     out = tmp_path / "o.pt"
     proc = run("optimize", str(digits.model), "--test-dataset", str(digits.dataset), "--test-script",
                str(digits.script), "--fuse", "--fuse-backend", "example", "--fuse-types", "strip_dropout",
-               "--output", str(out), "--json", "-q")
+               "--fuse-min-p", "0.2", "--output", str(out), "--json", "-q")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["steps"][0]["plugin"] == "strip-dropout"
     assert report["steps"][0]["info"] == {"replaced": []}
+    assert report["steps"][0]["options"]["min_p"] == 0.2
     assert report["after"]["metrics"] == report["before"]["metrics"]
     assert out.exists()

@@ -35,9 +35,18 @@ def load(path: str, *, model: Any = None, test_script: str | None = None, trust_
 
 def save(model: Any, path: str, manifest: dict[str, Any] | None = None) -> Any:
     """Write ``model`` as a model-opt artifact (recipe + weights), atomically; reopen it with
-    ``model_opt.load(path, model=<original architecture>)``."""
-    from .modelio import save as _save
+    ``model_opt.load(path, model=<original architecture>)``. A ``path`` ending in '/' (or an existing folder)
+    gets a folder: safetensors weights (or the runtime's own files), the Hugging Face config when the model has
+    one, and the recipe."""
+    import os
+    from pathlib import Path
 
+    from .modelio import save as _save
+    from .modelio import save_folder
+
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        return save_folder(model, text, manifest)
     return _save(model, path, manifest)
 
 

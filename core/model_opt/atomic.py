@@ -97,17 +97,62 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``target``; on success it replaces ``target`` (a folder an earlier
+    run wrote) whole, at the end of the enclosing :func:`written_together`, if any. On any exception the
+    temporary folder is removed and ``target`` is left as it was."""
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        pending = _PENDING.get()
+        if pending is not None:
+            pending.append((tmp, target))
+        else:
+            put_in_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def put_in_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` over ``target``; a folder replaces an existing folder whole (the old one is moved aside
+    first, then removed)."""
+    import shutil
+
+    if not (tmp.is_dir() and target.is_dir() and not target.is_symlink()):
+        os.replace(tmp, target)
+        return
+    old = target.with_name(f"{_temp_prefix(target)}{os.getpid()}.old")
+    os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def written_together() -> Iterator[list[Path]]:
     """Files written with :func:`atomic_path` inside this block appear together at its end, or not at all.
     Yields the list of targets put in place (filled at the end)."""
+    if _PENDING.get() is not None:  # inside another group: its end puts these files in place too
+        yield []
+        return
     pending: list[tuple[Path, Path]] = []
     done: list[Path] = []
     token = _PENDING.set(pending)
     try:
         yield done
     except BaseException:
+        import shutil
+
         for tmp, _ in pending:
-            with contextlib.suppress(FileNotFoundError):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 tmp.unlink()
         raise
     finally:
@@ -118,7 +163,7 @@ def written_together() -> Iterator[list[Path]]:
     previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held} if main else {}
     try:
         for tmp, target in pending:
-            os.replace(tmp, target)
+            put_in_place(tmp, target)
             done.append(target)
     finally:
         for sig, handler in previous.items():

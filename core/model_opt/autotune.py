@@ -14,17 +14,17 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path, write_text_atomic
 from .context import TechniqueContext
-from .errors import AccuracyBudgetExceeded, ModelOptError, TechniqueError, UsageError, first_line
+from .errors import AccuracyBudgetExceeded, ModelOptError, TechniqueError, UsageError
 from .errors import describe as describe_error
 from .hookspecs import KINDS
-from .job import Job, check_finite, output_lock, report_path
+from .job import Job, Settings, output_lock, report_path, side_path
 from .measure import call_model, count_parameters, interleaved_ms, model_latency, state_dict_bytes
 from .pipeline import RECOVERABLE_KINDS
 from .plugins import PluginManager
@@ -36,10 +36,8 @@ from .tuning_storage import (
     expire_dead_trials,
     grace_s,
     heartbeat_s,
-    is_journal,
     lease,
-    open_storage,
-    redact,
+    open_study,
     worker_id,
 )
 
@@ -67,7 +65,13 @@ class TuneResult:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"study": self.study, "storage": self.storage, "baseline": self.baseline.__dict__,
+        """The summary (the best candidate) first, then every trial."""
+        best = self.best or {}
+        summary = {"best_trial": best.get("number"), "techniques": best.get("description"),
+                   "speedup": best.get("remeasured_speedup", best.get("speedup")), "metric": best.get("metric"),
+                   "metric_drop": best.get("drop"), "size_ratio": best.get("size_ratio"), "trials": len(self.trials),
+                   "output": self.output, "warnings": len(self.warnings)}
+        return {"summary": summary, "study": self.study, "storage": self.storage, "baseline": self.baseline.__dict__,
                 "trials": self.trials, "pareto": self.pareto, "best": self.best, "output": self.output,
                 "plot": self.plot, "warnings": self.warnings}
 
@@ -197,142 +201,145 @@ def build_candidate(original: Any, steps: list[dict[str, Any]], recovery: int, r
     return model, records, runnable
 
 
-def autotune(
-    model_path: str | os.PathLike[str],
-    *,
-    test_script: str | os.PathLike[str],
-    dataset: str | os.PathLike[str],
-    max_accuracy_drop: float,
-    trials: int = 20,
-    timeout: float | None = None,
-    objective: str = "latency",
-    study: str | None = None,
-    storage: str | None = None,
-    output: str | os.PathLike[str] | None = None,
-    device: str = "cpu",
-    trust_model: bool = False,
-    input_shape: Sequence[int] | None = None,
-    backends: Sequence[str] | None = None,
-    recovery_steps: int = 100,
-    wait: bool = True,
-    progress: Callable[[str], None] | None = None,
-    manager: PluginManager | None = None,
-) -> TuneResult:
-    import optuna
+@dataclass(frozen=True)
+class TuneSettings:
+    """What the search does, beside the job's :class:`model_opt.job.Settings`."""
 
+    trials: int = 20
+    timeout: float | None = None
+    objective: str = "latency"
+    study: str | None = None
+    storage: str | None = None
+    backends: Sequence[str] | None = None
+    recovery_steps: int = 100
+    wait: bool = True
+
+    def check(self) -> TuneSettings:
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"unknown objective {self.objective!r}", f"choose one of: {', '.join(OBJECTIVES)}")
+        if self.trials < 1:
+            raise UsageError(f"--trials is {self.trials}", "pass at least 1")
+        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise UsageError(f"--timeout is {self.timeout}", "pass a positive number of seconds, or leave it out")
+        if self.study is not None:
+            check_study_name(self.study)
+        heartbeat_s(), grace_s()  # the environment's lease settings, checked before any work
+        if self.recovery_steps < 0:
+            raise UsageError(f"--recovery-steps is {self.recovery_steps}", "pass 0 (no recovery) or a positive number")
+        return self
+
+
+def autotune(model_path: str | os.PathLike[str], *, test_script: str | os.PathLike[str],
+             dataset: str | os.PathLike[str], max_accuracy_drop: float, progress: Callable[[str], None] | None = None,
+             manager: PluginManager | None = None, **settings: Any) -> TuneResult:
+    """Search combinations of the installed techniques within ``max_accuracy_drop``; ``settings`` are
+    :class:`TuneSettings` (trials, timeout, objective, study, storage, backends, recovery_steps, wait) and
+    :class:`model_opt.job.Settings` (output, device, trust_model, input_shape)."""
     if max_accuracy_drop is None:
         raise UsageError("--max-accuracy-drop is required", "pass the largest metric drop you accept, e.g. 0.01")
-    check_finite(max_accuracy_drop, "--max-accuracy-drop")
-    if max_accuracy_drop < 0:
-        raise UsageError(f"--max-accuracy-drop must be 0 or more (got {max_accuracy_drop})",
-                         "pass the largest metric drop you accept, e.g. 0.01")
-    if objective not in OBJECTIVES:
-        raise UsageError(f"unknown objective {objective!r}", f"choose one of: {', '.join(OBJECTIVES)}")
-    if trials < 1:
-        raise UsageError(f"--trials is {trials}", "pass at least 1")
-    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-        raise UsageError(f"--timeout is {timeout}", "pass a positive number of seconds, or leave it out")
-    if study is not None:
-        check_study_name(study)
-    heartbeat_s(), grace_s()  # the environment's lease settings, checked before any work
-    if recovery_steps < 0:
-        raise UsageError(f"--recovery-steps is {recovery_steps}", "pass 0 (no recovery) or a positive number")
-    job = Job.prepare(model_path, test_script=test_script, dataset=dataset, output=output, device=device,
-                      trust_model=trust_model, input_shape=input_shape, max_accuracy_drop=max_accuracy_drop,
-                      progress=progress, manager=manager, output_flag="--output")
-    script, dataset, device, say, manager, out = job.script, job.dataset, job.device, job.say, job.manager, job.output
-    model_path = job.model_path
-    space = searchable(manager, device, script.has("calibration_data"), backends)
-    useful = {t.backend for items in space.values() for t in items} - {"basic"}
-    if not useful:
-        raise UsageError("no technique plugin is installed for the tuner to search (the core's basic pruner "
-                         "alone never speeds a model up)",
-                         'pip install "model-opt[torch-pruning]" "model-opt[torchao]" "model-opt[fusion]" '
-                         '(or "model-opt[all]")')
-    settings = {"objective": objective, "max_accuracy_drop": max_accuracy_drop, "device": device,
-                "backends": sorted(backends or []), "higher_is_better": script.higher_is_better,
-                "recovery_steps": recovery_steps}
-    study_name = study or default_study_name(model_path, settings)
+    tune_names = {f.name for f in fields(TuneSettings)}
+    tune = TuneSettings(**{k: v for k, v in settings.items() if k in tune_names}).check()
+    job_settings = Settings.of({k: v for k, v in settings.items() if k not in tune_names}, "autotune")
+    job = Job.prepare(model_path, test_script=test_script, dataset=dataset, progress=progress, manager=manager,
+                      settings=replace(job_settings, max_accuracy_drop=max_accuracy_drop))
+    check_space(job, tune, family=None)
     original = job.load()
-    example = job.example
-    if example is None:
+    if job.example is None:
         raise UsageError("autotune needs an example input to time candidates",
                          "define example_input(dataset_path) in the test script or pass --input-shape")
-    family = detect_family(original)[0]
-    space = searchable(manager, device, script.has("calibration_data"), backends, family)
-    if not {t.backend for items in space.values() for t in items} - {"basic"}:
-        raise UsageError(f"no installed technique that the tuner searches applies to this {family} model",
-                         'see model-opt recommend for what fits it, and pip install "model-opt[all]"')
-    sign = 1.0 if script.higher_is_better else -1.0
-    say("measuring the baseline")
-    baseline = Baseline(script.evaluate(original, dataset, device).value,
-                        model_latency(original, example, device).median_ms, state_dict_bytes(original),
+    space = check_space(job, tune, family=detect_family(original)[0])
+    baseline = measure_baseline(job)
+    recorded = {"objective": tune.objective, "max_accuracy_drop": max_accuracy_drop, "device": job.device,
+                "backends": sorted(tune.backends or []), "higher_is_better": job.script.higher_is_better,
+                "recovery_steps": tune.recovery_steps}
+    name = tune.study or default_study_name(job.model_path, recorded)
+    directions = {"latency": ["minimize"], "size": ["minimize"], "both": ["minimize", "minimize"]}[tune.objective]
+    study, storage_label = open_study(tune.storage, job.output.with_name(f"{name}.journal"), name, directions)
+    check_settings(study, recorded)
+    expired = expire_dead_trials(study)
+    if expired:
+        job.say(f"{_trials(expired)} left running by a worker that died: failed and queued again")
+    seed_recommendations(study, original, job.device, space, job.manager)
+    context = job.context()
+    search(study, Objective(job, context, space, baseline, tune), tune, job.say)
+    return finish(study, storage_label, baseline, tune.objective, job, context)
+
+
+def check_space(job: Job, tune: TuneSettings, family: str | None) -> dict[str, list[Technique]]:
+    """The searchable techniques; refuse a search in which none could make the model faster."""
+    space = searchable(job.manager, job.device, job.script.has("calibration_data"), tune.backends, family)
+    if any(t.speeds_up or t.speeds_up_compiled for items in space.values() for t in items):
+        return space
+    if family is None:
+        raise UsageError("no technique plugin is installed for the tuner to search that can make a model faster "
+                         "(see 'speeds up on' in model-opt techniques)", 'pip install "model-opt[all]"')
+    raise UsageError(f"no installed technique that the tuner searches applies to this {family} model",
+                     'see model-opt recommend for what fits it, and pip install "model-opt[all]"')
+
+
+def measure_baseline(job: Job) -> Baseline:
+    """The original's metric, latency, size and parameters; a budget larger than the metric is refused."""
+    original, budget = job.model, job.max_accuracy_drop
+    job.say("measuring the baseline")
+    baseline = Baseline(job.script.evaluate(original, job.dataset, job.device).value,
+                        model_latency(original, job.example, job.device).median_ms, state_dict_bytes(original),
                         count_parameters(original)[0])
-    if max_accuracy_drop > abs(baseline.metric) > 0:
-        raise UsageError(f"--max-accuracy-drop {max_accuracy_drop:g} is larger than the metric itself "
+    if budget is not None and budget > abs(baseline.metric) > 0:
+        raise UsageError(f"--max-accuracy-drop {budget:g} is larger than the metric itself "
                          f"({baseline.metric:.4f}), which would accept any model",
                          "pass a drop in the metric's own units, e.g. 0.01 for one accuracy point")
-    context = job.context()
-    optuna_storage, storage_label = open_storage(storage, out.with_name(f"{study_name}.journal"))
+    return baseline
 
-    directions = {"latency": ["minimize"], "size": ["minimize"], "both": ["minimize", "minimize"]}[objective]
-    sampler = optuna.samplers.TPESampler(seed=None)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        the_study = optuna.create_study(study_name=study_name, storage=optuna_storage, directions=directions,
-                                        sampler=sampler, load_if_exists=True)
-    except Exception as exc:  # a damaged journal, a study made by another tool with other directions, ...
-        what = f"{storage_label} is not an Optuna journal" if is_journal(optuna_storage) else \
-            f"study {study_name!r} cannot be opened in {storage_label}"
-        raise UsageError(f"{what} ({type(exc).__name__}: {redact(first_line(exc, 120))})",
-                         "pass another --storage or --study") from None
-    check_settings(the_study, settings)
-    expired = expire_dead_trials(the_study)
-    if expired:
-        say(f"{_trials(expired)} left running by a worker that died: failed and queued again")
-    seed_recommendations(the_study, original, device, space, manager)
-    # The runtime is part of the search where a candidate technique is fast only compiled; recovery
-    # fine-tuning where the test script can train.
-    runtimes = ["eager", "compiled"] if any(device.split(":")[0] in t.speeds_up_compiled for items in space.values()
-                                            for t in items) else ["eager"]
-    recoveries = [0, recovery_steps] if recovery_steps and script.has("train") else [0]
-    compiled_speedups = {t.name: t.speeds_up_compiled for items in space.values() for t in items}
 
-    def objective_fn(trial: Any) -> Any:
+class Objective:
+    """One trial: propose techniques (and runtime, recovery), skip repeats, build, evaluate and time."""
+
+    def __init__(self, job: Job, context: TechniqueContext, space: dict[str, list[Technique]], baseline: Baseline,
+                 tune: TuneSettings) -> None:
+        self.job, self.context, self.space, self.baseline, self.tune = job, context, space, baseline, tune
+        kind = job.device.split(":")[0]
+        # The runtime is part of the search where a candidate technique is fast only compiled; recovery
+        # fine-tuning where the test script can train.
+        self.compiled = {t.name for items in space.values() for t in items if kind in t.speeds_up_compiled}
+        self.runtimes = ["eager", "compiled"] if self.compiled else ["eager"]
+        self.recoveries = [0, tune.recovery_steps] if tune.recovery_steps and job.script.has("train") else [0]
+
+    def propose(self, trial: Any) -> tuple[list[dict[str, Any]], str, int]:
         steps = []
         for kind in KINDS:
-            techniques = space.get(kind, [])
-            if not techniques:
-                continue
-            choice = trial.suggest_categorical(kind, ["none", *[t.name for t in techniques]])
+            techniques = self.space.get(kind, [])
+            choice = trial.suggest_categorical(kind, ["none", *[t.name for t in techniques]]) if techniques else "none"
             if choice == "none":
                 continue
             technique = next(t for t in techniques if t.name == choice)
             options = {name: trial.suggest_categorical(f"{technique.name}.{name}", list(values))
                        for name, values in (technique.search_space or {}).items()}
-            steps.append({"kind": kind, "backend": technique.backend, "method": technique.method,
-                          "options": options})
-        runtime = trial.suggest_categorical("runtime", runtimes) if len(runtimes) > 1 else "eager"
-        recovery = trial.suggest_categorical("recovery_steps", recoveries) if len(recoveries) > 1 else 0
+            steps.append({"kind": kind, "backend": technique.backend, "method": technique.method, "options": options})
+        runtime = trial.suggest_categorical("runtime", self.runtimes) if len(self.runtimes) > 1 else "eager"
+        recovery = trial.suggest_categorical("recovery_steps", self.recoveries) if len(self.recoveries) > 1 else 0
         if not any(s["kind"] in RECOVERABLE_KINDS for s in steps):
             recovery = 0  # recovery fine-tuning repairs pruning and decomposition
-        if not any(device.split(":")[0] in compiled_speedups.get(f"{s['kind']}:{s['backend']}:{s['method']}", ())
-                   for s in steps):
+        if not any(f"{s['kind']}:{s['backend']}:{s['method']}" in self.compiled for s in steps):
             runtime = "eager"  # compiling helps only techniques that are fast compiled
-        trial.set_user_attr("steps", steps)
-        trial.set_user_attr("runtime", runtime)
-        trial.set_user_attr("recovery_steps", recovery)
-        trial.set_user_attr("description", describe(steps, runtime, recovery))
-        trial.set_user_attr("worker", worker_id())
+        return steps, runtime, recovery
+
+    def __call__(self, trial: Any) -> Any:
+        import optuna
+
+        steps, runtime, recovery = self.propose(trial)
+        for key, value in (("steps", steps), ("runtime", runtime), ("recovery_steps", recovery),
+                           ("description", describe(steps, runtime, recovery)), ("worker", worker_id())):
+            trial.set_user_attr(key, value)
         skip = skip_reason(trial.study, trial, steps)
         if skip:  # never run: it does not count against the budget
             trial.set_user_attr("skipped", skip)
             raise optuna.TrialPruned(skip)
+        job = self.job
         try:
             with lease(trial):
-                candidate, _, runnable = build_candidate(original, steps, recovery, runtime, job, context)
-                metric = script.evaluate(candidate, dataset, device).value
-                latency = model_latency(runnable, example, device, runtime=runtime).median_ms
+                candidate, _, runnable = build_candidate(job.model, steps, recovery, runtime, job, self.context)
+                metric = job.script.evaluate(candidate, job.dataset, job.device).value
+                latency = model_latency(runnable, job.example, job.device, runtime=runtime).median_ms
                 size = state_dict_bytes(candidate)
         except Exception as exc:  # a candidate that fails is evidence, not the end of the study
             if not isinstance(exc, ModelOptError):
@@ -342,57 +349,76 @@ def autotune(
             if isinstance(exc, TechniqueError) and failed:  # structural: drop it from the rest of the study
                 trial.study.set_user_attr(f"cannot_apply:{failed}", str(exc)[:300])
             raise optuna.TrialPruned(str(exc)) from None
-        drop = sign * (baseline.metric - metric)
+        return self.record(trial, metric, latency, size)
+
+    def record(self, trial: Any, metric: float, latency: float, size: int) -> Any:
+        """Store the trial's measurements; return Optuna's objective value(s)."""
+        budget, baseline = self.job.max_accuracy_drop, self.baseline
+        drop = (1.0 if self.job.script.higher_is_better else -1.0) * (baseline.metric - metric)
         speedup = baseline.latency_ms / latency
         size_ratio = size / baseline.size_bytes if baseline.size_bytes else 1.0
-        trial.set_user_attr("metric", metric)
-        trial.set_user_attr("drop", drop)
-        trial.set_user_attr("speedup", speedup)
-        trial.set_user_attr("size_ratio", size_ratio)
-        trial.set_user_attr("within_budget", drop <= max_accuracy_drop + 1e-12)
-        trial.set_constraint("metric_drop_over_budget", drop - max_accuracy_drop)
+        for key, value in (("metric", metric), ("drop", drop), ("speedup", speedup), ("size_ratio", size_ratio),
+                           ("within_budget", drop <= budget + 1e-12)):
+            trial.set_user_attr(key, value)
+        trial.set_constraint("metric_drop_over_budget", drop - budget)
+        objective = self.tune.objective
         values = {"latency": [1 / speedup], "size": [size_ratio], "both": [1 / speedup, size_ratio]}[objective]
         return values[0] if len(values) == 1 else values
 
+
+def search(study: Any, objective: Objective, tune: TuneSettings, say: Callable[[str], None]) -> None:
+    """Run trials until the study has ``tune.trials`` counted ones (or the timeout), reporting each."""
     started = time.time()
-    done_before = len(counted(the_study))
-    remaining = max(0, trials - done_before)
+    done_before = len(counted(study))
     if done_before:
-        say(f"resuming study {study_name!r}: {done_before} finished trials kept")
+        say(f"resuming study {study.study_name!r}: {done_before} finished trials kept")
+    eta = Eta(tune.trials, done_before, tune.timeout)
 
     def report_progress(study_: Any, trial: Any) -> None:
         finished = counted(study_)
-        if len(finished) >= trials:
+        if len(finished) >= tune.trials:
             study_.stop()
         if "skipped" in trial.user_attrs:
             say(f"skipped a proposal: {trial.user_attrs['skipped']}")
             return
         feasible = [t for t in finished if t.user_attrs.get("within_budget")]
         best = max((t.user_attrs["speedup"] for t in feasible), default=None)
-        elapsed = time.time() - started
-        per_trial = elapsed / max(1, len(finished) - done_before)
-        left = per_trial * max(0, trials - len(finished))
-        if timeout:
-            left = min(left, max(0.0, timeout - elapsed))
         attrs = trial.user_attrs
         result = (f"error: {attrs['error']}" if "error" in attrs else
                   f"metric {attrs['metric']:.4f} ({'within budget' if attrs['within_budget'] else 'over budget'}), "
                   f"{speed_text(attrs['speedup'])}, size {attrs['size_ratio']:.2f}x")
-        best_text = f"{best:.2f}x" if best else "-"
-        say(f"[{len(finished)}/{trials}] {attrs.get('description')} -> {result} | best "
-            f"within budget: {best_text} | ~{left:.0f}s left")
+        say(f"[{len(finished)}/{tune.trials}] {attrs.get('description')} -> {result} | best within budget: "
+            f"{f'{best:.2f}x' if best else '-'} | {eta.text(len(finished))}")
 
     def run_more(count: int) -> None:  # skipped proposals do not count; the cap stops a repeating sampler
-        left = None if timeout is None else timeout - (time.time() - started)
+        left = None if tune.timeout is None else tune.timeout - (time.time() - started)
         if left is None or left > 0:
-            the_study.optimize(objective_fn, n_trials=count * 4, timeout=left, gc_after_trial=True,
-                               callbacks=[report_progress])
+            study.optimize(objective, n_trials=count * 4, timeout=left, gc_after_trial=True,
+                           callbacks=[report_progress])
 
+    remaining = max(0, tune.trials - done_before)
     if remaining:
         run_more(remaining)
-    if timeout is None or time.time() - started < timeout:
-        settle(the_study, trials, run_more, say, wait)
-    return finish(the_study, storage_label, baseline, objective, original, job, context, max_accuracy_drop)
+    if tune.timeout is None or time.time() - started < tune.timeout:
+        settle(study, tune.trials, run_more, say, tune.wait)
+
+
+class Eta:
+    """Time left, from the mean time per finished trial, smoothed (it moves at most a third per trial)."""
+
+    def __init__(self, trials: int, done_before: int, timeout: float | None) -> None:
+        self.trials, self.done_before, self.timeout = trials, done_before, timeout
+        self.started, self.shown = time.time(), None
+
+    def text(self, finished: int) -> str:
+        elapsed = time.time() - self.started
+        left = elapsed / max(1, finished - self.done_before) * max(0, self.trials - finished)
+        if self.shown is not None and left > 0:
+            left = min(max(left, self.shown * 2 / 3), self.shown * 4 / 3)
+        if self.timeout:
+            left = min(left, max(0.0, self.timeout - elapsed))
+        self.shown = left
+        return f"~{left:.0f}s left"
 
 
 def _trials(numbers: list[int]) -> str:
@@ -465,18 +491,16 @@ def pareto_front(rows: list[dict[str, Any]], higher_is_better: bool = True) -> l
     return sorted(front, key=lambda r: -r["speedup"])
 
 
-def finish(study: Any, storage: str, baseline: Baseline, objective: str, original: Any, job: Job,
-           context: TechniqueContext, budget: float) -> TuneResult:
+def trial_rows(study: Any, budget: float) -> list[dict[str, Any]]:
+    """Every trial that ran, numbered as the user counts them (skipped proposals never ran; Optuna's own
+    number is kept for its tools), with its measurements or its error."""
     import optuna
-
-    say, device, out = job.say, job.device, job.output
 
     rows = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
         if "skipped" in attrs:
             continue
-        # numbered as the user counts them (skipped proposals never ran); Optuna's own number for its tools
         row = {"number": len(rows) + 1, "optuna_number": trial.number, "state": trial.state.name,
                "description": attrs.get("description", ""),
                "steps": attrs.get("steps", []), "runtime": attrs.get("runtime", "eager"),
@@ -487,6 +511,15 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
         elif "error" in attrs:
             row["error"] = attrs["error"]
         rows.append(row)
+    return rows
+
+
+def finish(study: Any, storage: str, baseline: Baseline, objective: str, job: Job,
+           context: TechniqueContext) -> TuneResult:
+    """Choose the best candidate within budget (the top three re-measured against the original), save it
+    with its report and plot; no candidate within budget raises AccuracyBudgetExceeded."""
+    budget = job.max_accuracy_drop
+    rows = trial_rows(study, budget)
     measured = [r for r in rows if "metric" in r]
     feasible = [r for r in measured if r["within_budget"]]
     result = TuneResult(study.study_name, storage, baseline, rows, pareto_front(feasible), None)
@@ -502,33 +535,37 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, origina
     # One trial's timing is noisy on a shared machine: re-apply the top candidates and time them against
     # the original in interleaved rounds before choosing.
     finalists = sorted(feasible, key=key)[:3]
-    say(f"re-measuring the top {len(finalists)} candidates against the original, interleaved")
-    built: dict[int, tuple[Any, list, Any]] = {}
-    for row in finalists:
-        built[row["number"]] = build_candidate(original, row["steps"], row["recovery_steps"], row["runtime"], job,
-                                               context)
-    times = remeasure(original, built, job)
+    job.say(f"re-measuring the top {len(finalists)} candidates against the original, interleaved")
+    built = {row["number"]: build_candidate(job.model, row["steps"], row["recovery_steps"], row["runtime"], job,
+                                            context) for row in finalists}
+    times = remeasure(job.model, built, job)
     for row in finalists:
         row["remeasured_speedup"] = times["original"] / times[str(row["number"])]
     if objective != "size":
         finalists.sort(key=lambda r: (-r["remeasured_speedup"] / (r["size_ratio"] if objective == "both" else 1),
                                       r["drop"]))
-    best = finalists[0]
-    result.best = best
-    if best["remeasured_speedup"] < 1.0 and objective != "size":
-        result.warnings.append(f"no candidate within budget was faster than the original on {device}")
-    say(f"saving the best candidate (trial {best['number']})")
-    model, records, _ = built[best["number"]]
+    result.best = finalists[0]
+    if result.best["remeasured_speedup"] < 1.0 and objective != "size":
+        result.warnings.append(f"no candidate within budget was faster than the original on {job.device}")
+    save_best(job, result, built[result.best["number"]], measured)
+    return result
+
+
+def save_best(job: Job, result: TuneResult, candidate: tuple[Any, list, Any], measured: list[dict[str, Any]]) -> None:
+    """Write the best candidate, its Pareto plot and the report together."""
+    best, out = result.best, job.output
+    job.say(f"saving the best candidate (trial {best['number']})")
+    model, records, _ = candidate
     if best["runtime"] == "compiled":
         result.warnings.append("the best candidate was measured under torch.compile with inductor freezing: run it "
                                "that way (torch._inductor.config.freezing = True; torch.compile(model))")
     result.output = str(out)
     with output_lock(out):
-        job.save(model, records, {"autotune": {"study": study.study_name, "trial": best["number"],
-                                               "optuna_trial": best["optuna_number"], "storage": storage}})
-        result.plot = plot(measured, result.pareto, best, out.with_name(f"{out.stem}.pareto.png"), budget)
-        write_text_atomic(report_path(out), dumps(result.to_dict()))
-    return result
+        job.save(model, records, {"autotune": {"study": result.study, "trial": best["number"],
+                                               "optuna_trial": best["optuna_number"], "storage": result.storage}})
+        result.plot = plot(measured, result.pareto, best, side_path(out, ".pareto.png", job.folder),
+                           job.max_accuracy_drop)
+        write_text_atomic(report_path(out, job.folder), dumps(result.to_dict()))
 
 
 def remeasure(original: Any, built: dict[int, tuple[Any, list, Any]], job: Job) -> dict[str, float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .errors import TechniqueError
@@ -35,7 +34,6 @@ class TechniqueContext:
     labelled_data: Callable[[], Iterable[tuple[Any, Any]]] | None = None
     train: Callable[..., Any] | None = None
     dataset_path: str | None = None
-    workdir: Path | None = None
     progress: Callable[[str], None] = _quiet
     evaluate: Callable[[Any], float] | None = None
     max_accuracy_drop: float | None = None

@@ -1,19 +1,21 @@
 """One job behind every entry point: check the inputs, load the model, plan, apply, and save.
 
-``optimize``, ``autotune`` and ``recommend`` build a :class:`Job`; the seed API uses :func:`apply_step`
-and :func:`technique_context`. Each entry point adds only what is its own.
+``optimize``, ``autotune`` and ``recommend`` build a :class:`Job` from the model, the test script, the
+dataset and a :class:`Settings` record; the seed API uses :func:`apply_step`. Each entry point adds only
+what is its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import math
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from .errors import DeviceError, ModelOptError, TechniqueError, UsageError, firs
 from .hookspecs import KINDS
 from .measure import to_device
 from .modelinfo import run_checked
+from .modules import linear_from_conv1d
 from .plugins import PluginManager, get_plugin_manager
 from .registry import Technique
 from .report import StepRecord
@@ -87,10 +90,15 @@ def check_module_names(model: Any, planned: Planned) -> None:
     """Every name in an ``exclude`` option must name a module (or a prefix of one) of the model."""
     import difflib
 
-    names = [name for name, _ in model.named_modules() if name]
+    from .modules import excluded
+
+    named_modules = getattr(model, "named_modules", None)
+    if not callable(named_modules):  # not a torch module (another runtime): nothing to name
+        return
+    names = [name for name, _ in named_modules() if name]
     for technique, options in planned:
         for entry in options.get("exclude") or []:
-            if not any(n == entry or n.startswith(f"{entry}.") for n in names):
+            if not any(excluded(n, [entry]) for n in names):
                 close = difflib.get_close_matches(entry, names, n=3, cutoff=0.5)
                 hint = f"did you mean {', '.join(close)}?" if close else "use names from model.named_modules()"
                 raise UsageError(f"{technique.backend} {technique.method} exclude={entry} names no module of "
@@ -102,6 +110,7 @@ def apply_step(model: Any, technique: Technique, options: dict[str, Any], contex
     """Apply one technique through its plugin; a backend's own exception becomes a one-line error."""
     manager = manager or get_plugin_manager()
     check_needs(technique, context)
+    check_module_names(model, [(technique, options)])
     context.progress(f"applying {technique.kind} {technique.backend}:{technique.method}")
     started = time.perf_counter()
     try:
@@ -140,50 +149,53 @@ def apply(model: Any, planned: Planned, context: TechniqueContext,
     return model, records
 
 
-def technique_context(*, device: str, compile: bool = False, example_input: Any = None,
-                      calibration_data: Callable[[], Any] | None = None,
-                      labelled_data: Callable[[], Any] | None = None, train: Callable[..., Any] | None = None,
-                      dataset_path: str | None = None, progress: Callable[[str], None] | None = None,
-                      evaluate: Callable[[Any], float] | None = None, max_accuracy_drop: float | None = None,
-                      higher_is_better: bool = True) -> TechniqueContext:
-    """The one place a TechniqueContext is built."""
-    return TechniqueContext(device=device, compile=compile, example_input=example_input,
-                            calibration_data=calibration_data, labelled_data=labelled_data, train=train,
-                            dataset_path=dataset_path,
-                            progress=progress or (lambda message: None), evaluate=evaluate,
-                            max_accuracy_drop=max_accuracy_drop, higher_is_better=higher_is_better)
-
-
 def default_output(model_path: Path) -> Path:
     name = model_path.name if model_path.is_dir() else model_path.stem
     return model_path.with_name(f"{name}.optimized.pt")
 
 
-def output_path(model_path: Path, output: str | os.PathLike[str] | None) -> Path:
-    """Where a run writes: ``output``; inside it when it is a folder or ends in '/'; else beside the model."""
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def output_target(model_path: str | os.PathLike[str], output: str | os.PathLike[str] | None) -> tuple[Path, bool]:
+    """Where a run writes, and whether it writes a folder: a Hugging Face folder in gives a folder out (beside it,
+    ``<name>.optimized``), as does an ``output`` that ends in '/' or is a folder; else a file (``output``, or
+    ``<name>.optimized.pt`` beside the model)."""
+    model_path = Path(model_path)
     if not output:
-        return default_output(Path(model_path))
+        if is_hf_folder(model_path):
+            return model_path.with_name(f"{model_path.name}.optimized"), True
+        return default_output(model_path), False
     text = os.fspath(output)
-    out = Path(text)
     try:
-        folder = out.is_dir()
+        folder = Path(text).is_dir()
     except OSError:  # a name too long to look up: check_output says so
         folder = False
-    if text.endswith(("/", os.sep)) or folder:
-        return out / default_output(Path(model_path)).name
-    return out
+    return Path(text.rstrip("/" + os.sep) or text), folder or text.endswith(("/", os.sep))
 
 
-def report_path(output: Path) -> Path:
+def output_path(model_path: str | os.PathLike[str], output: str | os.PathLike[str] | None) -> Path:
+    return output_target(model_path, output)[0]
+
+
+def side_path(output: Path, suffix: str, folder: bool = False) -> Path:
+    """A file beside the output, named after it: ``model.optimized.pt`` -> ``model.optimized.report.json``; a
+    folder output ``model.optimized/`` -> ``model.optimized.report.json`` beside it."""
+    return output.with_name(f"{output.name if folder else output.stem}{suffix}")
+
+
+def report_path(output: Path, folder: bool = False) -> Path:
     """The report of a run, beside its output under the output's own name."""
-    return output.with_name(f"{output.stem}.report.json")
+    return side_path(output, ".report.json", folder)
 
 
-def side_files(output: Path) -> list[Path]:
-    """Every file a run may write beside its output: report, backend log, OpenVINO IR, torch.export program,
-    autotune plot. Each is checked like the output itself before any work."""
-    return [report_path(output), output.with_name(f"{output.stem}.log"), output.with_suffix(".xml"),
-            output.with_suffix(".bin"), output.with_suffix(".pt2"), output.with_name(f"{output.stem}.pareto.png")]
+def side_files(output: Path, folder: bool = False) -> list[Path]:
+    """Every file a run may write beside its output: report, backend log, torch.export program, autotune plot,
+    and for a file output the OpenVINO IR (a folder output holds it inside). Each is checked like the output
+    itself before any work."""
+    files = [side_path(output, suffix, folder) for suffix in (".report.json", ".log", ".pt2", ".pareto.png")]
+    return files if folder else [*files, output.with_suffix(".xml"), output.with_suffix(".bin")]
 
 
 def inputs_of(path: Path) -> list[Path]:
@@ -200,7 +212,7 @@ def _same(a: Path, b: Path) -> bool:
 
 def owned_files(out: Path) -> set[str]:
     """Names of the side files an existing model-opt artifact at ``out`` says it wrote (replaceable by a rerun)."""
-    if not (out.is_file() and modelio.is_artifact(out)):
+    if not modelio.is_artifact(out):
         return set()
     try:
         files = modelio.read_manifest(out).get("files", [])
@@ -236,21 +248,25 @@ def check_writable_folder(folder: Path, flag: str = "--output") -> None:
                          f"choose a {flag} in a folder you can write") from None
 
 
-def check_output(out: Path, protected: Sequence[Path], export: bool = False, flag: str = "--output") -> Path:
+def check_output(out: Path, protected: Sequence[Path], export: bool = False, flag: str = "--output",
+                 folder: bool = False) -> Path:
     """Refuse an output that would replace the user's files: the input, the test script, the data, an
-    unrelated existing file; or whose side files (report, log, IR, export, plot) would replace any of them."""
+    unrelated existing file or folder; or whose side files (report, log, IR, export, plot) would replace any of
+    them. A ``folder`` output may be new, empty, or a folder an earlier run wrote, and holds no input."""
     if len(out.name.encode()) > 200:  # before touching the file system, which refuses such names
         raise UsageError(f"{flag} name {out.name[:40]}... is {len(out.name.encode())} bytes long, too long for the "
                          "files written beside it", f"choose a shorter {flag} name")
-    if out.is_dir():
+    if folder:
+        check_output_folder(out, protected, flag)
+    elif out.is_dir():
         raise UsageError(f"{flag} {out} is a folder", f"pass a file path, e.g. {flag} {out / 'model.optimized.pt'}")
     folders = [p.resolve() for p in protected if p.is_dir()]
     owned = owned_files(out)
-    for path in [out, *side_files(out)]:
+    for path in [out, *side_files(out, folder)]:
         target = path.resolve()
-        folder = next((p for p in folders if p in target.parents or p == target), None)
-        if folder is not None:
-            raise UsageError(f"{flag} {out} is inside {folder.name}/, an input folder",
+        holder = next((p for p in folders if p in target.parents or p == target), None)
+        if holder is not None:
+            raise UsageError(f"{flag} {out} is inside {holder.name}/, an input folder",
                              f"choose a {flag} outside the model and dataset folders")
         if any(_same(path, p) for p in protected):
             what = "output" if path == out else f"file {path.name} (written beside the output)"
@@ -259,6 +275,9 @@ def check_output(out: Path, protected: Sequence[Path], export: bool = False, fla
         if path != out and (path.exists() or path.is_symlink()) and path.name not in owned:
             raise UsageError(f"{flag} {out} would replace {path.name} beside it, which model-opt did not write for "
                              "this output", f"choose another {flag} path, or move {path.name} away yourself")
+    if folder:
+        check_writable_folder(out.parent, flag)
+        return out
     if out.suffix.lower() in RESERVED_SUFFIXES:
         raise UsageError(f"{flag} {out.name} ends in {out.suffix}, which model-opt uses for other files",
                          f"name the optimized model with .pt, e.g. {flag} {out.with_suffix('.pt')}")
@@ -267,6 +286,19 @@ def check_output(out: Path, protected: Sequence[Path], export: bool = False, fla
                          "choose another path, or remove the file yourself")
     check_writable_folder(out.parent, flag)
     return out
+
+
+def check_output_folder(out: Path, protected: Sequence[Path], flag: str) -> None:
+    """A folder output is replaced whole: it must not hold (or be) an input, nor another folder of the user's."""
+    target = out.resolve()
+    for path in protected:
+        if path.resolve() == target or target in path.resolve().parents:
+            raise UsageError(f"{flag} {out} holds {path.name}, an input, and the output folder is replaced whole",
+                             f"choose a new {flag} folder")
+    try:
+        modelio.check_replaceable_folder(out)
+    except UsageError as exc:
+        raise UsageError(f"{flag} {exc.problem}", exc.fix) from None
 
 
 @contextlib.contextmanager
@@ -299,6 +331,71 @@ def output_lock(out: Path) -> Iterator[None]:
         handle.close()
 
 
+def builtin_script(model_path: str | os.PathLike[str], dataset: str | os.PathLike[str]) -> TestScript:
+    """The built-in evaluation when no test script is given: for a causal LM folder and a folder of text files."""
+    folder = Path(model_path)
+    config = folder / "config.json"
+    if not (config.is_file() and modelio.is_causal_lm(json.loads(config.read_text()))):
+        raise UsageError("--test-script is required for this model (model-opt evaluates causal language models "
+                         "itself, and this is not one)", "pass --test-script eval.py (see README: the test script)")
+    if not (Path(dataset).is_dir() and any(Path(dataset).glob("*.txt"))) and Path(dataset).suffix != ".txt":
+        raise UsageError(f"the built-in language-model evaluation reads text, and {dataset} is not a .txt file or a "
+                         "folder of them", "pass --test-dataset with a folder of .txt files")
+    return TestScript(Path(__file__).parent / "builtin" / "lm_eval.py")
+
+
+def search_paths(model_path: Path, script: TestScript | None, trust_model: bool) -> list[Path]:
+    """Folders importable while the model loads: the test script's; the model's own folder only when the
+    user trusts the model (a file downloaded beside it must not shadow the user's modules), and after."""
+    return [*([script.folder] if script else []), *([Path(model_path).parent] if trust_model else [])]
+
+
+def open_model(model_path: Path, script: TestScript | None, trust_model: bool) -> Any:
+    """The one way every command opens a model: the test script's ``load_model`` when it has one, else the
+    safe formats (artifacts replayed, Hugging Face folders), with :func:`search_paths` importable."""
+    loader = (lambda p: script.call("load_model", p)) if script is not None and script.has("load_model") else None
+    return modelio.load(model_path, trust_model=trust_model, loader=loader,
+                        search_paths=search_paths(model_path, script, trust_model))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a job runs, checked once by :meth:`check` (the budget, the shape, the device) for every command."""
+
+    output: str | os.PathLike[str] | None = None
+    device: str = "cpu"
+    trust_model: bool = False
+    input_shape: Sequence[int] | None = None
+    compile: bool = False
+    max_accuracy_drop: float | None = None
+    export: bool = False
+    finetune_steps: int = 0
+    output_flag: str = "--output"
+
+    @classmethod
+    def of(cls, given: dict[str, Any], entry: str) -> Settings:
+        """Settings from keyword arguments; an unknown name is a one-line error naming the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            from .registry import choose_one_of
+
+            raise choose_one_of(f"{entry}() argument", unknown[0], known)
+        return cls(**given)
+
+    def check(self) -> Settings:
+        """Everything that can be checked without the model; returns the settings with the device checked."""
+        check_finite(self.max_accuracy_drop, "--max-accuracy-drop")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise UsageError(f"--max-accuracy-drop must be 0 or more, not negative ({self.max_accuracy_drop:g})",
+                             "pass the largest drop you accept, in the metric's units (e.g. 0.01)")
+        if self.finetune_steps < 0:
+            raise UsageError(f"--finetune-steps is {self.finetune_steps}", "pass 0 (no recovery) or a positive number")
+        check_input_shape(self.input_shape)
+        check_device(self.device)
+        return self
+
+
 class Job:
     """A model, its test script and data, the device, and where the result goes.
 
@@ -306,40 +403,41 @@ class Job:
     model and the inputs techniques need; :meth:`context` is what technique hooks receive.
     """
 
-    def __init__(self, model_path: Path, script: TestScript, dataset: str, output: Path, device: str,
-                 trust_model: bool, input_shape: Sequence[int] | None, compile: bool,
-                 max_accuracy_drop: float | None, progress: Callable[[str], None], manager: PluginManager) -> None:
+    def __init__(self, model_path: Path, script: TestScript, dataset: str, output: Path, settings: Settings,
+                 progress: Callable[[str], None], manager: PluginManager) -> None:
         self.model_path, self.script, self.dataset, self.output = model_path, script, dataset, output
-        self.device, self.trust_model, self.input_shape, self.compile = device, trust_model, input_shape, compile
-        self.max_accuracy_drop, self.say, self.manager = max_accuracy_drop, progress, manager
+        self.settings, self.device = settings, settings.device
+        self.trust_model, self.input_shape, self.compile = settings.trust_model, settings.input_shape, settings.compile
+        self.max_accuracy_drop, self.say, self.manager = settings.max_accuracy_drop, progress, manager
         self.model: Any = None
         self.example: Any = None
         self.source: dict[str, Any] = {}
         self.prior_steps: list[dict[str, Any]] = []
+        self.folder = False  # the output is a folder (Hugging Face layout), not a file
 
     @classmethod
-    def prepare(cls, model_path: str | os.PathLike[str], *, test_script: str | os.PathLike[str],
-                dataset: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, device: str = "cpu",
-                trust_model: bool = False, input_shape: Sequence[int] | None = None, compile: bool = False,
-                max_accuracy_drop: float | None = None, export: bool = False,
-                progress: Callable[[str], None] | None = None, manager: PluginManager | None = None,
-                output_flag: str = "--output") -> Job:
-        script = TestScript(test_script)
+    def prepare(cls, model_path: str | os.PathLike[str], *, test_script: str | os.PathLike[str] | None,
+                dataset: str | os.PathLike[str], settings: Settings | None = None,
+                progress: Callable[[str], None] | None = None, manager: PluginManager | None = None) -> Job:
+        """Check the inputs and settings (before any heavy work) and make the job."""
+        settings = (settings or Settings()).check()
+        script = TestScript(test_script) if test_script else builtin_script(model_path, dataset)
         hf_folder = (Path(model_path) / "config.json").is_file()
         path = modelio.check_readable(model_path, allow_folder=script.has("load_model") or hf_folder)
         dataset = str(dataset)
         if not os.path.exists(dataset):
             raise UsageError(f"test dataset not found: {dataset}", "check the --test-dataset path")
-        check_finite(max_accuracy_drop, "--max-accuracy-drop")
-        if max_accuracy_drop is not None and max_accuracy_drop < 0:
-            raise UsageError(f"--max-accuracy-drop is {max_accuracy_drop}, which is negative",
-                             "pass the largest drop you accept, in the metric's units (e.g. 0.01)")
-        check_input_shape(input_shape)
-        out = output_path(path, output)
+        if settings.finetune_steps and not script.has("train"):
+            raise UsageError(f"--finetune-steps needs a training hook, and {script.path.name} defines no "
+                             "train(model, dataset_path, steps)", "add train() to the test script (see README)")
+        out, folder = output_target(path, settings.output)
         protected = [*inputs_of(path), script.path, Path(dataset)]
-        out = check_output(out, protected, export=export, flag=output_flag)
-        return cls(path, script, dataset, out, check_device(device), trust_model, input_shape, compile,
-                   max_accuracy_drop, progress or (lambda message: None), manager or get_plugin_manager())
+        out = check_output(out, protected, export=settings.export, flag=settings.output_flag, folder=folder)
+        job = cls(path, script, dataset, out, settings, progress or (lambda message: None),
+                  manager or get_plugin_manager())
+        job.folder = folder
+        script.model_path = str(path)
+        return job
 
     # -- the model and its inputs ------------------------------------------------------------
     def load(self) -> Any:
@@ -347,12 +445,14 @@ class Job:
         import torch
 
         self.say(f"loading {self.model_path.name}")
-        loader = (lambda p: self.script.call("load_model", p)) if self.script.has("load_model") else None
-        model = modelio.load(self.model_path, trust_model=self.trust_model, loader=loader,
-                             search_paths=self.search_paths())
+        model = open_model(self.model_path, self.script, self.trust_model)
         if not isinstance(model, torch.nn.Module):
             raise UsageError(f"{self.model_path.name} did not load as a torch.nn.Module", "check load_model()")
-        self.source, self.prior_steps = self._source(loader is not None)
+        self.source, self.prior_steps = self._source(self.script.has("load_model"))
+        converted = linear_from_conv1d(model)
+        if converted:  # recorded, so that a reopened result is rebuilt the same way
+            self.source[modelio.CONV1D_AS_LINEAR] = True
+            self.say(f"{len(converted)} transformers Conv1D layers are handled as the nn.Linear layers they are")
         self.model = model.to(self.device).eval()
         self.example = self._example_input()
         if self.example is not None:
@@ -360,9 +460,8 @@ class Job:
         return self.model
 
     def search_paths(self) -> list[Path]:
-        """Folders importable while the model loads: the test script's; the model's own folder only when the
-        user trusts the model (a file downloaded beside it must not shadow the user's modules), and after."""
-        return [self.script.folder, *([self.model_path.parent] if self.trust_model else [])]
+        """Folders importable while the model loads (see :func:`search_paths`)."""
+        return search_paths(self.model_path, self.script, self.trust_model)
 
     def _source(self, via_loader: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Where the architecture comes from when the result is reopened, and the steps already applied."""
@@ -372,7 +471,10 @@ class Job:
             source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
             return dict(source), modelio.recorded_steps(manifest, path.name)
         opened_with = "load_model" if via_loader else ("folder" if path.is_dir() else "file")
-        return {"path": str(path.resolve()), "opened_with": opened_with}, []
+        source: dict[str, Any] = {"path": str(path.resolve()), "opened_with": opened_with}
+        if opened_with == "folder":  # the architecture, so that the output reopens without this folder
+            source["config"] = json.loads((path / "config.json").read_text())
+        return source, []
 
     def _example_input(self) -> Any:
         import torch
@@ -390,7 +492,7 @@ class Job:
 
     def context(self) -> TechniqueContext:
         script, dataset = self.script, self.dataset
-        return technique_context(
+        return TechniqueContext(
             device=self.device, compile=self.compile, example_input=self.example,
             calibration_data=(lambda: script.call("calibration_data", dataset)) if script.has("calibration_data")
             else None,
@@ -417,7 +519,7 @@ class Job:
         and no other file)."""
         manifest = {
             "source": self.source,
-            "files": [p.name for p in side_files(self.output)],
+            "files": [p.name for p in side_files(self.output, self.folder)],
             "steps": [*self.prior_steps, *(r.to_dict() for r in records)],
             "import_paths": [str(p.resolve()) for p in self.search_paths()],
             **(extra or {}),
@@ -425,6 +527,8 @@ class Job:
         if path is not None:
             return modelio.save(model, path, manifest)
         self.say(f"saving {self.output}")
+        if self.folder:
+            return modelio.save_folder(model, self.output, manifest, copy_from=self.model_path)
         return modelio.save(model, self.output, manifest)
 
     @contextlib.contextmanager

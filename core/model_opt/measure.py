@@ -178,13 +178,12 @@ SETTLE_S = 0.05
 
 def timed_blocks(candidates: dict[str, Callable[[], Any]], *, rounds: int = 9, min_rounds: int = 4,
                  budget_s: float = 6.0, warmup: int = 3, sync: Callable[[], None] | None = None,
-                 block_s: float = BLOCK_S, settle_s: float = SETTLE_S,
                  per_round: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """The one timer behind every comparison: milliseconds per call of each candidate, each timed as it is
     deployed, alone on the machine.
 
-    Candidates run in blocks (at least ``block_s`` seconds and 3 calls), in rounds whose order rotates, so a
-    drift of a shared machine hits every candidate alike. Before each block the machine idles ``settle_s``
+    Candidates run in blocks (at least :data:`BLOCK_S` seconds and 3 calls), in rounds whose order rotates, so a
+    drift of a shared machine hits every candidate alike. Before each block the machine idles :data:`SETTLE_S`
     and the first call after the switch is not timed: two runtimes called alternately on a few cores slow
     each other (each one's thread pool spins on cores the other needs), which a user running one model never
     sees. At least ``min_rounds`` rounds, up to ``rounds`` or ``budget_s`` seconds. ``per_round``, if given,
@@ -204,13 +203,13 @@ def timed_blocks(candidates: dict[str, Callable[[], Any]], *, rounds: int = 9, m
         for name in names[shift:] + names[:shift]:
             fn = candidates[name]
             if len(names) > 1:
-                time.sleep(settle_s)
+                time.sleep(SETTLE_S)
                 fn()  # the first call after a switch wakes this runtime's threads: not timed
                 if sync:
                     sync()
             block_started = time.perf_counter()
             block: list[float] = []
-            while len(block) < 3 or time.perf_counter() - block_started < block_s:
+            while len(block) < 3 or time.perf_counter() - block_started < BLOCK_S:
                 t0 = time.perf_counter()
                 fn()
                 if sync:

@@ -13,6 +13,11 @@ the recorded source file opened safely), replays each step through its plugin's 
 loads the weights with ``weights_only=True``: nothing in the file is executed. A step whose plugin has
 no ``restore`` hook is saved as a pickled model (``model.pt``) instead, and such a file, like a format 1
 artifact, reopens only with ``trust_model=True``.
+
+A folder output holds the same recipe as ``model_opt.json`` beside files the ecosystem opens: the weights
+as ``model.safetensors`` (``weights.pt`` for tensor types safetensors cannot hold), or the runtime's own
+files written by the model's ``save_native(folder)`` (OpenVINO: ``openvino_model.xml/.bin``); the Hugging
+Face ``config.json`` (updated for pruned shapes) and the input folder's tokenizer/processor files.
 """
 
 from __future__ import annotations
@@ -28,13 +33,19 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_path
+from .atomic import atomic_folder, atomic_path
 from .errors import ModelLoadError, ModelOptError, UsageError, first_line, printable
 
 MANIFEST = "model_opt.json"
 WEIGHTS = "weights.pt"
+SAFETENSORS = "model.safetensors"
 PICKLE = "model.pt"
+#: Files of an input folder that are not copied into a folder output (weights and configs are written anew).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".xml", ".pt2",
+                   ".gguf", ".ot", ".index")
 FORMAT_VERSION = 2
+#: Source flag: the model's transformers Conv1D layers were replaced by nn.Linear before any step (replayed).
+CONV1D_AS_LINEAR = "conv1d_as_linear"
 #: Attribute under which the seed API records the steps applied to a model, for :func:`save`.
 STEPS_ATTR = "_model_opt_steps"
 
@@ -74,7 +85,10 @@ def check_readable(path: str | os.PathLike[str], allow_folder: bool = False) -> 
     """The path of a readable model file (or folder, where a loader can open one); else a one-line error."""
     path = Path(path)
     if not path.exists():
-        raise ModelLoadError(f"model file not found: {path}", "check the path")
+        hub = hub_snapshot(str(path))
+        if hub is None:
+            raise ModelLoadError(f"model file not found: {path}", "check the path")
+        path = hub
     if path.is_dir():
         if not allow_folder:
             raise ModelLoadError(f"{path} is a folder, not a model file",
@@ -86,7 +100,28 @@ def check_readable(path: str | os.PathLike[str], allow_folder: bool = False) -> 
     return path
 
 
+def hub_snapshot(name: str) -> Path | None:
+    """The local folder of a Hugging Face Hub id (``org/model``) from the Hugging Face cache (no download);
+    None when ``name`` does not look like one. An id that is not cached is a one-line error saying how to get it."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) or name.endswith((".pt", ".pth", ".pt2", ".xml")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        raise ModelLoadError(f"{name} is neither a file here nor a Hugging Face model in the local cache",
+                             f"download it first (hf download {name}), or pass the path of its folder") from None
+
+
 def is_artifact(path: str | os.PathLike[str]) -> bool:
+    """A model-opt artifact: a file (zip) or a folder output, each holding ``model_opt.json``."""
+    if Path(path).is_dir():
+        return (Path(path) / MANIFEST).is_file()
     try:
         with zipfile.ZipFile(path) as archive:
             return MANIFEST in archive.namelist()
@@ -94,12 +129,27 @@ def is_artifact(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+def artifact_names(path: Path) -> set[str]:
+    """The names of the files inside an artifact (a folder's files, or the zip's members)."""
+    if path.is_dir():
+        return {p.name for p in path.iterdir() if p.is_file()}
+    with zipfile.ZipFile(path) as archive:
+        return set(archive.namelist())
+
+
+def read_member(path: Path, name: str) -> bytes:
+    """One file of an artifact (folder or zip)."""
+    if path.is_dir():
+        return (path / name).read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(name)
+
+
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of a model-opt artifact, read without unpickling anything."""
     path = Path(path)
     try:
-        with zipfile.ZipFile(path) as archive:
-            manifest = json.loads(archive.read(MANIFEST))
+        manifest = json.loads(read_member(path, MANIFEST))
     except (zipfile.BadZipFile, KeyError, OSError, ValueError, RecursionError) as exc:
         raise ModelLoadError(f"{path.name} has a damaged model-opt manifest ({first_line(exc)[:120]})",
                              "re-create the file with model-opt optimize") from None
@@ -242,24 +292,59 @@ def unsafe_program(name: str, exc: BaseException) -> ModelLoadError:
                           "from")
 
 
+def is_causal_lm(config: dict[str, Any]) -> bool:
+    """A decoder-only language model, from its Hugging Face config: its architecture ends in ForCausalLM or
+    LMHeadModel."""
+    architectures = config.get("architectures") or []
+    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) \
+        and not config.get("is_encoder_decoder", False)
+
+
+def _auto_class(config: dict[str, Any]) -> Any:
+    import transformers
+
+    return transformers.AutoModelForCausalLM if is_causal_lm(config) else transformers.AutoModel
+
+
+def _transformers(where: str) -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(f"{where} is a Hugging Face model folder, and transformers is not installed",
+                             "pip install transformers, or define load_model(path) in the test script") from None
+
+
 def _open_folder(path: Path) -> Any:
-    """A Hugging Face model folder (config.json) through transformers' AutoModel, without remote code."""
+    """A Hugging Face model folder (config.json) through transformers, without remote code: causal LMs with
+    their LM head (AutoModelForCausalLM), others with AutoModel."""
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is a folder without config.json, so no loader knows it",
                              "pass the model file itself, or define load_model(path) in the test script")
+    _transformers(str(path))
     try:
-        import transformers
-    except ImportError:
-        raise ModelLoadError(f"{path} is a Hugging Face model folder, and transformers is not installed",
-                             "pip install transformers, or define load_model(path) in the test script") from None
-    try:
+        config = json.loads((path / "config.json").read_text())
         with quiet_torch_logs():
-            model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True,
-                                                           trust_remote_code=False)
+            model = _auto_class(config).from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"transformers could not open {path.name} ({type(exc).__name__}: "
                              f"{first_line(exc)})", "define load_model(path) in the test script") from None
     return model.eval()
+
+
+def from_config(config: dict[str, Any], name: str) -> Any:
+    """The architecture a Hugging Face config describes (random weights: the saved ones are loaded after)."""
+    _transformers(name)
+    import transformers
+
+    try:
+        values = {k: v for k, v in config.items() if k != "model_type"}
+        hf_config = transformers.AutoConfig.for_model(config["model_type"], **values)
+        with quiet_torch_logs():
+            return _auto_class(config).from_config(hf_config, trust_remote_code=False).eval()
+    except Exception as exc:
+        raise ModelLoadError(f"{name}: transformers could not rebuild the recorded architecture "
+                             f"({type(exc).__name__}: {first_line(exc)})",
+                             "pass model=<the original architecture>") from None
 
 
 # -- artifacts ------------------------------------------------------------------------------------
@@ -273,12 +358,12 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
 
     manifest = read_manifest(path)
     version = manifest.get("format_version")
-    with zipfile.ZipFile(path) as archive:
-        names = set(archive.namelist())
+    names = artifact_names(path)
     if version == FORMAT_VERSION and manifest.get("payload") == "weights":
         steps = recorded_steps(manifest, path.name)
-        if WEIGHTS not in names:
-            raise ModelLoadError(f"{path.name} has no weights ({WEIGHTS} is missing)",
+        stored = manifest.get("weights", WEIGHTS)
+        if stored != "native" and stored not in names:
+            raise ModelLoadError(f"{path.name} has no weights ({stored} is missing)",
                                  "re-create the file with model-opt optimize")
         start = max((i for i, step in enumerate(steps) if step.get("standalone")), default=None)
         if start is not None:  # that step's weights hold the whole model: no architecture needed
@@ -288,18 +373,16 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
         else:
             base = base_model(manifest, path, trust_model=trust_model, map_location=map_location,
                               search_paths=search_paths, loader=loader)
+        source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+        if base is not None and source.get(CONV1D_AS_LINEAR):
+            from .modules import linear_from_conv1d
+
+            linear_from_conv1d(base)
         rebuilt = replay(base, steps, map_location)
-        try:
-            with zipfile.ZipFile(path) as archive:
-                weights = torch.load(io.BytesIO(archive.read(WEIGHTS)), map_location=map_location,
-                                     weights_only=True)
-        except Exception as exc:
-            raise ModelLoadError(f"the weights in {path.name} are damaged or not plain tensors "
-                                 f"({first_line(exc)})", "re-create the file with model-opt optimize") from None
-        if not isinstance(weights, dict):
-            raise ModelLoadError(f"the weights in {path.name} are a {type(weights).__name__}, not a state_dict",
-                                 "re-create the file with model-opt optimize")
-        load_weights(rebuilt, weights, path.name, trust_model)
+        if stored == "native":
+            _load_native(rebuilt, path)
+        else:
+            load_weights(rebuilt, read_weights(path, stored, map_location), path.name, trust_model)
         return rebuilt.eval() if hasattr(rebuilt, "eval") else rebuilt
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise ModelLoadError(f"{path.name} was written by a newer model-opt (format {version})",
@@ -332,6 +415,41 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
     return _as_module(obj, path)
 
 
+def read_weights(path: Path, stored: str, map_location: str = "cpu") -> dict[str, Any]:
+    """An artifact's state_dict, read without running code: safetensors, or ``torch.load(weights_only=True)``."""
+    import torch
+
+    try:
+        if stored.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            weights = load_safetensors(read_member(path, stored))
+        else:
+            weights = torch.load(io.BytesIO(read_member(path, stored)), map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"the weights in {path.name} are damaged or not plain tensors "
+                             f"({first_line(exc)})", "re-create the file with model-opt optimize") from None
+    if not isinstance(weights, dict):
+        raise ModelLoadError(f"the weights in {path.name} are a {type(weights).__name__}, not a state_dict",
+                             "re-create the file with model-opt optimize")
+    return weights
+
+
+def _load_native(model: Any, folder: Path) -> None:
+    """A folder whose weights are a runtime's own files: the replayed module reads them (``load_native``)."""
+    load_native = getattr(model, "load_native", None)
+    if not callable(load_native):
+        raise ModelLoadError(f"{folder.name} holds its model in a runtime's own files, and the replayed "
+                             f"{type(model).__name__} cannot read them", "install the plugin that wrote the folder")
+    try:
+        load_native(folder)
+    except ModelOptError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"the model files in {folder.name} are damaged ({first_line(exc)})",
+                             "re-create the folder with model-opt optimize") from None
+
+
 def base_model(manifest: dict[str, Any], path: Path, *, trust_model: bool, map_location: str,
                search_paths: Iterable[str | os.PathLike[str]], loader: Callable[[str], Any] | None) -> Any:
     """The original architecture, opened from the source the manifest records, by the same safe rules."""
@@ -341,6 +459,8 @@ def base_model(manifest: dict[str, Any], path: Path, *, trust_model: bool, map_l
         raise ModelLoadError(f"{path.name} records no source model to rebuild the architecture from",
                              "pass model=<the original architecture> (model_opt.load(path, model=...))")
     src = Path(where)
+    if source.get("opened_with") == "folder" and isinstance(source.get("config"), dict):
+        return from_config(source["config"], path.name)  # the folder need not be there any more
     if source.get("opened_with") == "load_model" and loader is None:
         raise ModelLoadError(f"{path.name} was made from {src.name}, which the test script's load_model() opens",
                              "pass --test-script (CLI), or test_script=... or model=... to model_opt.load")
@@ -438,6 +558,125 @@ def save(model: Any, path: str | os.PathLike[str], manifest: dict[str, Any] | No
             archive.writestr(MANIFEST, json.dumps(meta, indent=2, default=str))
             archive.writestr(PICKLE if blockers else WEIGHTS, buffer.getvalue())
     return path
+
+
+def save_folder(model: Any, folder: str | os.PathLike[str], manifest: dict[str, Any] | None = None,
+                copy_from: Path | None = None) -> Path:
+    """Write a folder output atomically: the recipe (``model_opt.json``), the weights as safetensors (or the
+    runtime's own files), the Hugging Face config of the result, and ``copy_from``'s other files (tokenizer,
+    processor, generation config) copied as they are."""
+    import shutil
+
+    import torch
+
+    import model_opt
+
+    folder = Path(folder)
+    check_replaceable_folder(folder)
+    meta: dict[str, Any] = {"format": "model-opt", "format_version": FORMAT_VERSION, "layout": "folder",
+                            "torch": torch.__version__, "model_opt": model_opt.__version__, **(manifest or {})}
+    steps = list(meta.get("steps", getattr(model, STEPS_ATTR, [])))
+    meta["steps"] = steps
+    blockers = [f"{s['kind']}:{s['backend']}:{s['method']}" for s in steps if not s.get("replayable", False)]
+    if blockers:  # a folder is for what replays; the pickled fallback stays a single file
+        raise ModelOptError(f"{', '.join(blockers)} cannot be replayed (its plugin has no restore hook), so the "
+                            "result cannot be a folder", "pass an --output file path (.pt)")
+    with atomic_folder(folder) as tmp:
+        if copy_from is not None and copy_from.is_dir():
+            _copy_model_files(copy_from, tmp)
+        meta["payload"] = "weights"
+        meta["weights"] = _write_weights(model, tmp)
+        config = hf_config(model)
+        if config is not None:
+            config.save_pretrained(tmp)  # the result's own config: pruned shapes included
+            meta["transformers"] = {"opens": (note := transformers_note(model)) is None, "why_not": note}
+        elif copy_from is not None and (copy_from / "config.json").is_file():  # another runtime: the model's kind
+            shutil.copyfile(copy_from / "config.json", tmp / "config.json")
+        (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, default=str))
+    return folder
+
+
+def _write_weights(model: Any, folder: Path) -> str:
+    """The weights into ``folder``: the runtime's own files, else safetensors, else ``weights.pt``; returns
+    which (``native`` or the file name)."""
+    import torch
+
+    native = getattr(model, "save_native", None)
+    if callable(native):
+        native(folder)
+        return "native"
+    state = model.state_dict()
+    try:
+        if all(type(v) is torch.Tensor for v in state.values()):
+            from safetensors.torch import save_model
+
+            save_model(model, str(folder / SAFETENSORS), metadata={"format": "pt"}, force_contiguous=True)
+            return SAFETENSORS
+        torch.save(state, folder / WEIGHTS)
+    except Exception as exc:
+        raise ModelOptError(f"the optimized model cannot be saved ({type(exc).__name__}: {first_line(exc)})",
+                            "report this to the plugin that produced it; nothing was written") from None
+    return WEIGHTS
+
+
+def hf_config(model: Any) -> Any:
+    """The Hugging Face config of the model, or of the one Hugging Face model inside it; else None."""
+    configs = [getattr(m, "config", None) for m in ([model, *model.modules()] if hasattr(model, "modules")
+                                                     else [model])]
+    found = [c for c in configs if callable(getattr(c, "save_pretrained", None))]
+    unique = list({id(c): c for c in found}.values())
+    if unique and (unique[0] is getattr(model, "config", None) or len(unique) == 1):
+        return unique[0]
+    return None
+
+
+def transformers_note(model: Any) -> str | None:
+    """Why ``transformers`` cannot open a folder output of ``model`` on its own (None when it can): the model is
+    not a plain Hugging Face model, or its config cannot express the optimized shapes (checked by building the
+    architecture from the config on the meta device and comparing every weight's shape)."""
+    import torch
+
+    config = getattr(model, "config", None)
+    if not callable(getattr(config, "save_pretrained", None)) or not hasattr(type(model), "_from_config"):
+        return "it is not a plain Hugging Face model (model_opt.load opens it)"
+    try:
+        with torch.device("meta"), quiet_torch_logs():
+            built = type(model)._from_config(config)
+        expected = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    except Exception as exc:
+        return f"its config cannot describe the result ({first_line(exc, 160)}); model_opt.load opens it"
+    actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    differ = [k for k in actual if k in expected and expected[k] != actual[k]]
+    if differ or set(actual) - set(expected):
+        name = (differ or sorted(set(actual) - set(expected)))[0]
+        return f"its config cannot describe the optimized layers ({name}); model_opt.load opens it"
+    return None
+
+
+def _copy_model_files(source: Path, target: Path) -> None:
+    """The input folder's files other than weights and the config (tokenizer, processor, generation config,
+    sentence-transformers modules), copied as they are."""
+    import shutil
+
+    for entry in sorted(source.rglob("*")):
+        relative = entry.relative_to(source)
+        if entry.is_symlink() and not entry.exists():
+            continue
+        if entry.is_dir() or relative.parts[0].startswith(".") or entry.suffix.lower() in WEIGHT_SUFFIXES:
+            continue
+        if relative.as_posix() in ("config.json", MANIFEST):
+            continue
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(entry, target / relative)
+
+
+def check_replaceable_folder(folder: Path) -> None:
+    """A folder output may be new, empty, or an earlier model-opt folder; never a file or another folder."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise UsageError(f"{folder} exists and is not a folder", "choose another output folder")
+    if folder.is_dir() and any(folder.iterdir()) and not is_artifact(folder):
+        raise UsageError(f"{folder} is a folder with other files, not a model-opt output",
+                         "choose a new or empty output folder")
 
 
 def check_replaceable(path: Path) -> None:

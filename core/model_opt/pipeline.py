@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomic
-from .errors import AccuracyBudgetExceeded, ModelOptError, UsageError, first_line
+from .errors import AccuracyBudgetExceeded, ModelOptError, UsageError
 from .hookspecs import KINDS
-from .job import Job, Step, apply, apply_step, check_device, check_needs, default_output, output_lock, plan, report_path
+from .job import (
+    Job,
+    Settings,
+    Step,
+    apply,
+    apply_step,
+    check_device,
+    check_needs,
+    default_output,
+    output_lock,
+    plan,
+    report_path,
+    side_path,
+)
 from .measure import (
     Latency,
     call_model,
@@ -23,7 +35,6 @@ from .measure import (
     paired_latency,
     state_dict_bytes,
 )
-from .measure import export_program as measure_export
 from .plugins import PluginManager
 from .registry import Technique
 from .report import UNSTABLE_SPREAD, Measurement, Report
@@ -43,8 +54,10 @@ def measure(model: Any, script: TestScript, dataset: str, device: str, example_i
                        count_flops(model, example_input))
 
 
-def time_pair(original: Any, optimized: Any, example: Any, device: str, compiled: Any = None) -> tuple[Any, Any]:
-    """Latency of the original (eager) and the optimized model (compiled when given), interleaved."""
+def time_pair(original: Any, optimized: Any, example: Any, device: str, compiled: Any = None,
+              runtimes: tuple[str, str] | None = None) -> tuple[Any, Any]:
+    """Latency of the original (eager, or as ``runtimes`` names it) and the optimized model (compiled when
+    given), interleaved."""
     import torch
 
     if example is None:
@@ -59,7 +72,7 @@ def time_pair(original: Any, optimized: Any, example: Any, device: str, compiled
         return call
 
     return paired_latency(run(original), run(after), sync=sync,
-                          runtimes=("eager", "compiled" if compiled is not None else "eager"))
+                          runtimes=runtimes or ("eager", "compiled" if compiled is not None else "eager"))
 
 
 def steadiest(time_once: Callable[[], tuple[Any, Any]], say: Callable[[str], None], attempts: int = 3,
@@ -106,107 +119,120 @@ def time_as_deployed(job: Job, model: Any, records: Sequence[Any], compiled: Any
         return steadiest(lambda: time_pair(job.model, model, job.example, job.device, compiled), job.say)
 
 
-def optimize(
-    model_path: str | os.PathLike[str],
-    *,
-    test_script: str | os.PathLike[str],
-    dataset: str | os.PathLike[str],
-    steps: Sequence[Step],
-    output: str | os.PathLike[str] | None = None,
-    device: str = "cpu",
-    max_accuracy_drop: float | None = None,
-    trust_model: bool = False,
-    input_shape: Sequence[int] | None = None,
-    finetune_steps: int = 0,
-    export: bool = False,
-    compile: bool = False,
-    progress: Callable[[str], None] | None = None,
-    manager: PluginManager | None = None,
-) -> Report:
-    """Run the main job; see ``model-opt optimize --help``. Returns the report; raises ModelOptError."""
+def optimize(model_path: str | os.PathLike[str], *, test_script: str | os.PathLike[str],
+             dataset: str | os.PathLike[str], steps: Sequence[Step], progress: Callable[[str], None] | None = None,
+             manager: PluginManager | None = None, **settings: Any) -> Report:
+    """Run the main job; see ``model-opt optimize --help``. ``settings`` are :class:`model_opt.job.Settings`
+    (output, device, max_accuracy_drop, trust_model, input_shape, finetune_steps, export, compile).
+    Returns the report; raises ModelOptError."""
     # 1. Everything that can be checked without the model, before any heavy work.
     if not steps:
         raise UsageError("no technique was asked for", "add --prune, --quantize, --fuse or --decompose")
-    job = Job.prepare(model_path, test_script=test_script, dataset=dataset, output=output, device=device,
-                      trust_model=trust_model, input_shape=input_shape, compile=compile,
-                      max_accuracy_drop=max_accuracy_drop, export=export, progress=progress, manager=manager)
-    script, dataset, device, say, out = job.script, job.dataset, job.device, job.say, job.output
-    if finetune_steps < 0:
-        raise UsageError(f"--finetune-steps is {finetune_steps}", "pass 0 (no recovery) or a positive number")
-    if finetune_steps and not script.has("train"):
-        raise UsageError(f"--finetune-steps needs a training hook, and {script.path.name} defines no "
-                         "train(model, dataset_path, steps)", "add train() to the test script (see README)")
-    if compile and not input_shape and not script.has("example_input") and not script.has("calibration_data"):
+    job = Job.prepare(model_path, test_script=test_script, dataset=dataset,
+                      settings=Settings.of(settings, "optimize"), progress=progress, manager=manager)
+    finetune_steps = job.settings.finetune_steps
+    if job.compile and not job.input_shape and not job.script.has("example_input") \
+            and not job.script.has("calibration_data"):
         raise UsageError("--compile needs an example input to compile and time the model",
                          "define example_input(dataset_path) in the test script or pass --input-shape")
     planned = job.plan(steps)
     # Recovery fine-tuning follows the steps that change what a trainable model computes (pruning,
     # decomposition) and comes before fusion and quantization, whose results are not trained.
-    trainable, rest = split_for_recovery(planned) if finetune_steps else (planned, [])
-
-    import torch
+    split = split_for_recovery(planned) if finetune_steps else (planned, [])
 
     # 2. Load the model and the inputs the techniques and measurements need.
     original = job.load()
-    example = job.example
     context = job.context()
     job.check(planned, context)
 
     # 3. Before, apply, after.
-    report = Report(model=str(job.model_path), device=device, threads=torch.get_num_threads(),
-                    higher_is_better=script.higher_is_better, before=None,  # type: ignore[arg-type]
-                    max_accuracy_drop=max_accuracy_drop)
-    if example is None:
-        report.latency_note = "define example_input(dataset_path) in the test script or pass --input-shape"
-    say("measuring the original model")
-    report.before = measure(original, script, dataset, device, example)
-    model = _working_copy(original)
-    copied = model is not original
-    if not copied and example is not None:  # techniques may change it in place: time the original now
-        report.before.latency = model_latency(original, example, device)
-        report.latency_note = "the model could not be copied, so before and after were timed one after another"
-    def before_recovery(pruned: Any) -> None:
-        report.recovery = {"steps": finetune_steps, "after": [t.name for t, _ in trainable],
-                           "metrics_before_recovery": script.evaluate(pruned, dataset, device).values}
-        say(f"recovery fine-tuning: {finetune_steps} steps")
+    report, model = measure_before(job)
 
-    model, report.steps = apply_with_recovery(model, (trainable, rest), context, job, finetune_steps,
-                                              before_recovery)
-    compiled = None
-    if compile:
-        say("compiling the optimized model (torch.compile, inductor freezing)")
-        compiled, report.compile_seconds = compile_model(model, example)
-    say("measuring the optimized model")
-    report.after = measure(model, script, dataset, device, example)
-    if copied and in_processes(original, model):
-        report.before.latency, report.after.latency = time_as_deployed(job, model, report.steps, compiled, report)
-    elif copied:
-        say("timing the original and the optimized model, interleaved")
-        report.before.latency, report.after.latency = steadiest(
-            lambda: time_pair(original, model, example, device, compiled), say)
-    elif example is not None:
-        report.after.latency = model_latency(compiled if compiled is not None else model, example, device,
-                                             runtime="compiled" if compiled is not None else "eager")
+    def before_recovery(pruned: Any) -> None:
+        report.recovery = {"steps": finetune_steps, "after": [t.name for t, _ in split[0]],
+                           "metrics_before_recovery": job.script.evaluate(pruned, job.dataset, job.device).values}
+        job.say(f"recovery fine-tuning: {finetune_steps} steps")
+
+    model, report.steps = apply_with_recovery(model, split, context, job, finetune_steps, before_recovery)
+    measure_after(job, original, model, report)
     report.warnings = speed_warnings(report, planned)
 
     # 4. Keep the input untouched; write nothing when the budget is exceeded.
     if not report.within_budget:
         raise AccuracyBudgetExceeded(
             f"{report.before.primary} dropped by {report.metric_drop:.4f}, more than --max-accuracy-drop "
-            f"{max_accuracy_drop:g}; nothing was written",
+            f"{job.max_accuracy_drop:g}; nothing was written",
             "try a milder setting (smaller amount, fewer techniques) or a recovery step",
             report=report,
         )
+    save_result(job, model, report)
+    return report
+
+
+def measure_before(job: Job) -> tuple[Report, Any]:
+    """The report with the original measured, and the working copy the techniques change."""
+    import torch
+
+    original, example = job.model, job.example
+    report = Report(model=str(job.model_path), device=job.device, threads=torch.get_num_threads(),
+                    higher_is_better=job.script.higher_is_better, before=None,  # type: ignore[arg-type]
+                    max_accuracy_drop=job.max_accuracy_drop)
+    if example is None:
+        report.latency_note = "define example_input(dataset_path) in the test script or pass --input-shape"
+    job.say("measuring the original model")
+    report.before = measure(original, job.script, job.dataset, job.device, example)
+    model = _working_copy(original)
+    if model is original and example is not None:  # techniques may change it in place: time the original now
+        report.before.latency = model_latency(original, example, job.device)
+        report.latency_note = "the model could not be copied, so before and after were timed one after another"
+    return report, model
+
+
+def measure_after(job: Job, original: Any, model: Any, report: Report) -> None:
+    """Compile when asked, measure the optimized model, and time it against the original as each is deployed."""
+    example, device, say = job.example, job.device, job.say
+    compiled = None
+    if job.compile:
+        say("compiling the optimized model (torch.compile, inductor freezing)")
+        compiled, report.compile_seconds = compile_model(model, example)
+    say("measuring the optimized model")
+    report.after = measure(model, job.script, job.dataset, device, example)
+    if model is not original and in_processes(original, model):
+        report.before.latency, report.after.latency = time_as_deployed(job, model, report.steps, compiled, report)
+    elif model is not original:
+        say("timing the original and the optimized model, interleaved")
+        report.before.latency, report.after.latency = steadiest(
+            lambda: time_pair(original, model, example, device, compiled), say)
+        if compiled is not None:  # what the technique adds over compiling the float model alone
+            say("compiling the original too, and timing both compiled, interleaved")
+            original_compiled, _ = compile_model(original, example)
+            report.compiled_baseline = steadiest(
+                lambda: time_pair(original_compiled, model, example, device, compiled, runtimes=("compiled",) * 2),
+                say)
+    elif example is not None:
+        report.after.latency = model_latency(compiled if compiled is not None else model, example, device,
+                                             runtime="compiled" if compiled is not None else "eager")
+
+
+def save_result(job: Job, model: Any, report: Report) -> None:
+    """Write the artifact, the files that belong to it (native IR, .pt2) and the report, together."""
+    out = job.output
     report.output = str(out)
+    if job.folder and callable(getattr(getattr(model, "config", None), "save_pretrained", None)):
+        from .modelio import transformers_note
+
+        note = transformers_note(model)
+        if note:
+            report.warnings.append(f"transformers' from_pretrained cannot open the output folder: {note}")
     with output_lock(out):
         job.save(model, report.steps, {"metrics": report.after.metrics})
-        native = getattr(model, "save_native", None)  # e.g. OpenVINO IR beside the artifact
-        if callable(native):
+        native = getattr(model, "save_native", None)  # e.g. OpenVINO IR beside the artifact (a folder holds it)
+        if callable(native) and not job.folder:
             report.native_files = [str(p) for p in native(out)]
-        if export:
-            report.exported = export_program(model, example, out.with_suffix(".pt2"), report.warnings)
-        write_text_atomic(report_path(out), report.to_json())
-    return report
+        if job.settings.export:
+            report.exported = export_program(model, job.example, side_path(out, ".pt2", job.folder),
+                                              report.warnings)
+        write_text_atomic(report_path(out, job.folder), report.to_json())
 
 
 def _working_copy(model: Any) -> Any:
@@ -290,22 +316,17 @@ def keep_pruned_weights_at_zero(model: Any, threshold: float = 0.05) -> Iterator
 
 
 def export_program(model: Any, example: Any, path: Path, warnings: list[str]) -> str | None:
-    """Also save a torch.export program, which loads with no trust flag; warn when the model cannot export."""
-    import torch
-
-    from .atomic import atomic_path
+    """Also save a torch.export program (``model-opt export --format pt2``: dynamic batch, tiny sample inputs,
+    checked at two batch sizes), which loads with no trust flag; warn when the model cannot export."""
+    from .export import export_model
 
     if example is None:
         warnings.append("no .pt2 export: it needs an example input (example_input() or --input-shape)")
         return None
     try:
-        program = measure_export(model, example)
-        buffer = io.BytesIO()  # (a file name would become the archive's root folder)
-        torch.export.save(program, buffer)
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(buffer.getvalue())
-    except Exception as exc:
-        warnings.append(f"no .pt2 export: torch.export failed ({first_line(exc)})")
+        export_model(model, example, "pt2", path)
+    except ModelOptError as exc:
+        warnings.append(f"no .pt2 export: {exc.problem}")
         return None
     return str(path)
 

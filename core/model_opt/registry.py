@@ -83,6 +83,9 @@ class Option:
     exclusive_maximum: bool = False
     #: Former names, still accepted for one release with a deprecation note.
     aliases: tuple[str, ...] = ()
+    #: A kind-level command-line flag for this option (e.g. ``--prune-amount``), shared by every technique of
+    #: the kind that declares it; without one the option is passed as ``--<kind>-opt name=value``.
+    flag: str | None = None
 
     def describe_range(self) -> str:
         if self.minimum is None and self.maximum is None:
@@ -233,7 +236,7 @@ class Technique:
             "plugin": self.plugin,
             "options": [
                 {"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help,
-                 "choices": list(o.choices), "range": o.describe_range()}
+                 "choices": list(o.choices), "range": o.describe_range(), "flag": o.flag}
                 for o in self.options
             ],
             "needs": list(self.needs),

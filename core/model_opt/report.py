@@ -71,6 +71,9 @@ class Report:
     exported: str | None = None
     compile_seconds: float | None = None
     native_files: list[str] = field(default_factory=list)
+    #: With --compile: the original compiled and the optimized compiled, timed together (what the technique adds
+    #: over compiling alone).
+    compiled_baseline: tuple[Any, Any] | None = None
 
     @property
     def metric_drop(self) -> float | None:
@@ -95,25 +98,40 @@ class Report:
     @property
     def speedup_range(self) -> tuple[float, float] | None:
         """Lowest and highest speed-up of the interleaved rounds (each round's before over its after)."""
-        b, a = self.before.latency, self.after.latency if self.after else None
-        if not (b and a and b.rounds_ms and len(b.rounds_ms) == len(a.rounds_ms)):
-            return None
-        ratios = [x / y for x, y in zip(b.rounds_ms, a.rounds_ms, strict=True) if y]
-        return (min(ratios), max(ratios)) if ratios else None
+        return speedup_range(self.before.latency, self.after.latency if self.after else None)
 
     @property
     def within_budget(self) -> bool:
         drop = self.metric_drop
         return self.max_accuracy_drop is None or drop is None or drop <= self.max_accuracy_drop + 1e-12
 
-    def to_dict(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        """The few numbers a person reads first: what ran, the metric before and after, speed, size."""
+        after = self.after
         return {
+            "techniques": [f"{s.kind} {s.backend}:{s.method}" for s in self.steps],
+            "metric": self.before.primary,
+            "metric_before": self.before.metric,
+            "metric_after": after.metric if after else None,
+            "metric_drop": self.metric_drop,
+            "within_budget": self.within_budget,
+            "speedup": self.speedup if self.stable else None,
+            "speedup_range": self.speedup_range,
+            "size_ratio": after.size_bytes / self.before.size_bytes if after and self.before.size_bytes else None,
+            "output": self.output,
+            "warnings": len(self.warnings),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary first; each step's replay state (long: layer shapes) under ``details`` at the end."""
+        return {
+            "summary": self.summary(),
             "model": self.model,
             "output": self.output,
             "device": self.device,
             "threads": self.threads,
             "higher_is_better": self.higher_is_better,
-            "steps": [s.to_dict() for s in self.steps],
+            "steps": [{k: v for k, v in s.to_dict().items() if k != "state"} for s in self.steps],
             "before": self.before.to_dict(),
             "after": self.after.to_dict() if self.after else None,
             "metric_drop": self.metric_drop,
@@ -128,7 +146,18 @@ class Report:
             "exported": self.exported,
             "compile_seconds": self.compile_seconds,
             "native_files": self.native_files,
+            "compiled_baseline": self._compiled_baseline(),
+            "details": {"replay_state": [s.state for s in self.steps]},
         }
+
+    def _compiled_baseline(self) -> dict[str, Any] | None:
+        if self.compiled_baseline is None:
+            return None
+        before, after = self.compiled_baseline
+        steady = max(before.spread, after.spread) <= UNSTABLE_SPREAD
+        return {"before": before.to_dict(), "after": after.to_dict(),
+                "speedup": before.median_ms / after.median_ms if steady else None,
+                "speedup_range": speedup_range(before, after)}
 
     def to_json(self) -> str:
         return dumps(self.to_dict())
@@ -156,6 +185,11 @@ class Report:
             rows.append(("latency p90 ms", f"{b.latency.p90_ms:.3f}", f"{la.p90_ms:.3f}" if la else "-",
                          speed_text(b.latency.p90_ms / la.p90_ms if la and la.p90_ms else None) if self.stable
                          else "-"))
+            if self.compiled_baseline is not None:
+                cb = self._compiled_baseline()
+                rows.append(("latency median ms (compiled -> compiled)", f"{cb['before']['median_ms']:.3f}",
+                             f"{cb['after']['median_ms']:.3f}", speed_text(cb["speedup"]) if cb["speedup"]
+                             else _unstable(cb["speedup_range"])))
         else:
             rows.append(("latency", "n/a", "n/a", self.latency_note or "no example input"))
         rows.append(("parameters", f"{b.parameters:,}", f"{a.parameters:,}" if a else "-",
@@ -223,6 +257,14 @@ def speed_text(ratio: float | None) -> str:
     if not ratio:
         return "-"
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def speedup_range(b: Any, a: Any) -> tuple[float, float] | None:
+    """Lowest and highest speed-up of interleaved rounds (each round's ``b`` latency over its ``a``)."""
+    if not (b and a and b.rounds_ms and len(b.rounds_ms) == len(a.rounds_ms)):
+        return None
+    ratios = [x / y for x, y in zip(b.rounds_ms, a.rounds_ms, strict=True) if y]
+    return (min(ratios), max(ratios)) if ratios else None
 
 
 def _unstable(span: tuple[float, float] | None) -> str:

@@ -2,9 +2,12 @@
 
 1. In-process: the script defines ``evaluate(model, dataset_path) -> float | dict[str, float]`` and
    optionally ``load_model(path)``, ``example_input(dataset_path)``, ``calibration_data(dataset_path)``,
-   ``train(model, dataset_path, steps)`` and ``HIGHER_IS_BETTER``.
+   ``train(model, dataset_path, steps)`` and ``HIGHER_IS_BETTER``. Any of these functions may also take a
+   keyword parameter ``model_path``: it receives the MODEL path given to model-opt (a file or a Hugging Face
+   folder, e.g. to open its tokenizer), the original input also when an optimized model is evaluated.
 2. As a program: ``python eval.py`` with ``MODEL_OPT_MODEL`` (a ``torch.save``-d module),
-   ``MODEL_OPT_DATASET`` and ``MODEL_OPT_DEVICE`` set; every stdout line ``name = number`` is a metric.
+   ``MODEL_OPT_DATASET`` and ``MODEL_OPT_DEVICE`` set (and ``MODEL_OPT_MODEL_PATH``, the MODEL given to
+   model-opt); every stdout line ``name = number`` is a metric.
 
 Which one is detected from the script's source (a top-level ``def evaluate``) without running it.
 """
@@ -120,6 +123,8 @@ class TestScript:
                     pass
         self.mode = "in_process" if "evaluate" in self.defined else "program"
         self._module: ModuleType | None = None
+        #: The MODEL path of the run, passed to the script's functions that take ``model_path``.
+        self.model_path: str | None = None
 
     @property
     def folder(self) -> Path:
@@ -174,9 +179,11 @@ class TestScript:
         function = getattr(self.module, hook, None)
         if function is None:
             raise TestScriptError(f"{self.path.name} defines no {hook}()", f"add {hook} to the script")
+        kwargs = {"model_path": self.model_path} if self.model_path is not None and takes_model_path(function) \
+            else {}
         try:
             with no_hard_exit():
-                return function(*args)
+                return function(*args, **kwargs)
         except KeyboardInterrupt:
             raise
         except TestScriptError:
@@ -232,7 +239,8 @@ class TestScript:
             model_file = Path(tmp) / "model.pt"
             torch.save(model, model_file)
             env = {**os.environ, "MODEL_OPT_MODEL": str(model_file), "MODEL_OPT_DATASET": str(dataset),
-                   "MODEL_OPT_DEVICE": device}
+                   "MODEL_OPT_DEVICE": device, **({"MODEL_OPT_MODEL_PATH": self.model_path} if self.model_path
+                                                   else {})}
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.folder), env.get("PYTHONPATH", "")]))
             proc = subprocess.run([sys.executable, str(self.path)], env=env, capture_output=True, text=True,
                                   preexec_fn=_die_with_parent)
@@ -251,3 +259,15 @@ class TestScript:
                 raise TestScriptError(f"{self.path.name} printed {name} = {number}",
                                       "print finite numbers; check the model's outputs and the metric")
         return values
+
+
+def takes_model_path(function: Any) -> bool:
+    """Whether a test-script function declares a ``model_path`` parameter (by keyword)."""
+    import inspect
+
+    try:
+        parameter = inspect.signature(function).parameters.get("model_path")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                         inspect.Parameter.KEYWORD_ONLY)

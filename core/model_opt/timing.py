@@ -54,7 +54,11 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "model_opt.timing", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
                                      text=True, bufsize=1)
-        self.read()  # ready (loaded, warmed up)
+        try:
+            self.read()  # ready (loaded, warmed up)
+        except BaseException:
+            self.close()
+            raise
 
     def read(self) -> Any:
         assert self.proc.stdout is not None
@@ -82,6 +86,8 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
         self.errors.close()
 
 

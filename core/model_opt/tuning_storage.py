@@ -253,3 +253,20 @@ def expire_dead_trials(study: Any) -> list[int]:
                 study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             expired.append(trial.number)
     return expired
+
+
+def open_study(storage: str | None, journal: Path, name: str, directions: list[str]) -> tuple[Any, str]:
+    """The study ``name`` in ``storage`` (default: the ``journal`` file), made when new: (study, shown label)."""
+    import optuna
+
+    optuna_storage, label = open_storage(storage, journal)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(study_name=name, storage=optuna_storage, directions=directions,
+                                    sampler=optuna.samplers.TPESampler(seed=None), load_if_exists=True)
+    except Exception as exc:  # a damaged journal, a study made by another tool with other directions, ...
+        what = f"{label} is not an Optuna journal" if is_journal(optuna_storage) else \
+            f"study {name!r} cannot be opened in {label}"
+        raise UsageError(f"{what} ({type(exc).__name__}: {redact(first_line(exc, 120))})",
+                         "pass another --storage or --study") from None
+    return study, label

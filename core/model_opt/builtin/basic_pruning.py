@@ -18,9 +18,10 @@ UNSTRUCTURED = Technique(
     method="unstructured",
     summary="Zero the smallest weights of every Linear and Conv layer (torch.nn.utils.prune).",
     options=(
-        Option("amount", float, 0.5, "fraction of weights to zero", minimum=0.0, maximum=1.0,
-               exclusive_minimum=True, exclusive_maximum=True),
-        Option("criterion", str, "l1", "which weights go: smallest |w| (l1, magnitude) or random",
+        Option("amount", float, 0.5, flag="--prune-amount", help="fraction of weights to zero", minimum=0.0,
+               maximum=1.0, exclusive_minimum=True, exclusive_maximum=True),
+        Option("criterion", str, "l1", flag="--prune-criterion",
+               help="which weights go: smallest |w| (l1, magnitude) or random",
                choices=("l1", "magnitude", "random")),
         Option("scope", str, "layer", "rank weights per layer, or across all layers at once",
                choices=("layer", "global")),
@@ -45,13 +46,13 @@ def prune(model: Any, technique: Technique, options: dict[str, Any], context: An
     from torch.nn.utils import prune as torch_prune
 
     from model_opt.errors import TechniqueError
+    from model_opt.modules import excluded
 
-    excluded = tuple(options["exclude"])
     targets = [
         (name, module) for name, module in model.named_modules()
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
         and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
-        and not any(name == e or name.startswith(f"{e}.") for e in excluded)
+        and not excluded(name, options["exclude"])
     ]
     if not targets:
         raise TechniqueError("the model has no Linear or Conv layer to prune",

@@ -15,26 +15,30 @@ from typing import Any
 
 
 def run_technique(kind: str, model: Any, *, backend: str | None = None, method: str | None = None,
-                  options: dict[str, Any] | None = None, example_input: Any = None,
-                  calibration_data: Iterable[Any] | None = None, train: Any = None,
-                  device: str | None = None, compile: bool = False) -> tuple[Any, dict[str, Any]]:
+                  options: dict[str, Any] | None = None, **inputs: Any) -> tuple[Any, dict[str, Any]]:
     """Resolve one technique, check what it needs, and apply it. Returns ``(model, info)``.
 
-    The step is recorded on the returned model, so that :func:`model_opt.save` writes an artifact that
-    :func:`model_opt.load` replays on the original architecture (``model_opt.load(path, model=base)``).
+    ``inputs`` are what the technique may use: ``example_input``, ``calibration_data`` (an iterable of model
+    inputs), ``train``, ``device`` (default: the model's), ``compile``. The step is recorded on the returned
+    model, so that :func:`model_opt.save` writes an artifact that :func:`model_opt.load` replays on the
+    original architecture (``model_opt.load(path, model=base)``).
     """
-    from model_opt.job import apply_step, technique_context
+    from model_opt.context import TechniqueContext
+    from model_opt.job import apply_step
     from model_opt.modelio import STEPS_ATTR
     from model_opt.modules import device_of
     from model_opt.plugins import get_plugin_manager
 
+    unknown = sorted(set(inputs) - {"example_input", "calibration_data", "train", "device", "compile"})
+    if unknown:
+        raise TypeError(f"run_technique() got an unexpected keyword argument {unknown[0]!r}")
     manager = get_plugin_manager()
     technique = manager.registry.find(kind, backend, method)
     resolved = technique.resolve_options({k: v for k, v in (options or {}).items() if v is not None})
-    batches = list(calibration_data) if calibration_data is not None else None  # a generator is read once
-    context = technique_context(
-        device=device or device_of(model), compile=compile, example_input=example_input,
-        calibration_data=(lambda: iter(batches)) if batches is not None else None, train=train)
+    data = inputs.pop("calibration_data", None)
+    batches = list(data) if data is not None else None  # a generator is read once
+    context = TechniqueContext(**{**inputs, "device": inputs.get("device") or device_of(model)},
+                               calibration_data=(lambda: iter(batches)) if batches is not None else None)
     previous = list(getattr(model, STEPS_ATTR, []))
     new_model, record = apply_step(model, technique, resolved, context, manager)
     with contextlib.suppress(AttributeError, TypeError):
@@ -42,14 +46,30 @@ def run_technique(kind: str, model: Any, *, backend: str | None = None, method: 
     return new_model, record.info
 
 
-def call_plugin_function(kind: str, backend: str, method: str, function: str, *args: Any) -> Any:
-    """Call a module-level helper (such as ``remove_patch``) of the plugin that provides a technique."""
+def for_family(kind: str, method: str, family: str) -> Any:
+    """The installed technique of ``kind`` and ``method`` made for ``family`` models (e.g. token merging for ViTs);
+    none installed is an error naming what to install."""
+    from model_opt.errors import BackendNotInstalled
+    from model_opt.plugins import get_plugin_manager
+    from model_opt.registry import plugin_extras
+
+    registry = get_plugin_manager().registry
+    found = [t for t in registry.of_kind(kind) if t.method == method and family in t.families]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        return registry.find(kind, None, method)  # several: the registry's own "choose one of" error
+    missing = sorted(plugin_extras() - {t.plugin for t in registry.techniques.values()})
+    hint = f'pip install "model-opt[{",".join(missing)}]"' if missing else 'pip install "model-opt[all]"'
+    raise BackendNotInstalled(f"no installed plugin offers {kind} {method} for {family} models", hint)
+
+
+def call_plugin_function(technique: Any, function: str, *args: Any) -> Any:
+    """Call a module-level helper (such as ``remove_patch``) of the plugin that provides ``technique``."""
     from model_opt.errors import TechniqueError
     from model_opt.plugins import get_plugin_manager
 
-    manager = get_plugin_manager()
-    technique = manager.registry.find(kind, backend, method)
-    helper = getattr(manager.pm.get_plugin(technique.plugin), function, None)
+    helper = getattr(get_plugin_manager().pm.get_plugin(technique.plugin), function, None)
     if not callable(helper):
         raise TechniqueError(f"plugin {technique.plugin!r} offers no {function}()", "see its documentation")
     return helper(*args)
@@ -108,12 +128,13 @@ class LayerFuser(_Technique):
 
 
 class Decomposer(_Technique):
-    """Low-rank decomposition: ``Decomposer().decompose_model(model, method='svd', rank_ratio=0.5)``."""
+    """Low-rank decomposition: ``Decomposer().decompose_model(model, method='svd', rank_ratio=0.5)``; without a
+    method, the only installed one."""
 
-    def decompose_model(self, model: Any, method: str = "svd", rank_ratio: float | None = 0.5, *,
+    def decompose_model(self, model: Any, method: str | None = None, rank_ratio: float | None = 0.5, *,
                         backend: str | None = None, **options: Any) -> Any:
         return self._run("decompose", model, backend=backend, method=method,
                          options={"rank_ratio": rank_ratio, **options})
 
 
-__all__ = ["Decomposer", "LayerFuser", "Pruner", "Quantizer", "run_technique"]
+__all__ = ["Decomposer", "LayerFuser", "Pruner", "Quantizer", "for_family", "run_technique"]

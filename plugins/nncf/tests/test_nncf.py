@@ -147,3 +147,23 @@ def test_nncf_regularization_trains_masks_with_the_train_hook(cli, digits, tmp_p
     report = json.loads(result.stdout)
     assert report["steps"][0]["info"]["sparsity"] >= 0.5
     assert report["after"]["metrics"]["accuracy"] >= report["before"]["metrics"]["accuracy"] - 0.01
+
+
+def test_int8_exclude_keeps_the_named_layer_in_float_and_ignored_is_its_old_name() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(4, 32)
+    data = [torch.randn(4, 32) for _ in range(4)]
+    quantizer = Quantizer()
+    quantizer.quantize(model, method="int8_static", backend="nncf", example_input=x, calibration_data=data)
+    assert quantizer.info["quantized_layers"] == 2
+    quantizer.quantize(model, method="int8_static", backend="nncf", example_input=x, calibration_data=data,
+                       exclude=["2"])
+    assert quantizer.info["quantized_layers"] == 1 and quantizer.info["float_layers"]
+    with pytest.warns(FutureWarning, match="option 'ignored' is now 'exclude'"):
+        quantizer.quantize(model, method="int8_static", backend="nncf", example_input=x, calibration_data=data,
+                           ignored=["2"])
+    assert quantizer.info["quantized_layers"] == 1
+    with pytest.raises(UsageError, match="nncf int8_static exclude=fc9 names no module of the model"):
+        quantizer.quantize(model, method="int8_static", backend="nncf", example_input=x, calibration_data=data,
+                           exclude=["fc9"])

@@ -145,5 +145,5 @@ def test_bad_input() -> None:
         Pruner().prune_model(model, amount=0.3, criterion="taylor", prune_type="structured", example_input=x)
     with pytest.raises(UsageError, match=r"outside \(0, 1\)"):
         Pruner().prune_model(model, amount=1.0, prune_type="structured", example_input=x)
-    with pytest.raises(TechniqueError, match="exclude names no module 'layer9'"):
+    with pytest.raises(UsageError, match="torch-pruning structured exclude=layer9 names no module of the model"):
         Pruner().prune_model(model, amount=0.3, prune_type="structured", example_input=x, exclude=["layer9"])

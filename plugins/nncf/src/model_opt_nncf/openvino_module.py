@@ -37,6 +37,37 @@ def ov_call(compiled: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any
     return outputs[0] if len(outputs) == 1 else outputs
 
 
+def output_spec(model: nn.Module, example: Any) -> dict[str, Any] | None:
+    """The original's output type when it is a Hugging Face ``ModelOutput`` (class and field names), so that the
+    OpenVINO module answers ``out.last_hidden_state`` as the original did; None for tensors and tuples."""
+    from model_opt.measure import call_model
+
+    with torch.no_grad():
+        out = call_model(model, example)
+    kind = type(out)
+    if not (kind.__module__.startswith("transformers.") and callable(getattr(out, "keys", None))):
+        return None
+    return {"class": f"{kind.__module__}:{kind.__qualname__}", "keys": list(out.keys())}
+
+
+def as_original_output(outputs: Any, spec: dict[str, Any] | None) -> Any:
+    """OpenVINO's outputs (in the order the original returned them) as the original's ``ModelOutput``."""
+    if not spec:
+        return outputs
+    import importlib
+
+    module, _, name = str(spec.get("class", "")).partition(":")
+    if not module.startswith("transformers."):  # only transformers' own output classes are rebuilt
+        return outputs
+    from transformers.utils import ModelOutput
+
+    kind = getattr(importlib.import_module(module), name, None)
+    values = outputs if isinstance(outputs, tuple) else (outputs,)
+    if not (isinstance(kind, type) and issubclass(kind, ModelOutput)) or len(values) != len(spec["keys"]):
+        return outputs
+    return kind(**dict(zip(spec["keys"], values, strict=True)))
+
+
 def _serialize(ov_model: Any) -> tuple[bytes, bytes]:
     import openvino as ov
 
@@ -44,6 +75,10 @@ def _serialize(ov_model: Any) -> tuple[bytes, bytes]:
         xml = Path(tmp) / "model.xml"
         ov.save_model(ov_model, xml, compress_to_fp16=False)
         return xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
+
+
+#: The IR of a folder output: the names optimum-intel's OVModel classes open.
+FOLDER_IR = "openvino_model.xml"
 
 
 class OpenVINOModule(nn.Module):
@@ -93,9 +128,10 @@ class OpenVINOModule(nn.Module):
             " (other shapes: dynamic)"
         return f"{shape_text}, PERFORMANCE_HINT={self.compile_config.get('performance_hint') or 'default'}"
 
-    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         static = self.compiled_static is not None and self._matches_static(args, kwargs)
-        return ov_call(self.compiled_static if static else self.compiled, args, kwargs)
+        return as_original_output(ov_call(self.compiled_static if static else self.compiled, args, kwargs),
+                                  self.compile_config.get("outputs"))
 
     def _matches_static(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         shapes = self._static_shapes
@@ -125,15 +161,23 @@ class OpenVINOModule(nn.Module):
         return counts
 
     def save_native(self, artifact: str | os.PathLike[str]) -> list[Path]:
-        """Write ``<artifact>.xml`` / ``.bin`` (OpenVINO IR) beside the model-opt artifact, atomically."""
+        """Write ``<artifact>.xml`` / ``.bin`` (OpenVINO IR) beside the model-opt artifact, atomically; given a
+        folder, ``openvino_model.xml/.bin`` inside it (the layout optimum-intel opens)."""
         from model_opt.atomic import atomic_path
 
-        xml = Path(artifact).with_suffix(".xml")
+        xml = Path(artifact) / FOLDER_IR if Path(artifact).is_dir() else Path(artifact).with_suffix(".xml")
         with atomic_path(xml.with_suffix(".bin")) as tmp:
             tmp.write_bytes(self._bin)
         with atomic_path(xml) as tmp:
             tmp.write_bytes(self._xml.replace(b"model.bin", xml.with_suffix(".bin").name.encode()))
         return [xml, xml.with_suffix(".bin")]
+
+    def load_native(self, folder: str | os.PathLike[str]) -> None:
+        """Read the IR that :meth:`save_native` wrote into ``folder`` (no code runs from it) and compile it."""
+        xml = Path(folder) / FOLDER_IR
+        self._xml = xml.read_bytes().replace(xml.with_suffix(".bin").name.encode(), b"model.bin")
+        self._bin = xml.with_suffix(".bin").read_bytes()
+        self._compile()
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """The IR as uint8 tensors: model-opt artifacts save it as plain weights, and size-on-disk

@@ -20,7 +20,7 @@ INT8_STATIC = Technique(
                "attention)",
                choices=("auto", "transformer")),
         Option("fast_bias_correction", bool, True, "fast bias correction (else the slower, more accurate one)"),
-        Option("ignored", list, [], "regular expressions of layer names to keep in float"),
+        Option("exclude", list, [], "module names (or prefixes) to keep in float", aliases=("ignored",)),
         Option("accuracy_control", bool, True, "with --max-accuracy-drop, keep layers in float until the "
                "metric is within the budget (nncf.quantize_with_accuracy_control)"),
         Option("static_shapes", bool, False, "also compile OpenVINO for the example input's exact shapes, used "
@@ -44,7 +44,7 @@ INT8_STATIC = Technique(
 
 
 _PRUNE_COMMON = (
-    Option("amount", float, 0.5, "fraction of weights to zero (the target, for regularization)", minimum=0.0,
+    Option("amount", float, 0.5, flag="--prune-amount", help="fraction of weights to zero", minimum=0.0,
            maximum=1.0, exclusive_minimum=True, exclusive_maximum=True),
     Option("exclude", list, [], "module names (or prefixes) to leave unpruned"),
     Option("bn_adaptation", bool, True, "re-estimate BatchNorm statistics on calibration data after pruning "

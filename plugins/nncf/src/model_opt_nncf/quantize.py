@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from model_opt.modelinfo import describe_input, run_checked
 from model_opt.result import TechniqueResult
 from torch import nn
 
-from .openvino_module import OpenVINOModule, ov_call, to_numpy
+from .openvino_module import OpenVINOModule, output_spec, ov_call, to_numpy
 
 
 def convert(model: nn.Module, example: Any) -> Any:
@@ -52,8 +53,9 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
         model_type = "transformer" if detect_family(model)[0] in ("transformer", "vit", "hybrid") else "default"
     if model_type == "transformer":
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
-    if options["ignored"]:
-        kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=list(options["ignored"]), validate=False)
+    if options["exclude"]:  # OpenVINO names a converted module's ops "__module.<name>/aten::..."
+        patterns = [rf"^__module\.{re.escape(name)}(\.|/).*" for name in options["exclude"]]
+        kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
     dataset = nncf.Dataset(calibration)
     info: dict[str, Any] = {"calibration_batches": len(calibration), "calibration_shapes": sorted(shapes),
                             "model_type": model_type}
@@ -61,13 +63,20 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
     quantized = nncf.quantize(ov_model, dataset, **kwargs)
     if context.max_accuracy_drop is not None and context.evaluate is not None and options["accuracy_control"]:
         quantized = _within_budget(nncf, ov_model, quantized, dataset, kwargs, model, context, info)
-    config = compile_config(options, example)
+    config = {**compile_config(options, example), **outputs_of(model, example)}
     module = OpenVINOModule(quantized, compile_config=config)
     fq_layers, float_layers = quantized_layers(quantized)
     info.update({"runtime": "OpenVINO CPU", "compiled_with": module.describe_compile(),
                  "quantized_layers": len(fq_layers), "float_layers": float_layers,
                  "fake_quantize_ops": module.op_counts().get("FakeQuantize", 0)})
     return TechniqueResult(module, info, {"compile": config}, standalone=True)
+
+
+def outputs_of(model: nn.Module, example: Any) -> dict[str, Any]:
+    """``{"outputs": spec}`` when the original returns a Hugging Face ModelOutput (the OpenVINO module then
+    returns the same type), else nothing."""
+    spec = output_spec(model, example)
+    return {"outputs": spec} if spec else {}
 
 
 def compile_config(options: dict[str, Any], example: Any) -> dict[str, Any]:
@@ -90,7 +99,8 @@ def _within_budget(nncf: Any, ov_model: Any, quantized: Any, dataset: Any, kwarg
     sign = 1.0 if context.higher_is_better else -1.0
     budget = context.max_accuracy_drop
     baseline = context.evaluate(model)
-    plain_drop = sign * (baseline - context.evaluate(OpenVINOModule(quantized)))
+    plain_drop = sign * (baseline - context.evaluate(OpenVINOModule(
+        quantized, compile_config=outputs_of(model, context.example_input))))
     info["accuracy_control"] = {"max_drop": budget, "plain_int8_drop": round(plain_drop, 6)}
     if plain_drop <= budget:
         info["accuracy_control"]["used"] = "plain int8 (within the budget)"
@@ -102,7 +112,8 @@ def _within_budget(nncf: Any, ov_model: Any, quantized: Any, dataset: Any, kwarg
     context.progress("NNCF accuracy control: keeping layers in float until the drop fits")
     controlled = nncf.quantize_with_accuracy_control(
         ov_model, dataset, nncf.Dataset([0]), validate, max_drop=budget, drop_type=nncf.DropType.ABSOLUTE, **kwargs)
-    controlled_drop = sign * (baseline - context.evaluate(OpenVINOModule(controlled)))
+    controlled_drop = sign * (baseline - context.evaluate(OpenVINOModule(
+        controlled, compile_config=outputs_of(model, context.example_input))))
     info["accuracy_control"]["controlled_drop"] = round(controlled_drop, 6)
     better = controlled_drop < plain_drop
     info["accuracy_control"]["used"] = "accuracy control" if better else "plain int8 (accuracy control measured worse)"

@@ -15,7 +15,7 @@ SVD = Technique(
     method="svd",
     summary="Replace Linear (and Conv2d) layers by two low-rank factors from a truncated SVD.",
     options=(
-        Option("rank_ratio", float, 0.5, "rank as a fraction of min(in, out)", **_UNIT),
+        Option("rank_ratio", float, 0.5, flag="--rank-ratio", help="rank as a fraction of min(in, out)", **_UNIT),
         Option("energy", float, None, "instead of rank_ratio: keep this fraction of the spectral energy", **_UNIT),
         Option("include", list, [], "only these module names (or prefixes); default all"),
         Option("exclude", list, [], "module names (or prefixes) to leave untouched"),

@@ -21,7 +21,8 @@ TOKEN_MERGING = Technique(
     requires=("timm",),
     search_space={"r": (4, 8, 16)},
     families=("vit",),
-    recommended=(Recommended("vit", "merging 16 tokens per block is about 2x faster at a small accuracy cost (ToMe)",
+    recommended=(Recommended("vit", "merging tokens in every block shortens the sequence each block runs on (ToMe); "
+                             "measure the accuracy cost",
                              {"r": 16}, rank=20),),
     speeds_up=("cpu", "cuda"),
 )

@@ -15,9 +15,11 @@ STRUCTURED = Technique(
     method="structured",
     summary="Remove whole channels, MLP width and attention heads with torch-pruning's dependency graph.",
     options=(
-        Option("amount", float, 0.3, "fraction of channels (and heads) to remove; 0.5 removes about 3/4 of "
+        Option("amount", float, 0.3, flag="--prune-amount",
+               help="fraction of channels (and heads) to remove; 0.5 removes about 3/4 of "
                "the parameters", minimum=0.0, maximum=1.0, exclusive_minimum=True, exclusive_maximum=True),
-        Option("criterion", str, "magnitude", "magnitude (group L2), l1, taylor (needs labelled_data in "
+        Option("criterion", str, "magnitude", flag="--prune-criterion",
+               help="magnitude (group L2), l1, taylor (needs labelled_data in "
                "the test script), group_norm (un-normalized group L2), bn_scale, random", choices=CRITERIA),
         Option("global_pruning", bool, False, "rank channels across layers instead of per layer"),
         Option("iterative_steps", int, 1, "reach the amount in this many steps", minimum=1),

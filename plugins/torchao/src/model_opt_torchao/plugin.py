@@ -16,18 +16,22 @@ CPU_NOTE = ("torchao int8 runs slower than float in eager mode on CPU; under tor
             "faster on CPUs with VNNI/AMX int8 instructions (--compile)")
 
 
-def _technique(method: str, summary: str, *, options: tuple = (), needs: tuple = (), speeds_up: tuple = ("cuda",),
-               compiled: tuple = ("cpu", "cuda"), note: str = CPU_NOTE, search: dict | None = None,
-               recommended: tuple[Recommended, ...] = ()) -> Technique:
+def _technique(method: str, summary: str, *, options: tuple = (), compiled: tuple = ("cpu", "cuda"),
+               note: str = CPU_NOTE, search: dict | None = None, **fields: Any) -> Technique:
+    """A torchao quantization technique; ``fields`` are other :class:`Technique` fields (needs, speeds_up,
+    recommended)."""
+    fields.setdefault("speeds_up", ("cuda",))
     return Technique(kind="quantize", backend="torchao", method=method, summary=summary, options=COMMON + options,
-                     needs=needs, requires=("torchao",), speeds_up=speeds_up, speeds_up_compiled=compiled,
-                     speed_note=note, search_space=search, families=("vit", "hybrid", "transformer", "diffusion"),
-                     recommended=recommended)
+                     requires=("torchao",), speeds_up_compiled=compiled, speed_note=note, search_space=search,
+                     families=("vit", "hybrid", "transformer", "diffusion", "causal-lm"), **fields)
 
 
 TECHNIQUES = (
     _technique("int8_weight_only", "int8 weights, float activations (torchao Int8WeightOnlyConfig).", search={},
-               recommended=(Recommended("vit", "int8 weights halve the memory traffic of Linear-heavy blocks (fast "
+               recommended=(Recommended("causal-lm", "decode reads every weight once per token, so it is bound by "
+                                        "memory: int8 weights read a quarter of the float32 bytes (run the decode "
+                                        "compiled: --compile)", rank=5),
+                            Recommended("vit", "int8 weights halve the memory traffic of Linear-heavy blocks (fast "
                                         "under --compile on CPU)", rank=10),
                             Recommended("diffusion", "int8 weights shrink the UNet", rank=10))),
     _technique("int8_dynamic", "int8 weights and dynamically quantized int8 activations "

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from model_opt.errors import DeviceError, TechniqueError, UsageError, first_line
 from model_opt.modelinfo import output_layers, run_checked
+from model_opt.modules import excluded
 from torch import nn
 
 CPU_METHODS = ("int8_weight_only", "int8_dynamic")
@@ -77,7 +78,7 @@ def eligible_layers(model: nn.Module, options: dict[str, Any], example: Any) -> 
             continue
         if name in heads:
             skipped[name] = "classifier head (skip_head)"
-        elif any(name == e or name.startswith(f"{e}.") for e in options["exclude"]):
+        elif excluded(name, options["exclude"]):
             skipped[name] = "excluded"
         elif min(module.in_features, module.out_features) < options["min_features"]:
             skipped[name] = f"min(in, out) below min_features {options['min_features']}"

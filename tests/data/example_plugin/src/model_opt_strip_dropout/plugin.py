@@ -9,7 +9,10 @@ STRIP = Technique(
     backend="example",
     method="strip_dropout",
     summary="Replace Dropout layers by Identity (inference only).",
-    options=(Option("exclude", list, [], "module names (or prefixes) to keep"),),
+    options=(Option("exclude", list, [], "module names (or prefixes) to keep"),
+             # a kind-level flag of its own: --fuse-min-p appears in `model-opt optimize --help`
+             Option("min_p", float, 0.0, "strip only Dropout layers with p at least this", minimum=0.0,
+                    flag="--fuse-min-p")),
     speeds_up=(),
     speed_note="Dropout is already a no-op in eval mode",
 )
@@ -35,7 +38,8 @@ def fuse(model, technique, options, context):
     from model_opt.modules import excluded
 
     names = [name for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Dropout) and not excluded(name, options["exclude"])]
+             if isinstance(module, torch.nn.Dropout) and module.p >= options["min_p"]
+             and not excluded(name, options["exclude"])]
     return TechniqueResult(strip(model, names), info={"replaced": names}, state={"replaced": names})
 
 
