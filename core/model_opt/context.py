@@ -38,8 +38,11 @@ class TechniqueContext:
     evaluate: Callable[[Any], float] | None = None
     max_accuracy_drop: float | None = None
     higher_is_better: bool = True
+    #: The technique being applied (``backend method``), set by the core: what the require_* errors name.
+    technique: str = ""
 
-    def require_example_input(self, technique: str) -> Any:
+    def require_example_input(self, technique: str | None = None) -> Any:
+        technique = technique or self.technique
         if self.example_input is None:
             raise TechniqueError(
                 f"{technique} needs an example input to trace the model",
@@ -48,7 +51,8 @@ class TechniqueContext:
             )
         return self.example_input
 
-    def require_calibration_data(self, technique: str) -> Iterable[Any]:
+    def require_calibration_data(self, technique: str | None = None) -> Iterable[Any]:
+        technique = technique or self.technique
         if self.calibration_data is None:
             raise TechniqueError(
                 f"{technique} needs calibration data",
@@ -56,11 +60,12 @@ class TechniqueContext:
             )
         return self.calibration_data()
 
-    def calibration_inputs(self, technique: str) -> Iterable[Any]:
+    def calibration_inputs(self, technique: str | None = None) -> Iterable[Any]:
         """The calibration items: each one a model input (tensor, tuple of positional tensors, or dict)."""
         return self.require_calibration_data(technique)
 
-    def require_labelled_data(self, technique: str) -> Iterable[tuple[Any, Any]]:
+    def require_labelled_data(self, technique: str | None = None) -> Iterable[tuple[Any, Any]]:
+        technique = technique or self.technique
         if self.labelled_data is None:
             raise TechniqueError(
                 f"{technique} needs a loss, and no labelled data was given",

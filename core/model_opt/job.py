@@ -74,7 +74,7 @@ def check_device(device: str) -> str:
 
 
 def check_needs(technique: Technique, context: TechniqueContext) -> None:
-    label = f"{technique.backend} {technique.method}"
+    label = technique.label
     if "cuda" in technique.needs and not context.device.startswith("cuda"):
         raise DeviceError(f"{label} runs only on a CUDA GPU", "use --device cuda on a machine with a GPU")
     if "example_input" in technique.needs:
@@ -109,6 +109,7 @@ def apply_step(model: Any, technique: Technique, options: dict[str, Any], contex
                manager: PluginManager | None = None) -> tuple[Any, StepRecord]:
     """Apply one technique through its plugin; a backend's own exception becomes a one-line error."""
     manager = manager or get_plugin_manager()
+    context.technique = technique.label
     check_needs(technique, context)
     check_module_names(model, [(technique, options)])
     context.progress(f"applying {technique.kind} {technique.backend}:{technique.method}")

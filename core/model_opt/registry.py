@@ -185,6 +185,11 @@ class Technique:
     def name(self) -> str:
         return f"{self.kind}:{self.backend}:{self.method}"
 
+    @property
+    def label(self) -> str:
+        """How messages name the technique: ``backend method``."""
+        return f"{self.backend} {self.method}"
+
     def option(self, name: str) -> Option:
         for opt in self.options:
             if opt.name == name:

@@ -50,8 +50,8 @@ def _quantized_ops(graph_module: nn.Module) -> int:
 
 
 def static_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
-    example = context.require_example_input("neural-compressor int8_static")
-    batches = list(islice(context.calibration_inputs("neural-compressor int8_static"), options["calibration_batches"]))
+    example = context.require_example_input()
+    batches = list(islice(context.calibration_inputs(), options["calibration_batches"]))
     if not batches:
         raise TechniqueError("calibration_data(dataset_path) yielded nothing", "make it yield model inputs")
     run_checked(model, batches[0], what="calibration data")
@@ -72,7 +72,7 @@ def weight_only(model: nn.Module, options: dict[str, Any], context: Any) -> tupl
                              "weight-only quantization packs Linear weights; use int8_static for CNNs")
     common = {"bits": options["bits"], "group_size": options["group_size"], "use_sym": options["use_sym"]}
     if options["algorithm"] == "gptq":
-        batches = list(islice(context.calibration_inputs("neural-compressor weight_only gptq"), 8))
+        batches = list(islice(context.calibration_inputs(f"{context.technique} gptq"), 8))
         prepared = prepare(model, GPTQConfig(**common, use_layer_wise=False))
         with torch.no_grad():
             for batch in batches:
@@ -115,7 +115,7 @@ def tune(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Mo
     if context.evaluate is None or context.max_accuracy_drop is None:
         raise UsageError("neural-compressor autotune needs your metric and a budget",
                          "run it through model-opt optimize with --max-accuracy-drop")
-    example = context.require_example_input("neural-compressor autotune")
+    example = context.require_example_input()
     baseline = context.evaluate(model)
     if baseline == 0:
         raise UsageError("autotune needs a non-zero baseline metric", "check the test script")
@@ -130,7 +130,7 @@ def tune(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Mo
         return 1.0 - sign * (baseline - value) / abs(baseline)
 
     if options["space"] == "static":
-        batches = list(islice(context.calibration_inputs("neural-compressor autotune"),
+        batches = list(islice(context.calibration_inputs(),
                               options["calibration_batches"]))
         config_set = [StaticQuantConfig(act_sym=False), StaticQuantConfig(act_sym=True),
                       StaticQuantConfig(w_granularity="per_tensor")]

@@ -120,7 +120,7 @@ def _adapt_batch_norm(model: nn.Module, context: Any, batches: int) -> int:
     if context.calibration_data is None or not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                                    for m in model.modules()):
         return 0
-    items = list(islice(context.calibration_inputs("nncf prune"), batches))
+    items = list(islice(context.calibration_inputs(), batches))
     if items:
         nncf.batch_norm_adaptation(model, nncf.Dataset(items), num_iterations=len(items))
     return len(items)

@@ -31,14 +31,14 @@ def convert(model: nn.Module, example: Any) -> Any:
 def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
     import nncf
 
-    example = context.require_example_input("nncf int8_static")
-    calibration = [to_numpy(x) for x in context.calibration_inputs("nncf int8_static")]
+    example = context.require_example_input()
+    calibration = [to_numpy(x) for x in context.calibration_inputs()]
     if not calibration:
         raise TechniqueError("calibration_data(dataset_path) yielded nothing",
                              "make it yield model inputs")
-    first = next(iter(context.calibration_inputs("nncf int8_static")))
+    first = next(iter(context.calibration_inputs()))
     run_checked(model, first, what="calibration data")
-    shapes = {describe_input(x) for x in context.calibration_inputs("nncf int8_static")}
+    shapes = {describe_input(x) for x in context.calibration_inputs()}
     context.progress("converting to OpenVINO")
     ov_model = convert(model, example)
     kwargs: dict[str, Any] = {

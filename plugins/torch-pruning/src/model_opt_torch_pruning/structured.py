@@ -125,7 +125,7 @@ def labelled_batches(context: Any, limit: int) -> list[tuple[Any, torch.Tensor]]
 
 
 def prune_structured(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
-    example = context.require_example_input("torch-pruning structured")
+    example = context.require_example_input()
     from model_opt.modules import excluded
 
     modules = dict(model.named_modules())

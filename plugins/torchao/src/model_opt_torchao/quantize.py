@@ -165,7 +165,7 @@ def _candidate(layer: nn.Linear, method: str, options: dict[str, Any], use_compi
 
 def autoquant(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
     """For each group of same-shaped Linear layers, keep the fastest method within ``tolerance``."""
-    example = context.require_example_input("torchao autoquant")
+    example = context.require_example_input()
     device = context.device or _device(model)
     available = ["float", *CPU_METHODS]
     if device.startswith("cuda"):
