@@ -52,6 +52,15 @@ def machine() -> str:
             f"{os.cpu_count()} CPUs, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
 
 
+def int8_capability() -> str:
+    """The CPU's int8 instructions (what decides whether int8 matmuls beat float), from /proc/cpuinfo."""
+    from pathlib import Path
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    found = [f for f in ("amx_int8", "avx512_vnni", "avx_vnni") if f in flags]
+    return ", ".join(found) if found else "no VNNI/AMX (int8 matmuls slower than float)"
+
+
 def params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -17,15 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, table, time_interleaved  # noqa: E402
+from common import int8_capability, machine, table, time_interleaved  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "minilm"
-
-
-def int8_capability() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = [f for f in ("amx_int8", "avx512_vnni", "avx_vnni") if f in flags]
-    return ", ".join(found) if found else "no VNNI/AMX (int8 matmuls slower than float)"
 
 
 def main() -> None:

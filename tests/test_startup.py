@@ -35,3 +35,14 @@ def test_version(cli) -> None:
     result = cli("--version")
     assert result.exit_code == 0
     assert result.stdout.strip() == "model-opt 0.1.0"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["optimize", "--help"], ["autotune", "--help"]])
+def test_help_shows_no_value_for_on_off_flags(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "model_opt_cli.main", *args], capture_output=True, text=True,
+                          env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert "<bool>" not in proc.stdout and "--help" in proc.stdout
+    if args[0] == "optimize":
+        assert "Hugging Face folder" in proc.stdout and "OpenVINO IR" in proc.stdout  # what MODEL may be
+        assert "--prune-amount" in proc.stdout and "--rank-ratio" in proc.stdout  # kind-level flags, from plugins

@@ -23,13 +23,12 @@ from .atomic import atomic_path, write_text_atomic
 from .context import TechniqueContext
 from .errors import AccuracyBudgetExceeded, ModelOptError, TechniqueError, UsageError
 from .errors import describe as describe_error
-from .hookspecs import KINDS
 from .job import Job, Settings, output_lock, report_path, side_path
 from .measure import call_model, count_parameters, interleaved_ms, model_latency, state_dict_bytes
 from .pipeline import RECOVERABLE_KINDS
 from .plugins import PluginManager
 from .recommend import detect_family, recommend
-from .registry import Technique
+from .registry import KINDS, Technique
 from .report import dumps, speed_text
 from .tuning_storage import (
     check_study_name,

@@ -12,10 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from .registry import KINDS  # the kinds, in pipeline order: the hooks that apply a technique  # noqa: F401
+
 if TYPE_CHECKING:
     from .context import TechniqueContext
     from .registry import Technique
     from .result import TechniqueResult
+
+__all__ = ["KINDS", "PROJECT", "hookimpl", "hookspec"]
 
 PROJECT = "model_opt"
 
@@ -110,6 +114,3 @@ def register_commands(app: Any) -> None:
     Return nothing.
     """
 
-
-#: Hooks that apply a technique, by technique kind.
-KINDS: tuple[str, ...] = ("prune", "decompose", "fuse", "quantize")

@@ -23,12 +23,11 @@ from . import modelio
 from .atomic import written_together
 from .context import TechniqueContext
 from .errors import DeviceError, ModelOptError, TechniqueError, UsageError, first_line
-from .hookspecs import KINDS
 from .measure import to_device
 from .modelinfo import run_checked
 from .modules import linear_from_conv1d
 from .plugins import PluginManager, get_plugin_manager
-from .registry import Technique
+from .registry import KINDS, Technique
 from .report import StepRecord
 from .testscript import TestScript
 
@@ -437,7 +436,7 @@ class Job:
         job = cls(path, script, dataset, out, settings, progress or (lambda message: None),
                   manager or get_plugin_manager())
         job.folder = folder
-        script.model_path = str(path)
+        script.model_path, script.compiled = str(path), settings.compile
         return job
 
     # -- the model and its inputs ------------------------------------------------------------

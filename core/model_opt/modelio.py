@@ -382,7 +382,8 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
         if stored == "native":
             _load_native(rebuilt, path)
         else:
-            load_weights(rebuilt, read_weights(path, stored, map_location), path.name, trust_model)
+            weights = read_weights(path, stored, map_location)
+            load_weights(rebuilt, with_shared(rebuilt, weights), path.name, trust_model)
         return rebuilt.eval() if hasattr(rebuilt, "eval") else rebuilt
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise ModelLoadError(f"{path.name} was written by a newer model-opt (format {version})",
@@ -433,6 +434,24 @@ def read_weights(path: Path, stored: str, map_location: str = "cpu") -> dict[str
         raise ModelLoadError(f"the weights in {path.name} are a {type(weights).__name__}, not a state_dict",
                              "re-create the file with model-opt optimize")
     return weights
+
+
+def with_shared(model: Any, weights: dict[str, Any]) -> dict[str, Any]:
+    """``weights`` with the names safetensors left out because they share one tensor with another (tied input and
+    output embeddings) filled in from the name it kept, as the model ties them."""
+    state = model.state_dict() if callable(getattr(model, "state_dict", None)) else {}
+    groups: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
+    for name, tensor in state.items():
+        if getattr(tensor, "device", None) is not None and tensor.device.type != "meta" and type(tensor).__name__ in (
+                "Tensor", "Parameter"):
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            groups.setdefault(key, []).append(name)
+    filled = dict(weights)
+    for names in groups.values():
+        kept = next((n for n in names if n in weights), None)
+        for name in names if kept is not None and len(names) > 1 else ():
+            filled.setdefault(name, weights[kept])
+    return filled
 
 
 def _load_native(model: Any, folder: Path) -> None:

@@ -10,7 +10,6 @@ from typing import Any
 
 from .atomic import write_text_atomic
 from .errors import AccuracyBudgetExceeded, ModelOptError, UsageError
-from .hookspecs import KINDS
 from .job import (
     Job,
     Settings,
@@ -36,7 +35,7 @@ from .measure import (
     state_dict_bytes,
 )
 from .plugins import PluginManager
-from .registry import Technique
+from .registry import KINDS, Technique
 from .report import UNSTABLE_SPREAD, Measurement, Report
 from .testscript import TestScript
 from .timing import in_processes

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BackendNotInstalled, UsageError
-from .hookspecs import KINDS
+
+#: The kinds of technique, in pipeline order; each has its hook (model_opt.hookspecs).
+KINDS: tuple[str, ...] = ("prune", "decompose", "fuse", "quantize")
 
 
 def extras() -> set[str]:

@@ -2,9 +2,10 @@
 
 1. In-process: the script defines ``evaluate(model, dataset_path) -> float | dict[str, float]`` and
    optionally ``load_model(path)``, ``example_input(dataset_path)``, ``calibration_data(dataset_path)``,
-   ``train(model, dataset_path, steps)`` and ``HIGHER_IS_BETTER``. Any of these functions may also take a
-   keyword parameter ``model_path``: it receives the MODEL path given to model-opt (a file or a Hugging Face
-   folder, e.g. to open its tokenizer), the original input also when an optimized model is evaluated.
+   ``train(model, dataset_path, steps)`` and ``HIGHER_IS_BETTER``. Any of these functions may also take the
+   keyword parameters ``model_path`` (the MODEL path given to model-opt: a file or a Hugging Face folder, e.g.
+   to open its tokenizer; the original input also when an optimized model is evaluated) and ``compiled``
+   (whether the run was asked to measure under ``--compile``).
 2. As a program: ``python eval.py`` with ``MODEL_OPT_MODEL`` (a ``torch.save``-d module),
    ``MODEL_OPT_DATASET`` and ``MODEL_OPT_DEVICE`` set (and ``MODEL_OPT_MODEL_PATH``, the MODEL given to
    model-opt); every stdout line ``name = number`` is a metric.
@@ -125,6 +126,8 @@ class TestScript:
         self._module: ModuleType | None = None
         #: The MODEL path of the run, passed to the script's functions that take ``model_path``.
         self.model_path: str | None = None
+        #: Whether the run measures compiled (--compile), passed to the functions that take ``compiled``.
+        self.compiled = False
 
     @property
     def folder(self) -> Path:
@@ -179,8 +182,8 @@ class TestScript:
         function = getattr(self.module, hook, None)
         if function is None:
             raise TestScriptError(f"{self.path.name} defines no {hook}()", f"add {hook} to the script")
-        kwargs = {"model_path": self.model_path} if self.model_path is not None and takes_model_path(function) \
-            else {}
+        offered = {"model_path": self.model_path, "compiled": self.compiled}
+        kwargs = {name: value for name, value in offered.items() if value is not None and takes(function, name)}
         try:
             with no_hard_exit():
                 return function(*args, **kwargs)
@@ -261,12 +264,12 @@ class TestScript:
         return values
 
 
-def takes_model_path(function: Any) -> bool:
-    """Whether a test-script function declares a ``model_path`` parameter (by keyword)."""
+def takes(function: Any, name: str) -> bool:
+    """Whether a test-script function declares the parameter ``name`` (by keyword)."""
     import inspect
 
     try:
-        parameter = inspect.signature(function).parameters.get("model_path")
+        parameter = inspect.signature(function).parameters.get(name)
     except (TypeError, ValueError):
         return False
     return parameter is not None and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,

@@ -9,7 +9,11 @@ Metrics, perplexity first (the primary metric, lower is better):
 - ``next_token_agreement``: how often the model's top-1 next token is the float model's;
 - ``prefill_ms``: one forward pass over a prompt of ``MODEL_OPT_LM_PROMPT`` tokens (batch 1);
 - ``decode_tokens_per_s``: greedy decoding of ``MODEL_OPT_LM_GENERATE`` tokens after that prompt with a static
-  KV cache (``cache_implementation="static"``), one token per step, batch 1.
+  KV cache (``cache_implementation="static"``), one token per step, batch 1; under ``--compile``
+  ``decode_tokens_per_s_compiled``, the same with the model's forward compiled (torch.compile). The static
+  cache is what makes compiled decoding pay: its shapes do not change from one step to the next, so there is
+  one graph for the prompt and one for every decode step, while a growing (dynamic) cache changes the shapes
+  at every step (recompilations, then a dynamic-shape graph).
 
 The report's size row gives the weights' memory.
 
@@ -74,7 +78,7 @@ def _reference(dataset_path: str, model_path: str) -> torch.Tensor:
     return _CACHE[key]
 
 
-def evaluate(model: Any, dataset_path: str, model_path: str) -> dict[str, float]:
+def evaluate(model: Any, dataset_path: str, model_path: str, compiled: bool = False) -> dict[str, float]:
     ids = _tokens(dataset_path, model_path)
     losses, agree, predicted = [], 0, []
     with torch.inference_mode():
@@ -88,7 +92,8 @@ def evaluate(model: Any, dataset_path: str, model_path: str) -> dict[str, float]
     prompt = ids[:1, :PROMPT]
     metrics["prefill_ms"] = _prefill_ms(model, prompt)
     if callable(getattr(model, "generate", None)):
-        metrics["decode_tokens_per_s"] = _decode_tokens_per_s(model, prompt)
+        key = "decode_tokens_per_s_compiled" if compiled else "decode_tokens_per_s"
+        metrics[key] = _decode_tokens_per_s(model, prompt, compiled)
     return metrics
 
 
@@ -101,18 +106,43 @@ def _prefill_ms(model: Any, prompt: torch.Tensor, calls: int = 5) -> float:
     return (time.perf_counter() - started) / calls * 1000
 
 
-def _decode_tokens_per_s(model: Any, prompt: torch.Tensor) -> float:
-    """Greedy decode with a static KV cache: tokens per second over the generated tokens (prefill excluded)."""
-    kwargs = {"do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+def _decode_tokens_per_s(model: Any, prompt: torch.Tensor, compiled: bool = False, cache: str | None = "static"
+                         ) -> float:
+    """Greedy decode with a static KV cache (``cache=None``: transformers' growing one): tokens per second over
+    the generated tokens (prefill excluded); ``compiled``: with the forward compiled for the time of the
+    measurement (the model is left as it was)."""
+    if not compiled:
+        return _time_decode(model, prompt, cache)
+    import torch._inductor.config as inductor_config
+
+    model.forward = torch.compile(model.forward)  # an instance attribute, removed below
+    try:
+        with inductor_config.patch(freezing=True):
+            return _time_decode(model, prompt, cache)
+    finally:
+        del model.forward
+
+
+def _time_decode(model: Any, prompt: torch.Tensor, cache: str | None = "static") -> float:
+    """Every call generates the same number of tokens, so the static cache keeps one shape (a compiled model is
+    not recompiled); the decode rate comes from the time of each step after the first (the prompt's)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stamps: list[float] = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    kwargs = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": GENERATE, "min_new_tokens": GENERATE,
+              "stopping_criteria": StoppingCriteriaList([Stamp()]),
+              **({"cache_implementation": cache} if cache else {})}
     with torch.inference_mode():
-        model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm up (and build the cache)
-        started = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
-        model.generate(prompt, max_new_tokens=GENERATE, min_new_tokens=GENERATE, **kwargs)
-        total = time.perf_counter() - started
-    return (GENERATE - 1) / max(total - prefill, 1e-9)
+        model.generate(prompt, **kwargs)  # warm up (compiles, when compiled)
+        stamps.clear()
+        model.generate(prompt, **kwargs)
+    return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
 
 
 def example_input(dataset_path: str, model_path: str) -> dict[str, torch.Tensor]:

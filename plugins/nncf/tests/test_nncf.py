@@ -140,6 +140,7 @@ def test_nncf_pruning_of_a_plain_sequential_through_the_seed_api() -> None:
 
 @pytest.mark.slow
 def test_nncf_regularization_trains_masks_with_the_train_hook(cli, digits, tmp_path: Path) -> None:
+    torch.manual_seed(0)  # the script's train() draws its batches from torch's global generator: whatever ran before
     result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
                  "--prune", "--prune-backend", "nncf", "--prune-type", "regularization", "--prune-amount", "0.6",
                  "--prune-opt", "train_steps=300", "--output", tmp_path / "rb.pt", "--json", "-q")

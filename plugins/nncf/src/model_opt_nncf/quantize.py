@@ -47,7 +47,7 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
         "preset": getattr(nncf.QuantizationPreset, options["preset"].upper()),
     }
     model_type = options["model_type"]
-    if model_type == "auto":  # NNCF's transformer rules keep attention accurate (MiniLM: 0.41 -> 0.996 cosine)
+    if model_type == "auto":  # NNCF's transformer rules keep attention accurate (benchmarks/RESULTS.md: MiniLM)
         from model_opt.recommend import detect_family
 
         model_type = "transformer" if detect_family(model)[0] in ("transformer", "vit", "hybrid") else "default"

@@ -30,7 +30,7 @@ TECHNIQUES = (
     _technique("int8_weight_only", "int8 weights, float activations (torchao Int8WeightOnlyConfig).", search={},
                recommended=(Recommended("causal-lm", "decode reads every weight once per token, so it is bound by "
                                         "memory: int8 weights read a quarter of the float32 bytes (run the decode "
-                                        "compiled: --compile)", rank=5),
+                                        "compiled: --compile)", {"skip_head": False}, rank=5),
                             Recommended("vit", "int8 weights halve the memory traffic of Linear-heavy blocks (fast "
                                         "under --compile on CPU)", rank=10),
                             Recommended("diffusion", "int8 weights shrink the UNet", rank=10))),

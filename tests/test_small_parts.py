@@ -1,0 +1,62 @@
+"""Small parts with their own contract: the smoothed autotune ETA, the summary-first report JSON, Hub ids
+resolved from the local Hugging Face cache only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def test_eta_moves_at_most_a_third_per_trial(monkeypatch) -> None:
+    from model_opt import autotune
+
+    now = [1000.0]
+    monkeypatch.setattr(autotune.time, "time", lambda: now[0])
+    eta = autotune.Eta(trials=10, done_before=0, timeout=None)
+    shown = []
+    for finished, elapsed in ((1, 5.0), (2, 60.0), (3, 62.0), (4, 63.0)):  # a slow trial, then fast ones
+        now[0] = 1000.0 + elapsed
+        shown.append(float(eta.text(finished).strip("~s left")))
+    assert shown[0] == pytest.approx(45.0)
+    assert all(b <= a * 4 / 3 + 1e-6 and b >= a * 2 / 3 - 1e-6 for a, b in zip(shown, shown[1:], strict=False))
+
+
+def test_report_json_puts_the_summary_first_and_replay_state_last() -> None:
+    from model_opt.measure import Latency
+    from model_opt.report import Measurement, Report, StepRecord
+
+    before = Measurement({"accuracy": 0.99}, "accuracy", 100, 100, 4000, Latency(2.0, 2.2, 50, spread=0.05), None)
+    after = Measurement({"accuracy": 0.98}, "accuracy", 50, 50, 2000, Latency(1.0, 1.1, 50, spread=0.05), None)
+    step = StepRecord("prune", "torch-pruning", "structured", "torch-pruning", {"amount": 0.5}, {"changed": True},
+                      1.0, state={"shapes": {"fc.weight": [5, 10]}})
+    report = Report("m.pt", "cpu", 2, True, before, after, [step])
+    data = json.loads(report.to_json())
+    assert list(data)[0] == "summary" and list(data)[-1] == "details"
+    assert data["summary"]["speedup"] == pytest.approx(2.0) and data["summary"]["size_ratio"] == 0.5
+    assert data["summary"]["techniques"] == ["prune torch-pruning:structured"]
+    assert "state" not in data["steps"][0] and data["details"]["replay_state"] == [{"shapes": {"fc.weight": [5, 10]}}]
+
+
+def test_a_hub_id_opens_from_the_local_cache_and_says_how_to_fetch_it_when_missing(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    from model_opt.errors import ModelLoadError
+    from model_opt.modelio import check_readable
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert check_readable("acme/tiny", allow_folder=True) == snapshot
+    with pytest.raises(ModelLoadError, match=r"acme/missing is neither a file here nor a Hugging Face model in the "
+                                             r"local cache; download it first \(hf download acme/missing\)"):
+        check_readable("acme/missing", allow_folder=True)
+    with pytest.raises(ModelLoadError, match="model file not found: nested/dir/model.pt"):
+        check_readable("nested/dir/model.pt")
