@@ -162,11 +162,11 @@ def default_prune_method(backend: str | None, registry: Any) -> str | None:
     return "unstructured" if ("prune", backend, "unstructured") in registry.techniques else None
 
 
-def command_flags(kind: str, backend: str, method: str, options: dict[str, Any], technique: Any = None) -> str:
-    """The flags that ask for one technique with ``options`` (kind-level flags where the option has one)."""
-    flags = KIND_FLAGS[kind]
-    declared = {o.name: o.flag for o in (technique.options if technique is not None else ()) if o.flag}
-    parts = [flags.enable, f"{flags.backend} {backend}", f"{flags.method[0]} {method}"]
+def command_flags(technique: Any, options: dict[str, Any]) -> str:
+    """The flags that ask for ``technique`` with ``options`` (kind-level flags where the option has one)."""
+    flags = KIND_FLAGS[technique.kind]
+    declared = {o.name: o.flag for o in technique.options if o.flag}
+    parts = [flags.enable, f"{flags.backend} {technique.backend}", f"{flags.method[0]} {technique.method}"]
     for name, value in options.items():
         text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
         parts.append(f"{declared[name]} {text}" if name in declared else f"{flags.opt} {name}={text}")

@@ -231,8 +231,7 @@ def demo(
         if chosen is None:
             raise ModelOptError("no installed technique applies to the example", 'pip install "model-opt[all]"')
         step = Step(chosen.kind, chosen.backend, chosen.method, dict(chosen.options))
-        flags = command_flags(chosen.kind, chosen.backend, chosen.method, chosen.options,
-                              registry[(chosen.kind, chosen.backend, chosen.method)])
+        flags = command_flags(registry[(chosen.kind, chosen.backend, chosen.method)], chosen.options)
         say(f"running: model-opt optimize {example.model} --test-dataset {example.dataset} --test-script "
             f"{example.script} {flags}")
         with console(log_path_for(example.model, None), False, False) as progress:
@@ -258,8 +257,7 @@ def print_recommendation(model: Path, test_script: Path | None, test_dataset: st
     registry = get_plugin_manager().registry.techniques
     for item in plan:
         if item.available:
-            flags = command_flags(item.kind, item.backend, item.method, item.options,
-                                  registry[(item.kind, item.backend, item.method)])
+            flags = command_flags(registry[(item.kind, item.backend, item.method)], item.options)
             typer.echo(f"- {item.kind} {item.backend}:{item.method}: {item.why}")
             typer.echo(f"    model-opt optimize {model} --test-dataset {test_dataset} --test-script {script_arg} "
                        f"{flags}")

@@ -100,7 +100,7 @@ def check_module_names(model: Any, planned: Planned) -> None:
             if not any(excluded(n, [entry]) for n in names):
                 close = difflib.get_close_matches(entry, names, n=3, cutoff=0.5)
                 hint = f"did you mean {', '.join(close)}?" if close else "use names from model.named_modules()"
-                raise UsageError(f"{technique.backend} {technique.method} exclude={entry} names no module of "
+                raise UsageError(f"{technique.label} exclude={entry} names no module of "
                                  "the model", hint)
 
 
@@ -173,10 +173,6 @@ def output_target(model_path: str | os.PathLike[str], output: str | os.PathLike[
     except OSError:  # a name too long to look up: check_output says so
         folder = False
     return Path(text.rstrip("/" + os.sep) or text), folder or text.endswith(("/", os.sep))
-
-
-def output_path(model_path: str | os.PathLike[str], output: str | os.PathLike[str] | None) -> Path:
-    return output_target(model_path, output)[0]
 
 
 def side_path(output: Path, suffix: str, folder: bool = False) -> Path:
@@ -421,9 +417,9 @@ class Job:
                 progress: Callable[[str], None] | None = None, manager: PluginManager | None = None) -> Job:
         """Check the inputs and settings (before any heavy work) and make the job."""
         settings = (settings or Settings()).check()
+        model_path = modelio.resolve_model_path(model_path)  # a Hub id: its folder in the local cache
         script = TestScript(test_script) if test_script else builtin_script(model_path, dataset)
-        hf_folder = (Path(model_path) / "config.json").is_file()
-        path = modelio.check_readable(model_path, allow_folder=script.has("load_model") or hf_folder)
+        path = modelio.check_readable(model_path, allow_folder=script.has("load_model"))
         dataset = str(dataset)
         if not os.path.exists(dataset):
             raise UsageError(f"test dataset not found: {dataset}", "check the --test-dataset path")

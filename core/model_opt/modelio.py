@@ -83,14 +83,11 @@ def quiet_torch_logs() -> Iterator[None]:
 
 def check_readable(path: str | os.PathLike[str], allow_folder: bool = False) -> Path:
     """The path of a readable model file (or folder, where a loader can open one); else a one-line error."""
-    path = Path(path)
+    path = resolve_model_path(path)
     if not path.exists():
-        hub = hub_snapshot(str(path))
-        if hub is None:
-            raise ModelLoadError(f"model file not found: {path}", "check the path")
-        path = hub
+        raise ModelLoadError(f"model file not found: {path}", "check the path")
     if path.is_dir():
-        if not allow_folder:
+        if not allow_folder and not (path / "config.json").is_file() and not is_artifact(path):
             raise ModelLoadError(f"{path} is a folder, not a model file",
                                  "pass the model file itself, or define load_model(path) in the test script")
     elif not path.is_file():
@@ -98,6 +95,14 @@ def check_readable(path: str | os.PathLike[str], allow_folder: bool = False) -> 
     if not os.access(path, os.R_OK):
         raise ModelLoadError(f"model file is not readable: {path}", "check its permissions")
     return path
+
+
+def resolve_model_path(path: str | os.PathLike[str]) -> Path:
+    """``path``, or for a Hugging Face Hub id that is not a path here, its folder in the local cache."""
+    path = Path(path)
+    if path.exists():
+        return path
+    return hub_snapshot(str(path)) or path
 
 
 def hub_snapshot(name: str) -> Path | None:
@@ -383,7 +388,9 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
             _load_native(rebuilt, path)
         else:
             weights = read_weights(path, stored, map_location)
-            load_weights(rebuilt, with_shared(rebuilt, weights), path.name, trust_model)
+            if stored.endswith(".safetensors"):  # it keeps one name of tensors shared by several
+                weights = with_shared(rebuilt, weights)
+            load_weights(rebuilt, weights, path.name, trust_model)
         return rebuilt.eval() if hasattr(rebuilt, "eval") else rebuilt
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise ModelLoadError(f"{path.name} was written by a newer model-opt (format {version})",
@@ -439,7 +446,10 @@ def read_weights(path: Path, stored: str, map_location: str = "cpu") -> dict[str
 def with_shared(model: Any, weights: dict[str, Any]) -> dict[str, Any]:
     """``weights`` with the names safetensors left out because they share one tensor with another (tied input and
     output embeddings) filled in from the name it kept, as the model ties them."""
-    state = model.state_dict() if callable(getattr(model, "state_dict", None)) else {}
+    try:
+        state = model.state_dict()
+    except Exception:  # a module that holds nothing yet
+        return weights
     groups: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
     for name, tensor in state.items():
         if getattr(tensor, "device", None) is not None and tensor.device.type != "meta" and type(tensor).__name__ in (
