@@ -127,6 +127,7 @@ def reopen(bert: Path, folder: Path, runtime: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_pruned_bert_folder_out_opens_in_transformers_and_model_opt(cli, bert: Path) -> None:
     # pruned heads of a width BERT's config cannot express: model_opt.load reopens it, and the report says
     # transformers cannot
@@ -158,6 +159,7 @@ def test_pruned_bert_folder_out_opens_in_transformers_and_model_opt(cli, bert: P
     assert json.loads((out / "config.json").read_text())["intermediate_size"] < config["intermediate_size"]
 
 
+@pytest.mark.slow
 def test_openvino_result_is_an_optimum_style_folder(cli, bert: Path, tmp_path: Path) -> None:
     pytest.importorskip("nncf")
     out = tmp_path / "int8"

@@ -258,6 +258,7 @@ def test_a_backend_crash_is_one_line_and_writes_nothing(digits, tmp_path: Path, 
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_backend_chatter_goes_to_a_log_beside_the_output(cli, digits, tmp_path: Path) -> None:
     out = tmp_path / "q.pt"
     quant = ["--quantize", "--quant-backend", "nncf", "--quant-method", "int8_static", "--output", str(out)]
