@@ -551,10 +551,9 @@ def load_weights(model: Any, weights: dict[str, Any], name: str, trust_model: bo
                              "pass model= with the architecture the file was made from") from None
 
 
-def save(model: Any, path: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> Path:
-    """Write a model-opt artifact atomically: the recipe plus the weights (or a pickled model when a step
-    cannot be replayed). ``manifest`` may give ``source`` and ``steps``; without ``steps`` the steps the
-    seed API recorded on ``model`` are used."""
+def recipe(model: Any, manifest: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """The manifest of an artifact (format, versions, ``manifest``'s fields, the steps: given, or those the seed
+    API recorded on ``model``), and the steps that cannot be replayed (which make it a pickled model)."""
     import torch
 
     import model_opt
@@ -566,6 +565,16 @@ def save(model: Any, path: str | os.PathLike[str], manifest: dict[str, Any] | No
     blockers = [f"{s['kind']}:{s['backend']}:{s['method']}" for s in steps if not s.get("replayable", False)]
     if not blockers and not _json_ok([s.get("state", {}) for s in steps]):
         blockers = ["a step whose state is not JSON"]
+    return meta, blockers
+
+
+def save(model: Any, path: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> Path:
+    """Write a model-opt artifact atomically: the recipe plus the weights (or a pickled model when a step
+    cannot be replayed). ``manifest`` may give ``source`` and ``steps``; without ``steps`` the steps the
+    seed API recorded on ``model`` are used."""
+    import torch
+
+    meta, blockers = recipe(model, manifest)
     buffer = io.BytesIO()
     try:
         if blockers:
@@ -596,17 +605,9 @@ def save_folder(model: Any, folder: str | os.PathLike[str], manifest: dict[str, 
     processor, generation config) copied as they are."""
     import shutil
 
-    import torch
-
-    import model_opt
-
     folder = Path(folder)
     check_replaceable_folder(folder)
-    meta: dict[str, Any] = {"format": "model-opt", "format_version": FORMAT_VERSION, "layout": "folder",
-                            "torch": torch.__version__, "model_opt": model_opt.__version__, **(manifest or {})}
-    steps = list(meta.get("steps", getattr(model, STEPS_ATTR, [])))
-    meta["steps"] = steps
-    blockers = [f"{s['kind']}:{s['backend']}:{s['method']}" for s in steps if not s.get("replayable", False)]
+    meta, blockers = recipe(model, {"layout": "folder", **(manifest or {})})
     if blockers:  # a folder is for what replays; the pickled fallback stays a single file
         raise ModelOptError(f"{', '.join(blockers)} cannot be replayed (its plugin has no restore hook), so the "
                             "result cannot be a folder", "pass an --output file path (.pt)")
@@ -618,7 +619,9 @@ def save_folder(model: Any, folder: str | os.PathLike[str], manifest: dict[str, 
         config = hf_config(model)
         if config is not None:
             config.save_pretrained(tmp)  # the result's own config: pruned shapes included
-            meta["transformers"] = {"opens": (note := transformers_note(model)) is None, "why_not": note}
+            if "transformers" not in meta:  # (a caller that already checked passes its answer)
+                note = transformers_note(model)
+                meta["transformers"] = {"opens": note is None, "why_not": note}
         elif copy_from is not None and (copy_from / "config.json").is_file():  # another runtime: the model's kind
             shutil.copyfile(copy_from / "config.json", tmp / "config.json")
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, default=str))

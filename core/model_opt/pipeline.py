@@ -217,14 +217,16 @@ def save_result(job: Job, model: Any, report: Report) -> None:
     """Write the artifact, the files that belong to it (native IR, .pt2) and the report, together."""
     out = job.output
     report.output = str(out)
+    extra: dict[str, Any] = {"metrics": report.after.metrics}
     if job.folder and callable(getattr(getattr(model, "config", None), "save_pretrained", None)):
         from .modelio import transformers_note
 
-        note = transformers_note(model)
+        note = transformers_note(model)  # checked once: the warning here, the answer in the folder's recipe
+        extra["transformers"] = {"opens": note is None, "why_not": note}
         if note:
             report.warnings.append(f"transformers' from_pretrained cannot open the output folder: {note}")
     with output_lock(out):
-        job.save(model, report.steps, {"metrics": report.after.metrics})
+        job.save(model, report.steps, extra)
         native = getattr(model, "save_native", None)  # e.g. OpenVINO IR beside the artifact (a folder holds it)
         if callable(native) and not job.folder:
             report.native_files = [str(p) for p in native(out)]
