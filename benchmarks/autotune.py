@@ -50,6 +50,23 @@ def example_input(dataset_path):
 
 def calibration_data(dataset_path):
     return list(_data(dataset_path)["inputs"].split(16))[:4]
+
+def train(model, dataset_path, steps):
+    """Distil the float model's logits on inputs the metric never sees (recovery after pruning)."""
+    data = _data(dataset_path)
+    inputs, targets = data["train_inputs"], data["train_logits"].softmax(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(0, len(inputs), (32,), generator=generator)
+        log_probs = model(inputs[batch]).log_softmax(1)
+        loss = torch.nn.functional.kl_div(log_probs, targets[batch], reduction="batchmean")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model
 '''
 
 SINGLES = [Step("prune", "torch-pruning", "structured"), Step("prune", "basic", "unstructured"),
@@ -65,10 +82,12 @@ def timm_subject(folder: Path, name: str, size: int, **kwargs) -> tuple[Path, Pa
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
     (folder / "data").mkdir(parents=True)
-    inputs = torch.randn(128, 3, size, size)
+    inputs, train_inputs = torch.randn(128, 3, size, size), torch.randn(512, 3, size, size)
     with torch.no_grad():
         reference = model(inputs).argmax(1)
-    torch.save({"inputs": inputs, "reference": reference}, folder / "data" / "data.pt")
+        train_logits = torch.cat([model(b) for b in train_inputs.split(64)])
+    torch.save({"inputs": inputs, "reference": reference, "train_inputs": train_inputs, "train_logits": train_logits},
+               folder / "data" / "data.pt")
     torch.save(model.state_dict(), folder / "model.pth")
     (folder / "eval.py").write_text(f"NAME = {name!r}\nKWARGS = {kwargs!r}\n" + TIMM_SCRIPT)
     return folder / "model.pth", folder / "data", folder / "eval.py"

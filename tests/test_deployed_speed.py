@@ -43,3 +43,22 @@ def test_report_ratio_matches_the_models_timed_alone(cli, digits, tmp_path: Path
             if abs(reported / alone - 1) <= 0.10:
                 return
     pytest.fail(f"report vs alone never within 10%: {seen}")
+
+
+@pytest.mark.slow
+def test_autotune_trials_and_best_match_the_saved_model_timed_alone(cli, digits, tmp_path: Path) -> None:
+    """autotune's trial table and its re-measured best time an OpenVINO result as deployed, like optimize."""
+    out = tmp_path / "tuned.pt"
+    result = cli("autotune", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
+                 "--backends", "nncf", "--trials", "1", "--max-accuracy-drop", "0.05", "--output", out, "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    best = json.loads(result.stdout)["best"]
+    assert [s["backend"] for s in best["steps"]] == ["nncf"]
+    reported = {"trial table": best["speedup"], "re-measured": best["remeasured_speedup"]}
+    seen = []
+    for _ in range(3):
+        alone = alone_ms(digits.model, digits) / alone_ms(out, digits)
+        seen.append(round(alone, 2))
+        if all(abs(value / alone - 1) <= 0.10 for value in reported.values()):
+            return
+    pytest.fail(f"autotune's figures {reported} vs alone {seen}: not within 10%")

@@ -336,9 +336,10 @@ class Objective:
         job = self.job
         try:
             with lease(trial):
-                candidate, _, runnable = build_candidate(job.model, steps, recovery, runtime, job, self.context)
+                candidate, records, runnable = build_candidate(job.model, steps, recovery, runtime, job,
+                                                               self.context)
                 metric = job.script.evaluate(candidate, job.dataset, job.device).value
-                latency = model_latency(runnable, job.example, job.device, runtime=runtime).median_ms
+                speedup = self.speedup(candidate, records, runnable if runtime == "compiled" else None)
                 size = state_dict_bytes(candidate)
         except Exception as exc:  # a candidate that fails is evidence, not the end of the study
             if not isinstance(exc, ModelOptError):
@@ -348,13 +349,21 @@ class Objective:
             if isinstance(exc, TechniqueError) and failed:  # structural: drop it from the rest of the study
                 trial.study.set_user_attr(f"cannot_apply:{failed}", str(exc)[:300])
             raise optuna.TrialPruned(str(exc)) from None
-        return self.record(trial, metric, latency, size)
+        return self.record(trial, metric, speedup, size)
 
-    def record(self, trial: Any, metric: float, latency: float, size: int) -> Any:
+    def speedup(self, candidate: Any, records: list[Any], compiled: Any) -> float:
+        """The original's latency over the candidate's, timed as ``optimize`` times them (each as deployed,
+        :func:`model_opt.pipeline.time_against_original`)."""
+        from .pipeline import time_against_original
+
+        before, after, _ = time_against_original(self.job, self.job.model, candidate, records, compiled,
+                                                 say=lambda message: None)
+        return before.median_ms / after.median_ms
+
+    def record(self, trial: Any, metric: float, speedup: float, size: int) -> Any:
         """Store the trial's measurements; return Optuna's objective value(s)."""
         budget, baseline = self.job.max_accuracy_drop, self.baseline
         drop = (1.0 if self.job.script.higher_is_better else -1.0) * (baseline.metric - metric)
-        speedup = baseline.latency_ms / latency
         size_ratio = size / baseline.size_bytes if baseline.size_bytes else 1.0
         for key, value in (("metric", metric), ("drop", drop), ("speedup", speedup), ("size_ratio", size_ratio),
                            ("within_budget", drop <= budget + 1e-12)):
@@ -580,7 +589,7 @@ def remeasure(original: Any, built: dict[int, tuple[Any, list, Any]], job: Job) 
         try:
             with job.saved_candidates({str(n): (model, records, runnable is not model)
                                        for n, (model, records, runnable) in built.items()}) as saved:
-                timed = job.time_deployed(saved, rounds=5)
+                timed = job.time_deployed(saved)
             return {name: statistics.median(t.samples) for name, t in timed.items()}
         except ModelOptError as exc:
             job.say(f"timing here instead: {exc.problem}")

@@ -72,3 +72,18 @@ class TechniqueContext:
                 "define labelled_data(dataset_path) in the test script, yielding (inputs, labels) pairs",
             )
         return self.labelled_data()
+
+    def train_for(self, model: Any, steps: int, why: str) -> Any:
+        """Train ``model`` ``steps`` steps with the test script's ``train(model, dataset_path, steps)`` (``why``
+        names what the training is for, in the error when there is no train()); returns the trained model (the
+        one train() returned, else ``model``, trained in place). An exception in train() is the usual one-line
+        error."""
+        from torch import nn
+
+        if self.train is None:
+            raise TechniqueError(f"{self.technique} {why} with your train(), and the test script defines none",
+                                 "add train(model, dataset_path, steps) to the test script (CLI), or pass "
+                                 "train=... (Python)")
+        self.progress(f"{self.technique}: {why} ({steps} steps of your train())")
+        trained = self.train(model, self.dataset_path, steps)
+        return trained if isinstance(trained, nn.Module) else model

@@ -95,27 +95,35 @@ def steadiest(time_once: Callable[[], tuple[Any, Any]], say: Callable[[str], Non
     return best
 
 
-def time_as_deployed(job: Job, model: Any, records: Sequence[Any], compiled: Any, report: Report) -> tuple[Any, Any]:
-    """Before and after each in a process of its own (they run in different runtimes), interleaved rounds,
-    re-timed while unstable; the optimized model is reopened there from a temporary artifact, as a user
-    reopens it. Falls back to timing in this process, and says so, when that cannot be done."""
-    from .measure import _latency
+def time_against_original(job: Job, original: Any, model: Any, records: Sequence[Any], compiled: Any = None,
+                          say: Callable[[str], None] | None = None) -> tuple[Any, Any, str | None]:
+    """The original's and ``model``'s latency, as every command reports them: each in a process of its own,
+    reopened from a temporary artifact as a user reopens it, when the two run in different runtimes (which
+    slow each other in one process); else interleaved in this process. Re-timed while unstable. The note says
+    when deployed timing was not possible (timed in this process instead)."""
+    say = say or job.say
+    if in_processes(original, model):
+        from .measure import _latency
 
-    runtime = "compiled" if compiled is not None else "eager"
+        runtime = "compiled" if compiled is not None else "eager"
 
-    def time_once(saved: dict[str, Any]) -> tuple[Any, Any]:
-        timed = job.time_deployed(saved)
-        pair = (_latency(timed["original"].samples, "eager", True), _latency(timed["after"].samples, runtime, True))
-        pair[0].rounds_ms, pair[1].rounds_ms = timed["original"].rounds_ms, timed["after"].rounds_ms
-        return pair
+        def time_once(saved: dict[str, Any]) -> tuple[Any, Any]:
+            timed = job.time_deployed(saved)
+            pair = (_latency(timed["original"].samples, "eager", True),
+                    _latency(timed["after"].samples, runtime, True))
+            pair[0].rounds_ms, pair[1].rounds_ms = timed["original"].rounds_ms, timed["after"].rounds_ms
+            return pair
 
-    job.say("timing the original and the optimized model, each in its own process, interleaved")
-    try:
-        with job.saved_candidates({"after": (model, records, compiled is not None)}) as saved:
-            return steadiest(lambda: time_once(saved), job.say)
-    except ModelOptError as exc:
-        report.latency_note = f"timed in this process, not each as deployed ({exc.problem})"
-        return steadiest(lambda: time_pair(job.model, model, job.example, job.device, compiled), job.say)
+        say("timing the original and the optimized model, each in its own process, interleaved")
+        try:
+            with job.saved_candidates({"after": (model, records, compiled is not None)}) as saved:
+                return (*steadiest(lambda: time_once(saved), say), None)
+        except ModelOptError as exc:
+            note = f"timed in this process, not each as deployed ({exc.problem})"
+    else:
+        note = None
+        say("timing the original and the optimized model, interleaved")
+    return (*steadiest(lambda: time_pair(original, model, job.example, job.device, compiled), say), note)
 
 
 def optimize(model_path: str | os.PathLike[str], *, test_script: str | os.PathLike[str],
@@ -196,13 +204,12 @@ def measure_after(job: Job, original: Any, model: Any, report: Report) -> None:
         compiled, report.compile_seconds = compile_model(model, example)
     say("measuring the optimized model")
     report.after = measure(model, job.script, job.dataset, device, example)
-    if model is not original and in_processes(original, model):
-        report.before.latency, report.after.latency = time_as_deployed(job, model, report.steps, compiled, report)
-    elif model is not original:
-        say("timing the original and the optimized model, interleaved")
-        report.before.latency, report.after.latency = steadiest(
-            lambda: time_pair(original, model, example, device, compiled), say)
-        if compiled is not None:  # what the technique adds over compiling the float model alone
+    if model is not original:
+        report.before.latency, report.after.latency, note = time_against_original(job, original, model,
+                                                                                   report.steps, compiled)
+        report.latency_note = note or report.latency_note
+        if compiled is not None and not in_processes(original, model):
+            # what the technique adds over compiling the float model alone
             say("compiling the original too, and timing both compiled, interleaved")
             original_compiled, _ = compile_model(original, example)
             report.compiled_baseline = steadiest(

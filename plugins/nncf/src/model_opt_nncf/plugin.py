@@ -27,6 +27,9 @@ INT8_STATIC = Technique(
                "for calls with those shapes (others run the dynamic-shape compilation)"),
         Option("performance_hint", str, "latency", "OpenVINO's PERFORMANCE_HINT when compiling",
                choices=("latency", "throughput")),
+        Option("qat_steps", int, 0, flag="--qat-steps", help="quantization-aware training: steps of your "
+               "train() on the int8-simulated torch model before it becomes OpenVINO int8 (0: post-training only)",
+               minimum=0),
     ),
     needs=("example_input", "calibration_data"),
     requires=("nncf", "openvino"),

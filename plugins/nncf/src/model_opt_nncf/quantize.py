@@ -39,8 +39,6 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
     first = next(iter(context.calibration_inputs()))
     run_checked(model, first, what="calibration data")
     shapes = {describe_input(x) for x in context.calibration_inputs()}
-    context.progress("converting to OpenVINO")
-    ov_model = convert(model, example)
     kwargs: dict[str, Any] = {
         "subset_size": options["subset_size"],
         "fast_bias_correction": options["fast_bias_correction"],
@@ -53,16 +51,21 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
         model_type = "transformer" if detect_family(model)[0] in ("transformer", "vit", "hybrid") else "default"
     if model_type == "transformer":
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
-    if options["exclude"]:  # OpenVINO names a converted module's ops "__module.<name>/aten::..."
-        patterns = [rf"^__module\.{re.escape(name)}(\.|/).*" for name in options["exclude"]]
-        kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
-    dataset = nncf.Dataset(calibration)
     info: dict[str, Any] = {"calibration_batches": len(calibration), "calibration_shapes": sorted(shapes),
                             "model_type": model_type}
-    context.progress(f"NNCF int8 calibration on {len(calibration)} batches")
-    quantized = nncf.quantize(ov_model, dataset, **kwargs)
-    if context.max_accuracy_drop is not None and context.evaluate is not None and options["accuracy_control"]:
-        quantized = _within_budget(nncf, ov_model, quantized, dataset, kwargs, model, context, info)
+    if options["qat_steps"]:
+        quantized = quantization_aware(model, options, kwargs, context, info)
+    else:
+        context.progress("converting to OpenVINO")
+        ov_model = convert(model, example)
+        if options["exclude"]:  # OpenVINO names a converted module's ops "__module.<name>/aten::..."
+            patterns = [rf"^__module\.{re.escape(name)}(\.|/).*" for name in options["exclude"]]
+            kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
+        dataset = nncf.Dataset(calibration)
+        context.progress(f"NNCF int8 calibration on {len(calibration)} batches")
+        quantized = nncf.quantize(ov_model, dataset, **kwargs)
+        if context.max_accuracy_drop is not None and context.evaluate is not None and options["accuracy_control"]:
+            quantized = _within_budget(nncf, ov_model, quantized, dataset, kwargs, model, context, info)
     config = {**compile_config(options, example), **outputs_of(model, example)}
     module = OpenVINOModule(quantized, compile_config=config)
     fq_layers, float_layers = quantized_layers(quantized)
@@ -70,6 +73,31 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
                  "quantized_layers": len(fq_layers), "float_layers": float_layers,
                  "fake_quantize_ops": module.op_counts().get("FakeQuantize", 0)})
     return TechniqueResult(module, info, {"compile": config}, standalone=True)
+
+
+def quantization_aware(model: nn.Module, options: dict[str, Any], kwargs: dict[str, Any], context: Any,
+                       info: dict[str, Any]) -> Any:
+    """NNCF's quantization-aware training: int8 simulated on the torch model (calibrated as on the OpenVINO
+    path), trained ``qat_steps`` steps with the test script's train(), then converted to OpenVINO, where the
+    trained weights and ranges become int8. NNCF's accuracy control does not apply (the training is the
+    recovery)."""
+    import os
+
+    import nncf
+
+    if options["exclude"]:  # NNCF names a torch op "<module path with />/<function>/<call>"
+        patterns = [rf"^{re.escape(name.replace('.', '/'))}(\.|/).*" for name in options["exclude"]]
+        kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
+    # NNCF compiles its fake-quantize C++ extension on first use (minutes on a small machine); its default
+    # 60 s limit would fail the run half-way.
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
+    context.progress("NNCF quantization-aware training: int8 simulated on the torch model (the first run compiles "
+                     "NNCF's extension)")
+    simulated = nncf.quantize(model, nncf.Dataset(list(context.calibration_inputs())), **kwargs)
+    simulated = context.train_for(simulated, options["qat_steps"], "trains the int8-simulated model").eval()
+    info["quantization_aware_training"] = {"steps": options["qat_steps"]}
+    context.progress("converting the trained int8 model to OpenVINO")
+    return convert(simulated, context.example_input)
 
 
 def outputs_of(model: nn.Module, example: Any) -> dict[str, Any]:

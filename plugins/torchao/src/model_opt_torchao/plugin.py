@@ -26,8 +26,13 @@ def _technique(method: str, summary: str, *, options: tuple = (), compiled: tupl
                      families=("vit", "hybrid", "transformer", "diffusion", "causal-lm"), **fields)
 
 
+QAT = Option("qat_steps", int, 0, flag="--qat-steps", help="quantization-aware training: steps of your train() "
+             "with int8 simulated (torchao QATConfig) before the weights are quantized (0: post-training only)",
+             minimum=0)
+
 TECHNIQUES = (
     _technique("int8_weight_only", "int8 weights, float activations (torchao Int8WeightOnlyConfig).", search={},
+               options=(QAT,),
                recommended=(Recommended("causal-lm", "decode reads every weight once per token, so it is bound by "
                                         "memory: int8 weights read a quarter of the float32 bytes (run the decode "
                                         "compiled: --compile)", {"skip_head": False}, rank=5),
@@ -35,7 +40,7 @@ TECHNIQUES = (
                                         "under --compile on CPU)", rank=10),
                             Recommended("diffusion", "int8 weights shrink the UNet", rank=10))),
     _technique("int8_dynamic", "int8 weights and dynamically quantized int8 activations "
-               "(torchao Int8DynamicActivationInt8WeightConfig).", search={},
+               "(torchao Int8DynamicActivationInt8WeightConfig).", search={}, options=(QAT,),
                recommended=(Recommended("hybrid", "int8 activations and weights for the Linear layers", rank=10),
                             Recommended("transformer", "int8 GEMMs for Linear-heavy models (fast under --compile on "
                                         "CPUs with VNNI/AMX)", rank=20))),

@@ -110,13 +110,36 @@ def quantize_method(model: nn.Module, method: str, options: dict[str, Any], cont
         raise TechniqueError(f"the model has no Linear layer that torchao {method} can quantize "
                              f"({len(skipped)} skipped: {', '.join(skipped) or 'none found'})",
                              "torchao quantizes nn.Linear layers; check skip_head/exclude/min_features")
+    if options.get("qat_steps"):
+        model = train_quantization_aware(model, method, chosen, options["qat_steps"], context)
     apply_config(model, method, chosen, options)
     info = {"method": method, "quantized": chosen, "skipped": skipped,
             "runtime_note": "fast on CPU only under torch.compile with freezing"}
     warning = cpu_int8_warning(device) if method == "int8_dynamic" else None
     if warning:
         info["warning"] = warning
+    if options.get("qat_steps"):
+        info["quantization_aware_training"] = {"steps": options["qat_steps"]}
     return model, info
+
+
+def train_quantization_aware(model: nn.Module, method: str, names: list[str], steps: int, context: Any) -> nn.Module:
+    """torchao QAT: the chosen Linear layers simulate ``method``'s int8 (per-channel symmetric weights; per-token
+    activations for int8_dynamic, asymmetric as torchao simulates them) while the test script's train() runs,
+    then become plain Linear layers again with the trained weights, ready for the post-training config."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    wanted = set(names)
+    weights = IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True)
+    # torchao simulates per-token int8 activations only asymmetric (its int8_dynamic runs them symmetric)
+    activations = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) \
+        if method == "int8_dynamic" else None
+    quantize_(model, QATConfig(activation_config=activations, weight_config=weights, step="prepare"),
+              filter_fn=lambda module, fqn: fqn in wanted)
+    model = context.train_for(model, steps, "trains the int8-simulated model").eval()
+    quantize_(model, QATConfig(step="convert"), filter_fn=lambda module, fqn: fqn in wanted)
+    return model
 
 
 # -- autoquant ------------------------------------------------------------------------------------
