@@ -534,14 +534,29 @@ def replay(model: Any, steps: list[dict[str, Any]], device: str = "cpu") -> Any:
     return model
 
 
+def tied_parameters(model: Any) -> list[list[str]]:
+    """Names that share one Parameter in ``model`` (tied input and output embeddings), in groups."""
+    groups: dict[int, list[str]] = {}
+    named = getattr(model, "named_parameters", None)
+    for name, parameter in named(remove_duplicate=False) if callable(named) else ():
+        groups.setdefault(id(parameter), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
 def load_weights(model: Any, weights: dict[str, Any], name: str, trust_model: bool = False) -> None:
     """Load a state_dict into ``model`` (shapes must match; tensors are taken over, not copied). A program
     held as weights (a standalone step) is checked like a ``.pt2`` unless ``trust_model``."""
     from .exported import UnsafeProgram, trusting
 
+    tied = tied_parameters(model)
     try:
         with trusting(trust_model):
             model.load_state_dict(weights, strict=True, assign=True)
+        for names in tied:  # assign=True gives each name a Parameter of its own: tie them again
+            first = model.get_parameter(names[0])
+            for name in names[1:]:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner) if owner else model, attr, first)
     except UnsafeProgram as exc:
         raise unsafe_program(name, exc) from None
     except Exception as exc:

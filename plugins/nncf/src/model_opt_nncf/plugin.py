@@ -1,4 +1,5 @@
-"""Hook implementations of the nncf plugin: calibrated int8 deployed through OpenVINO, and NNCF pruning."""
+"""Hook implementations of the nncf plugin: calibrated int8 deployed through OpenVINO, weight compression of
+the torch model, and NNCF pruning."""
 
 from __future__ import annotations
 
@@ -43,6 +44,31 @@ INT8_STATIC = Technique(
                  Recommended("hybrid", "int8 through OpenVINO for the convolutions and the attention", rank=5)),
     speeds_up=("cpu",),
     speed_note="the OpenVINO runtime runs on the CPU here",
+)
+
+
+WEIGHT_ONLY = Technique(
+    kind="quantize",
+    backend="nncf",
+    method="weight_only",
+    summary="NNCF weight compression (nncf.compress_weights) of the torch model: int8 or int4 weights, "
+            "embeddings included, decompressed on the fly.",
+    options=(
+        Option("mode", str, "int8_asym", "weight format (int4 modes keep the embeddings and head in int8)",
+               choices=("int8_asym", "int8_sym", "int4_sym", "int4_asym")),
+        Option("group_size", int, 128, "int4: weights per scale (-1: per channel)", minimum=-1),
+        Option("ratio", float, 1.0, "int4: share of the layers in int4 (the rest int8)", minimum=0.0,
+               maximum=1.0),
+        Option("exclude", list, [], "module names (or prefixes) to keep in float"),
+    ),
+    needs=("example_input",),
+    requires=("nncf",),
+    families=("causal-lm", "transformer", "vit", "diffusion"),
+    recommended=(Recommended("causal-lm", "the smallest weights (int8 or int4, embeddings too); decompressed at "
+                             "every call, so smaller rather than faster in eager PyTorch", {"mode": "int8_asym"},
+                             rank=20),),
+    speeds_up=(),
+    speed_note="weights are decompressed at every call: it shrinks the model's memory, not its latency",
 )
 
 
@@ -91,6 +117,7 @@ PRUNE_REGULARIZATION = Technique(
 @hookimpl
 def register_techniques(register: Any) -> None:
     register(INT8_STATIC)
+    register(WEIGHT_ONLY)
     register(PRUNE_MAGNITUDE)
     register(PRUNE_REGULARIZATION)
 
@@ -108,6 +135,10 @@ def quantize(model: Any, technique: Technique, options: dict[str, Any], context:
 
     from .quantize import quantize_int8
 
+    if technique.method == "weight_only":
+        from .weights import compress
+
+        return compress(model, options, context)
     if context.device.startswith("cuda"):
         raise DeviceError("nncf int8_static deploys to the OpenVINO CPU runtime", "use --device cpu")
     return quantize_int8(model, options, context)
@@ -119,6 +150,10 @@ def restore(model: Any, technique: Technique, options: dict[str, Any], state: di
     saved as the artifact's weights: an empty module takes it."""
     if technique.kind == "prune":
         return model
+    if technique.method == "weight_only":
+        from .weights import rebuild
+
+        return rebuild(model, state)
     from .openvino_module import OpenVINOModule
 
     return OpenVINOModule(compile_config=state.get("compile"))

@@ -85,9 +85,10 @@ def quantization_aware(model: nn.Module, options: dict[str, Any], kwargs: dict[s
 
     import nncf
 
-    if options["exclude"]:  # NNCF names a torch op "<module path with />/<function>/<call>"
-        patterns = [rf"^{re.escape(name.replace('.', '/'))}(\.|/).*" for name in options["exclude"]]
-        kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
+    if options["exclude"]:
+        from .weights import torch_scope
+
+        kwargs["ignored_scope"] = torch_scope(options["exclude"])
     # NNCF compiles its fake-quantize C++ extension on first use (minutes on a small machine); its default
     # 60 s limit would fail the run half-way.
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
