@@ -134,9 +134,9 @@ def compare(name: str, model: Path, data: Path, script: Path, budget: float, tri
                            and t["speedup"] >= best_single["speedup"]), None)
     # Final word: the original, the best single and the tuned model timed side by side, interleaved.
     import model_opt
-    from model_opt.job import Job
+    from model_opt.job import Job, Settings
 
-    job = Job.prepare(model, test_script=script, dataset=data, output=model.with_name("unused.pt"))
+    job = Job.prepare(model, test_script=script, dataset=data, settings=Settings(output=model.with_name("unused.pt")))
     original = job.load()
     x = job.example
     contenders = {"original": original, "tuned": model_opt.load(model.with_name("tuned.pt"), test_script=script)}
