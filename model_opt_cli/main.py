@@ -297,7 +297,8 @@ def autotune_command(
                                                                            "optional for causal LMs).")] = None,
     trials: Annotated[int, typer.Option(help="Trials in the study (all workers together).")] = 20,
     timeout: Annotated[float | None, typer.Option(help="Stop this worker after this many seconds.")] = None,
-    objective: Annotated[str, typer.Option(help="latency, size or both.")] = "latency",
+    objective: Annotated[str, typer.Option(help="latency, size, both, or tokens-per-second (a causal LM's decode "
+                                                "speed, from the built-in evaluation).")] = "latency",
     study: Annotated[str | None, typer.Option(help="Study name (workers sharing it cooperate).")] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (postgresql://..., sqlite:///...) "
                                                      "or journal file; default: a journal beside the "

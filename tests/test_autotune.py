@@ -96,6 +96,9 @@ def test_no_candidate_within_budget_fails_and_saves_nothing(cli, digits, tmp_pat
     (["--max-accuracy-drop", "0.01", "--backends", "basic"], "no technique plugin is installed for the tuner"),
     (["--max-accuracy-drop", "0.01", "--storage", "sqlite:////no/such/dir/study.db"], "cannot reach the storage "
                                                                                       "sqlite:////no/such/dir"),
+    (["--max-accuracy-drop", "0.01", "--objective", "tokens-per-second"],
+     "--objective tokens-per-second reads decode_tokens_per_s from the evaluation, and eval.py reports no such "
+     "metric"),
 ])
 def test_bad_input(cli, digits, tmp_path: Path, extra, message) -> None:
     result = cli(*tune_args(digits, *extra, "--output", tmp_path / "o.pt", "-q"))

@@ -142,6 +142,22 @@ def test_quantizing_a_causal_lm_without_a_test_script_reopens(cli, lm, tmp_path:
     assert float(perplexity) == pytest.approx(after["metrics"]["perplexity"], rel=1e-3)  # int8 dynamic: ~1e-4
 
 
+@pytest.mark.slow
+def test_autotune_for_decode_tokens_per_second(cli, lm, tmp_path: Path) -> None:
+    """--objective tokens-per-second ranks candidates by decode tokens/s over the float model's (built-in
+    evaluation), the decode compiled where the candidate runs compiled."""
+    result = cli("autotune", lm["llama"], "--test-dataset", lm["text"], "--objective", "tokens-per-second",
+                 "--backends", "torchao", "--trials", "1", "--max-accuracy-drop", "20",
+                 "--output", f"{tmp_path / 'tuned'}/", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["summary"]["objective"] == "tokens-per-second"
+    best = report["best"]
+    assert best["steps"][0]["backend"] == "torchao" and best["speedup"] > 0 and best["remeasured_speedup"] > 0
+    assert report["baseline"]["decode_tokens_per_s"] > 0
+    assert (tmp_path / "tuned" / "model_opt.json").exists()
+
+
 def test_a_model_that_is_not_a_causal_lm_still_needs_a_test_script(cli, digits) -> None:
     result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--prune")
     assert result.exit_code == 2

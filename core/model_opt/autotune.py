@@ -40,7 +40,10 @@ from .tuning_storage import (
     worker_id,
 )
 
-OBJECTIVES = ("latency", "size", "both")
+OBJECTIVES = ("latency", "size", "both", "tokens-per-second")
+#: What ``--objective tokens-per-second`` reads from the evaluation (the built-in causal-LM one reports it;
+#: ``_compiled`` when the candidate's decode runs compiled).
+DECODE_METRIC = "decode_tokens_per_s"
 
 
 @dataclass
@@ -49,6 +52,8 @@ class Baseline:
     latency_ms: float
     size_bytes: int
     parameters: int
+    #: the original's decode tokens/s (float, eager), for ``--objective tokens-per-second``
+    decode_tokens_per_s: float | None = None
 
 
 @dataclass
@@ -62,6 +67,7 @@ class TuneResult:
     output: str | None = None
     plot: str | None = None
     warnings: list[str] = field(default_factory=list)
+    objective: str = "latency"
 
     def to_dict(self) -> dict[str, Any]:
         """The summary (the best candidate) first, then every trial."""
@@ -69,6 +75,7 @@ class TuneResult:
         summary = {"best_trial": best.get("number"), "techniques": best.get("description"),
                    "speedup": best.get("remeasured_speedup", best.get("speedup")), "metric": best.get("metric"),
                    "metric_drop": best.get("drop"), "size_ratio": best.get("size_ratio"), "trials": len(self.trials),
+                   "objective": self.objective,
                    "output": self.output, "warnings": len(self.warnings)}
         return {"summary": summary, "study": self.study, "storage": self.storage, "baseline": self.baseline.__dict__,
                 "trials": self.trials, "pareto": self.pareto, "best": self.best, "output": self.output,
@@ -88,8 +95,10 @@ class TuneResult:
                          f"{row['speedup']:>7.2f}x  {row['size_ratio']:>5.2f}x  {row['description']}")
         if self.best:
             speed = self.best.get("remeasured_speedup", self.best["speedup"])
+            how = ("decode tokens/s over the original's, decoded again" if self.objective == "tokens-per-second"
+                   else "re-measured against the original, interleaved")
             lines.append(f"best: trial {self.best['number']} ({self.best['description']}), {speed_text(speed)} "
-                         f"(re-measured against the original, interleaved), size {self.best['size_ratio']:.2f}x, "
+                         f"({how}), size {self.best['size_ratio']:.2f}x, "
                          f"metric {self.best['metric']:.4f}")
         for warning in self.warnings:
             lines.append(f"warning: {warning}")
@@ -247,12 +256,12 @@ def autotune(model_path: str | os.PathLike[str], *, test_script: str | os.PathLi
         raise UsageError("autotune needs an example input to time candidates",
                          "define example_input(dataset_path) in the test script or pass --input-shape")
     space = check_space(job, tune, family=detect_family(original)[0])
-    baseline = measure_baseline(job)
+    baseline = measure_baseline(job, tune.objective)
     recorded = {"objective": tune.objective, "max_accuracy_drop": max_accuracy_drop, "device": job.device,
                 "backends": sorted(tune.backends or []), "higher_is_better": job.script.higher_is_better,
                 "recovery_steps": tune.recovery_steps}
     name = tune.study or default_study_name(job.model_path, recorded)
-    directions = {"latency": ["minimize"], "size": ["minimize"], "both": ["minimize", "minimize"]}[tune.objective]
+    directions = ["minimize", "minimize"] if tune.objective == "both" else ["minimize"]
     study, storage_label = open_study(tune.storage, job.output.with_name(f"{name}.journal"), name, directions)
     check_settings(study, recorded)
     expired = expire_dead_trials(study)
@@ -276,13 +285,20 @@ def check_space(job: Job, tune: TuneSettings, family: str | None) -> dict[str, l
                      'see model-opt recommend for what fits it, and pip install "model-opt[all]"')
 
 
-def measure_baseline(job: Job) -> Baseline:
-    """The original's metric, latency, size and parameters; a budget larger than the metric is refused."""
+def measure_baseline(job: Job, objective: str = "latency") -> Baseline:
+    """The original's metric, latency, size and parameters (and decode tokens/s for that objective); a budget
+    larger than the metric is refused."""
     original, budget = job.model, job.max_accuracy_drop
     job.say("measuring the baseline")
-    baseline = Baseline(job.script.evaluate(original, job.dataset, job.device).value,
-                        model_latency(original, job.example, job.device).median_ms, state_dict_bytes(original),
-                        count_parameters(original)[0])
+    metrics = job.script.evaluate(original, job.dataset, job.device)
+    baseline = Baseline(metrics.value, model_latency(original, job.example, job.device).median_ms,
+                        state_dict_bytes(original), count_parameters(original)[0],
+                        metrics.values.get(DECODE_METRIC))
+    if objective == "tokens-per-second" and not baseline.decode_tokens_per_s:
+        raise UsageError(f"--objective tokens-per-second reads {DECODE_METRIC} from the evaluation, and "
+                         f"{job.script.path.name} reports no such metric",
+                         f"give a causal LM without --test-script (the built-in evaluation), or return "
+                         f"{DECODE_METRIC} from evaluate()")
     if budget is not None and budget > abs(baseline.metric) > 0:
         raise UsageError(f"--max-accuracy-drop {budget:g} is larger than the metric itself "
                          f"({baseline.metric:.4f}), which would accept any model",
@@ -338,8 +354,7 @@ class Objective:
             with lease(trial):
                 candidate, records, runnable = build_candidate(job.model, steps, recovery, runtime, job,
                                                                self.context)
-                metric = job.script.evaluate(candidate, job.dataset, job.device).value
-                speedup = self.speedup(candidate, records, runnable if runtime == "compiled" else None)
+                metric, speedup = self.measure(candidate, records, runnable, runtime)
                 size = state_dict_bytes(candidate)
         except Exception as exc:  # a candidate that fails is evidence, not the end of the study
             if not isinstance(exc, ModelOptError):
@@ -351,14 +366,21 @@ class Objective:
             raise optuna.TrialPruned(str(exc)) from None
         return self.record(trial, metric, speedup, size)
 
-    def speedup(self, candidate: Any, records: list[Any], compiled: Any) -> float:
-        """The original's latency over the candidate's, timed as ``optimize`` times them (each as deployed,
-        :func:`model_opt.pipeline.time_against_original`)."""
+    def measure(self, candidate: Any, records: list[Any], runnable: Any, runtime: str) -> tuple[float, float]:
+        """The candidate's primary metric and its speed-up: the original's latency over the candidate's, timed
+        as ``optimize`` times them (each as deployed, :func:`model_opt.pipeline.time_against_original`), or
+        for ``tokens-per-second`` its decode tokens/s over the original's (float, eager)."""
         from .pipeline import time_against_original
 
-        before, after, _ = time_against_original(self.job, self.job.model, candidate, records, compiled,
+        job = self.job
+        if self.tune.objective == "tokens-per-second":
+            metric, tokens = decode_rate(job, candidate, runtime == "compiled")
+            return metric, tokens / (self.baseline.decode_tokens_per_s or tokens)
+        metric = job.script.evaluate(candidate, job.dataset, job.device).value
+        compiled = runnable if runtime == "compiled" else None
+        before, after, _ = time_against_original(job, job.model, candidate, records, compiled,
                                                  say=lambda message: None)
-        return before.median_ms / after.median_ms
+        return metric, before.median_ms / after.median_ms
 
     def record(self, trial: Any, metric: float, speedup: float, size: int) -> Any:
         """Store the trial's measurements; return Optuna's objective value(s)."""
@@ -370,8 +392,23 @@ class Objective:
             trial.set_user_attr(key, value)
         trial.set_constraint("metric_drop_over_budget", drop - budget)
         objective = self.tune.objective
-        values = {"latency": [1 / speedup], "size": [size_ratio], "both": [1 / speedup, size_ratio]}[objective]
+        values = {"size": [size_ratio], "both": [1 / speedup, size_ratio]}.get(objective, [1 / speedup])
         return values[0] if len(values) == 1 else values
+
+
+def decode_rate(job: Job, model: Any, compiled: bool) -> tuple[float, float]:
+    """(primary metric, decode tokens/s) of ``model`` from the evaluation, its decode compiled when asked."""
+    script = job.script
+    was, script.compiled = script.compiled, compiled
+    try:
+        metrics = script.evaluate(model, job.dataset, job.device)
+    finally:
+        script.compiled = was
+    tokens = metrics.values.get(f"{DECODE_METRIC}_compiled" if compiled else DECODE_METRIC)
+    if not tokens:
+        raise TechniqueError("the evaluation reported no decode tokens/s for this candidate (a model that cannot "
+                             "generate, e.g. OpenVINO)", "search other techniques (--backends)")
+    return metrics.value, tokens
 
 
 def search(study: Any, objective: Objective, tune: TuneSettings, say: Callable[[str], None]) -> None:
@@ -530,7 +567,7 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, job: Jo
     rows = trial_rows(study, budget)
     measured = [r for r in rows if "metric" in r]
     feasible = [r for r in measured if r["within_budget"]]
-    result = TuneResult(study.study_name, storage, baseline, rows, pareto_front(feasible), None)
+    result = TuneResult(study.study_name, storage, baseline, rows, pareto_front(feasible), None, objective=objective)
     if not feasible:
         closest = min(measured, key=lambda r: r["drop"]) if measured else None
         detail = (f"; the closest was trial {closest['number']} ({closest['description']}) with a drop of "
@@ -538,17 +575,24 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, job: Jo
         raise AccuracyBudgetExceeded(f"no candidate stayed within --max-accuracy-drop {budget:g} after "
                                      f"{len(rows)} trials{detail}; nothing was saved",
                                      "allow a larger drop, more trials, or other techniques", report=result)
-    key = {"latency": lambda r: (-r["speedup"], r["drop"]), "size": lambda r: (r["size_ratio"], r["drop"]),
-           "both": lambda r: (r["size_ratio"] / r["speedup"], r["drop"])}[objective]
+    key = {"size": lambda r: (r["size_ratio"], r["drop"]),
+           "both": lambda r: (r["size_ratio"] / r["speedup"], r["drop"])}.get(objective, lambda r: (-r["speedup"],
+                                                                                                  r["drop"]))
     # One trial's timing is noisy on a shared machine: re-apply the top candidates and time them against
     # the original in interleaved rounds before choosing.
     finalists = sorted(feasible, key=key)[:3]
     job.say(f"re-measuring the top {len(finalists)} candidates against the original, interleaved")
     built = {row["number"]: build_candidate(job.model, row["steps"], row["recovery_steps"], row["runtime"], job,
                                             context) for row in finalists}
-    times = remeasure(job.model, built, job)
-    for row in finalists:
-        row["remeasured_speedup"] = times["original"] / times[str(row["number"])]
+    if objective == "tokens-per-second":  # the original decoded again first: a baseline of the same moment
+        original_rate = decode_rate(job, job.model, False)[1]
+        for row in finalists:
+            model, _, _ = built[row["number"]]
+            row["remeasured_speedup"] = decode_rate(job, model, row["runtime"] == "compiled")[1] / original_rate
+    else:
+        times = remeasure(job.model, built, job)
+        for row in finalists:
+            row["remeasured_speedup"] = times["original"] / times[str(row["number"])]
     if objective != "size":
         finalists.sort(key=lambda r: (-r["remeasured_speedup"] / (r["size_ratio"] if objective == "both" else 1),
                                       r["drop"]))
