@@ -115,12 +115,16 @@ def _decode_tokens_per_s(model: Any, prompt: torch.Tensor, compiled: bool = Fals
         return _time_decode(model, prompt, cache)
     import torch._inductor.config as inductor_config
 
+    own = model.__dict__.get("forward")  # a wrapper's own forward (NNCF's hooks) is put back afterwards
     model.forward = torch.compile(model.forward)  # an instance attribute, removed below
     try:
         with inductor_config.patch(freezing=True):
             return _time_decode(model, prompt, cache)
     finally:
-        del model.forward
+        if own is not None:
+            model.forward = own
+        else:
+            del model.forward
 
 
 def _time_decode(model: Any, prompt: torch.Tensor, cache: str | None = "static") -> float:

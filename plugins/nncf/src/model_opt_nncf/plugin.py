@@ -56,7 +56,8 @@ WEIGHT_ONLY = Technique(
     options=(
         Option("mode", str, "int8_asym", "weight format (int4 modes keep the embeddings and head in int8)",
                choices=("int8_asym", "int8_sym", "int4_sym", "int4_asym")),
-        Option("group_size", int, 128, "int4: weights per scale (-1: per channel)", minimum=-1),
+        Option("group_size", int, 128, "int4: weights per scale (-1: per channel; a layer it does not divide gets "
+               "the largest power of two that does)", minimum=-1),
         Option("ratio", float, 1.0, "int4: share of the layers in int4 (the rest int8)", minimum=0.0,
                maximum=1.0),
         Option("exclude", list, [], "module names (or prefixes) to keep in float"),

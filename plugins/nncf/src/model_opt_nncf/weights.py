@@ -35,7 +35,12 @@ def compress(model: nn.Module, options: dict[str, Any], context: Any) -> Techniq
     example = context.require_example_input()
     kwargs: dict[str, Any] = {"mode": getattr(nncf.CompressWeightsMode, options["mode"].upper())}
     if options["mode"].startswith("int4"):  # the rest (ratio < 1, and embeddings/head by NNCF's rule) is int8
-        kwargs.update(group_size=options["group_size"], ratio=options["ratio"])
+        from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+        # a layer whose width is not a multiple of group_size takes the largest power-of-two group that divides it
+        kwargs.update(group_size=options["group_size"], ratio=options["ratio"],
+                      advanced_parameters=AdvancedCompressionParameters(
+                          group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
     if options["exclude"]:
         kwargs["ignored_scope"] = torch_scope(options["exclude"])
     items = list(context.calibration_inputs()) if context.calibration_data is not None else [example]
