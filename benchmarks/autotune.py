@@ -58,6 +58,9 @@ def train(model, dataset_path, steps):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     model.train()
+    for module in model.modules():  # keep BatchNorm's statistics: random weights never calibrated them
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
     for _ in range(steps):
         batch = torch.randint(0, len(inputs), (32,), generator=generator)
         log_probs = model(inputs[batch]).log_softmax(1)
