@@ -100,7 +100,8 @@ def test_a_rerun_inside_the_grace_period_waits_for_the_killed_trial(server, digi
     budget still needs, so that the count is exact and nothing stays RUNNING."""
     storage = create_database(*server[:1], server[1], "killed_now") if kind == "postgres" else \
         str(tmp_path / "study.journal")
-    lease = {"MODEL_OPT_HEARTBEAT_S": "1", "MODEL_OPT_GRACE_S": "20"}  # longer than the rerun takes to start
+    # longer than the rerun takes to reach its budget (each trial is timed against the original, as deployed)
+    lease = {"MODEL_OPT_HEARTBEAT_S": "1", "MODEL_OPT_GRACE_S": "90"}
     proc = worker(digits, storage, tmp_path / "best.pt", 4, lease=lease)
     _kill_mid_trial(proc, storage)
     stuck = [t.number for t in trials_of(storage) if t.state.name == "RUNNING"]

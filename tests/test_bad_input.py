@@ -175,7 +175,7 @@ def test_exported_output_given_back_as_input_works(cli, work: Path) -> None:
 def test_prune_backend_without_prune_techniques_says_what_it_offers(cli, work: Path) -> None:
     line = one_error(cli(*optimize_args(work, "--decompose", "--decompose-backend", "nncf", "-q")))
     assert ("backend 'nncf' offers no decompose technique; it offers prune:regularization, prune:unstructured, "
-            "quantize:int8_static; for decompose, choose one of: svd") in line
+            "quantize:int8_static, quantize:weight_only; for decompose, choose one of: svd") in line
 
 
 def test_sigterm_while_saving_leaves_no_temporary_file(tmp_path: Path) -> None:

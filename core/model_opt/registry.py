@@ -165,7 +165,8 @@ class Technique:
     plugin: str = ""
     #: What to install for it: a model-opt extra, or the plugin's own distribution (filled in by the core).
     extra: str = ""
-    #: Chosen when the user names only the kind and this method (several backends may offer the method).
+    #: Chosen when the user names the kind and this method but no backend (several backends may offer the
+    #: method), or this backend but no method (the backend's usual technique).
     default: bool = False
     #: Architecture families it applies to (cnn, vit, hybrid, diffusion, transformer; see model-opt recommend);
     #: empty: any. The tuner never proposes a technique for a model outside its families.
@@ -315,7 +316,7 @@ class Registry:
         if not candidates:
             raise BackendNotInstalled(f"no installed plugin provides a {kind} technique",
                                       'pip install "model-opt[all]"')
-        if len(candidates) > 1 and method is not None:
+        if len(candidates) > 1 and (method is not None or backend is not None):
             defaults = [t for t in candidates if t.default]
             if len(defaults) == 1:
                 return defaults[0]
