@@ -60,7 +60,10 @@ WEIGHT_ONLY = Technique(
                "the largest power of two that does)", minimum=-1),
         Option("ratio", float, 1.0, "int4: share of the layers in int4 (the rest int8)", minimum=0.0,
                maximum=1.0),
-        Option("exclude", list, [], "module names (or prefixes) to keep in float"),
+        Option("exclude", list, [], "module names (or prefixes) to keep in float (runtime=torch)"),
+        Option("runtime", str, "torch", "torch: the torch model with NNCF's decompression hooks; openvino: a causal "
+               "LM converted to OpenVINO with its KV cache as inputs/outputs, compressed there",
+               choices=("torch", "openvino")),
     ),
     needs=("example_input",),
     requires=("nncf",),
@@ -151,6 +154,10 @@ def restore(model: Any, technique: Technique, options: dict[str, Any], state: di
     saved as the artifact's weights: an empty module takes it."""
     if technique.kind == "prune":
         return model
+    if technique.method == "weight_only" and "compile" in state:  # runtime=openvino: the IR is the weights
+        from .openvino_lm import OpenVINOCausalLM
+
+        return OpenVINOCausalLM(compile_config=state["compile"])
     if technique.method == "weight_only":
         from .weights import rebuild
 

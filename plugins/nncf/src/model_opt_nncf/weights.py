@@ -41,6 +41,11 @@ def compress(model: nn.Module, options: dict[str, Any], context: Any) -> Techniq
         kwargs.update(group_size=options["group_size"], ratio=options["ratio"],
                       advanced_parameters=AdvancedCompressionParameters(
                           group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
+    if options["runtime"] == "openvino":
+        if options["exclude"]:  # OpenVINO names the wrapped model's ops "__module.lm.<name>/aten::..."
+            patterns = [rf"^__module\.lm\.{re.escape(name)}(\.|/).*" for name in options["exclude"]]
+            kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
+        return compress_openvino(model, kwargs, example, context)
     if options["exclude"]:
         kwargs["ignored_scope"] = torch_scope(options["exclude"])
     items = list(context.calibration_inputs()) if context.calibration_data is not None else [example]
@@ -62,6 +67,27 @@ def compress(model: nn.Module, options: dict[str, Any], context: Any) -> Techniq
             "runtime_note": "weights are decompressed at every call: smaller in memory, not faster in eager "
                             "PyTorch"}
     return TechniqueResult(compressed, info, {"hooks": hooks, "packed": packed})
+
+
+def compress_openvino(model: nn.Module, kwargs: dict[str, Any], example: Any, context: Any) -> TechniqueResult:
+    """A causal LM converted to OpenVINO with its KV cache as inputs and outputs, its weights compressed there
+    (OpenVINO's own int8/int4 kernels); decodes through :class:`OpenVINOCausalLM.generate`."""
+    import nncf
+
+    from .openvino_lm import OpenVINOCausalLM, convert_causal_lm
+
+    ids = example.get("input_ids") if isinstance(example, dict) else example
+    if not (isinstance(ids, torch.Tensor) and callable(getattr(model, "generate", None))):
+        raise TechniqueError("runtime=openvino converts causal language models (a transformers model that "
+                             "generates, with input_ids)", "use runtime=torch for this model")
+    context.progress("converting the causal LM to OpenVINO with its KV cache as inputs and outputs")
+    ov_model, layout = convert_causal_lm(model, ids)
+    context.progress(f"NNCF weight compression on the OpenVINO model ({kwargs['mode'].value})")
+    compressed = nncf.compress_weights(ov_model, **kwargs)
+    module = OpenVINOCausalLM(compressed, compile_config={"kv": layout})
+    info = {"mode": kwargs["mode"].value, "runtime": "OpenVINO CPU", "kv_cache": layout,
+            "compiled_with": module.describe_compile()}
+    return TechniqueResult(module, info, {"compile": module.compile_config}, standalone=True)
 
 
 def hooks_of(model: nn.Module) -> list[dict[str, Any]]:
