@@ -1,5 +1,6 @@
 """Causal LM decode on CPU: float and torchao int8 weight-only (eager and compiled), NNCF weight compression
-(int8, int4; eager), in one run, with perplexity on held-out text and the weights' size.
+(int8, int4) of the torch model (eager) and of the model in OpenVINO (KV cache as inputs/outputs), in one run,
+with perplexity on held-out text and the weights' size.
 
 No small pretrained LM ships in a package on the registry here, so the benchmark trains one: a Llama-shaped
 model (from a config) trained for ``--train-minutes`` on English prose it builds from Python's own help topics
@@ -100,6 +101,10 @@ def main() -> None:
     # eager only: compiling the decode of NNCF's hooked model recompiles on every call until dynamo's
     # recompile limit (seen in a run of this script), which measures dynamo, not the weights
     candidates.update({f"nncf {mode} eager": (compressed, False) for mode, compressed in nncf.items()})
+    for mode in ("int8_asym", "int4_sym"):  # OpenVINO, the KV cache as the IR's inputs and outputs
+        candidates[f"nncf {mode} OpenVINO"] = (Quantizer().quantize(
+            copy.deepcopy(model), method="weight_only", backend="nncf", mode=mode, group_size=64, runtime="openvino",
+            example_input=example)[0], False)
     prompt = example["input_ids"]
     rates: dict[str, list[float]] = {name: [] for name in candidates}
     failed: dict[str, str] = {}
