@@ -14,7 +14,6 @@ from model_opt.errors import TechniqueError
 from model_opt.result import TechniqueResult
 from torch import nn
 
-MODES = ("int8_asym", "int8_sym", "int4_sym", "int4_asym")
 DECOMPRESSORS = ("INT8AsymmetricWeightsDecompressor", "INT8SymmetricWeightsDecompressor",
                  "INT4AsymmetricWeightsDecompressor", "INT4SymmetricWeightsDecompressor")
 
