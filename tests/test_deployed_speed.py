@@ -55,9 +55,11 @@ def test_autotune_trials_and_best_match_the_saved_model_timed_alone(cli, digits,
     best = json.loads(result.stdout)["best"]
     assert [s["backend"] for s in best["steps"]] == ["nncf"]
     reported = {"trial table": best["speedup"], "re-measured": best["remeasured_speedup"]}
+    # Two figures against one noisy alone measurement: 15%, the spread this machine shows for the same saved
+    # models timed alone (benchmarks/RESULTS.md); the mismatches this guards against were 2x-9x.
     seen: list[float] = []
-    for _ in range(3):  # the models alone are timed again while a figure has no alone measurement within 10%
+    for _ in range(4):  # the models alone are timed again while a figure has no alone measurement within 15%
         seen.append(alone_ms(digits.model, digits) / alone_ms(out, digits))
-        if all(any(abs(value / alone - 1) <= 0.10 for alone in seen) for value in reported.values()):
+        if all(any(abs(value / alone - 1) <= 0.15 for alone in seen) for value in reported.values()):
             return
-    pytest.fail(f"autotune's figures {reported} vs alone {[round(a, 2) for a in seen]}: not within 10%")
+    pytest.fail(f"autotune's figures {reported} vs alone {[round(a, 2) for a in seen]}: not within 15%")
