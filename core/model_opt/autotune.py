@@ -15,7 +15,6 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,8 @@ from .context import TechniqueContext
 from .errors import AccuracyBudgetExceeded, ModelOptError, TechniqueError, UsageError
 from .errors import describe as describe_error
 from .job import Job, Settings, output_lock, report_path, side_path
-from .measure import call_model, count_parameters, interleaved_ms, model_latency, state_dict_bytes
-from .pipeline import RECOVERABLE_KINDS
+from .measure import count_parameters, model_latency, state_dict_bytes
+from .pipeline import RECOVERABLE_KINDS, time_against_original
 from .plugins import PluginManager
 from .recommend import detect_family, recommend
 from .registry import KINDS, Technique
@@ -370,8 +369,6 @@ class Objective:
         """The candidate's primary metric and its speed-up: the original's latency over the candidate's, timed
         as ``optimize`` times them (each as deployed, :func:`model_opt.pipeline.time_against_original`), or
         for ``tokens-per-second`` its decode tokens/s over the original's (float, eager)."""
-        from .pipeline import time_against_original
-
         job = self.job
         if self.tune.objective == "tokens-per-second":
             metric, tokens = decode_rate(job, candidate, runtime == "compiled")
@@ -589,10 +586,13 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, job: Jo
         for row in finalists:
             model, _, _ = built[row["number"]]
             row["remeasured_speedup"] = decode_rate(job, model, row["runtime"] == "compiled")[1] / original_rate
-    else:
-        times = remeasure(job.model, built, job)
+    else:  # each against the original with the routine optimize and the trials use
         for row in finalists:
-            row["remeasured_speedup"] = times["original"] / times[str(row["number"])]
+            model, records, runnable = built[row["number"]]
+            before, after, _ = time_against_original(job, job.model, model, records,
+                                                     runnable if runnable is not model else None,
+                                                     say=lambda message: None)
+            row["remeasured_speedup"] = before.median_ms / after.median_ms
     if objective != "size":
         finalists.sort(key=lambda r: (-r["remeasured_speedup"] / (r["size_ratio"] if objective == "both" else 1),
                                       r["drop"]))
@@ -618,28 +618,6 @@ def save_best(job: Job, result: TuneResult, candidate: tuple[Any, list, Any], me
         result.plot = plot(measured, result.pareto, best, side_path(out, ".pareto.png", job.folder),
                            job.max_accuracy_drop)
         write_text_atomic(report_path(out, job.folder), dumps(result.to_dict()))
-
-
-def remeasure(original: Any, built: dict[int, tuple[Any, list, Any]], job: Job) -> dict[str, float]:
-    """Median ms of the original and each finalist, timed with the same routine as ``optimize``: each in a
-    process of its own when any of them runs in another runtime than the original, else interleaved here."""
-    import statistics
-
-    from .timing import in_processes
-
-    example = job.example
-    if any(in_processes(original, runnable) for _, _, runnable in built.values()):
-        job.say("timing the finalists and the original, each in its own process")
-        try:
-            with job.saved_candidates({str(n): (model, records, runnable is not model)
-                                       for n, (model, records, runnable) in built.items()}) as saved:
-                timed = job.time_deployed(saved)
-            return {name: statistics.median(t.samples) for name, t in timed.items()}
-        except ModelOptError as exc:
-            job.say(f"timing here instead: {exc.problem}")
-    calls = {"original": partial(call_model, original, example)}
-    calls.update({str(n): partial(call_model, runnable, example) for n, (_, _, runnable) in built.items()})
-    return interleaved_ms(calls, rounds=5, per_round=3)
 
 
 def plot(measured: list[dict[str, Any]], front: list[dict[str, Any]], best: dict[str, Any], path: Path,
