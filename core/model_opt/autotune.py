@@ -403,8 +403,8 @@ def decode_rate(job: Job, model: Any, compiled: bool) -> tuple[float, float]:
         script.compiled = was
     tokens = metrics.values.get(f"{DECODE_METRIC}_compiled" if compiled else DECODE_METRIC)
     if not tokens:
-        raise TechniqueError("the evaluation reported no decode tokens/s for this candidate (a model that cannot "
-                             "generate, e.g. OpenVINO)", "search other techniques (--backends)")
+        raise TechniqueError("the evaluation reported no decode tokens/s for this candidate (it cannot "
+                             "generate, e.g. OpenVINO int8_static)", "search other techniques (--backends)")
     return metrics.value, tokens
 
 
@@ -578,7 +578,7 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, job: Jo
     # One trial's timing is noisy on a shared machine: re-apply the top candidates and time them against
     # the original in interleaved rounds before choosing.
     finalists = sorted(feasible, key=key)[:3]
-    job.say(f"re-measuring the top {len(finalists)} candidates against the original, interleaved")
+    job.say(f"re-measuring the top {len(finalists)} candidates against the original")
     built = {row["number"]: build_candidate(job.model, row["steps"], row["recovery_steps"], row["runtime"], job,
                                             context) for row in finalists}
     if objective == "tokens-per-second":  # the original decoded again first: a baseline of the same moment

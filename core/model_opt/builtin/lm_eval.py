@@ -17,7 +17,8 @@ Metrics, perplexity first (the primary metric, lower is better):
 
 The report's size row gives the weights' memory.
 
-A model that cannot generate (an OpenVINO module) reports no decode figure.
+A model that cannot generate (an OpenVINO module other than nncf weight_only's causal LM with its KV
+cache) reports no decode figure.
 """
 
 from __future__ import annotations
