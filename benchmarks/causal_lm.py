@@ -1,6 +1,6 @@
 """Causal LM decode on CPU: float and torchao int8 weight-only (eager and compiled), NNCF weight compression
-(int8, int4) of the torch model (eager) and of the model in OpenVINO (KV cache as inputs/outputs), in one run,
-with perplexity on held-out text and the weights' size.
+(int8, int4) of the torch model (eager), the model in OpenVINO (KV cache as inputs/outputs) in float and
+compressed, in one run, with perplexity on held-out text and the weights' size.
 
 No small pretrained LM ships in a package on the registry here, so the benchmark trains one: a Llama-shaped
 model (from a config) trained for ``--train-minutes`` on English prose it builds from Python's own help topics
@@ -101,10 +101,16 @@ def main() -> None:
     # eager only: compiling the decode of NNCF's hooked model recompiles on every call until dynamo's
     # recompile limit (seen in a run of this script), which measures dynamo, not the weights
     candidates.update({f"nncf {mode} eager": (compressed, False) for mode, compressed in nncf.items()})
-    for mode in ("int8_asym", "int4_sym"):  # OpenVINO, the KV cache as the IR's inputs and outputs
-        candidates[f"nncf {mode} OpenVINO"] = (Quantizer().quantize(
+    # OpenVINO, the KV cache as the IR's inputs and outputs: float (what the runtime alone gives), then compressed
+    from model_opt_nncf.openvino_lm import OpenVINOCausalLM, convert_causal_lm
+
+    ir, layout = convert_causal_lm(model, example["input_ids"])
+    candidates["float OpenVINO"] = (OpenVINOCausalLM(ir, compile_config={"kv": layout}), False)
+    for mode, extra in (("int8_asym", {}), ("int4_sym", {}), ("int4_sym", {"all_layers": True})):
+        name = f"nncf {mode}{' all layers' if extra else ''} OpenVINO"
+        candidates[name] = (Quantizer().quantize(
             copy.deepcopy(model), method="weight_only", backend="nncf", mode=mode, group_size=64, runtime="openvino",
-            example_input=example)[0], False)
+            example_input=example, **extra)[0], False)
     prompt = example["input_ids"]
     rates: dict[str, list[float]] = {name: [] for name in candidates}
     failed: dict[str, str] = {}
@@ -139,7 +145,8 @@ def main() -> None:
                      "weights": state_dict_bytes(m) / state_dict_bytes(model)})
     print(table(f"Causal LM decode (prompt {prompt.shape[1]}, {args.generate} tokens, static KV cache, batch 1; "
                 "torchao int8 weight-only on every Linear, LM head included, input embedding float; NNCF "
-                "compresses the embedding too, int4 groups of 64 with the embedding and head in int8)", rows))
+                "compresses the embedding too, int4 groups of 64 with the embedding and head in int8 unless all "
+                "layers)", rows))
 
 
 if __name__ == "__main__":

@@ -124,6 +124,11 @@ def test_quantizing_a_causal_lm_without_a_test_script_reopens(cli, lm, tmp_path:
     assert set(before["metrics"]) == set(after["metrics"]) == {"perplexity", "next_token_agreement", "prefill_ms",
                                                                decode}
     assert after["metrics"]["perplexity"] == pytest.approx(before["metrics"]["perplexity"], rel=tolerance)
+    # peak memory: each model opened and decoding in its own process (runtime included)
+    assert before["peak_memory_bytes"] > 2**20 * 50 and after["peak_memory_bytes"] > 2**20 * 50
+    assert report["summary"]["peak_memory_ratio"] == pytest.approx(after["peak_memory_bytes"]
+                                                                   / before["peak_memory_bytes"])
+    assert "greedy decode" in report["memory_workload"]
     info = report["steps"][0]["info"]
     if backend == "torchao" and name == "gpt2":  # Conv1D as Linear: every block projection, not only lm_head
         assert "transformer.h.0.attn.c_attn" in info["quantized"], info

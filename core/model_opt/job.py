@@ -327,6 +327,10 @@ def output_lock(out: Path) -> Iterator[None]:
         handle.close()
 
 
+#: The built-in evaluation of causal language models.
+BUILTIN_LM = Path(__file__).parent / "builtin" / "lm_eval.py"
+
+
 def builtin_script(model_path: str | os.PathLike[str], dataset: str | os.PathLike[str]) -> TestScript:
     """The built-in evaluation when no test script is given: for a causal LM folder and a folder of text files."""
     folder = Path(model_path)
@@ -337,7 +341,7 @@ def builtin_script(model_path: str | os.PathLike[str], dataset: str | os.PathLik
     if not (Path(dataset).is_dir() and any(Path(dataset).glob("*.txt"))) and Path(dataset).suffix != ".txt":
         raise UsageError(f"the built-in language-model evaluation reads text, and {dataset} is not a .txt file or a "
                          "folder of them", "pass --test-dataset with a folder of .txt files")
-    return TestScript(Path(__file__).parent / "builtin" / "lm_eval.py")
+    return TestScript(BUILTIN_LM)
 
 
 def search_paths(model_path: Path, script: TestScript | None, trust_model: bool) -> list[Path]:

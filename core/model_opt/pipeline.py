@@ -11,6 +11,7 @@ from typing import Any
 from .atomic import write_text_atomic
 from .errors import AccuracyBudgetExceeded, ModelOptError, UsageError
 from .job import (
+    BUILTIN_LM,
     Job,
     Settings,
     Step,
@@ -218,6 +219,27 @@ def measure_after(job: Job, original: Any, model: Any, report: Report) -> None:
     elif example is not None:
         report.after.latency = model_latency(compiled if compiled is not None else model, example, device,
                                              runtime="compiled" if compiled is not None else "eager")
+    if model is not original and job.script.path == BUILTIN_LM and example is not None:
+        peak_memory_of(job, model, report)
+
+
+def peak_memory_of(job: Job, model: Any, report: Report) -> None:
+    """The original's and the optimized model's peak memory, each opened and decoding in its own process
+    (:mod:`model_opt.memory`); a failure is a warning, not the end of the run."""
+    from .builtin.lm_eval import settings
+    from .memory import peak_memory
+
+    generate = settings()["generate"]
+    report.memory_workload = f"own process: load, then greedy decode of {generate} tokens"
+    job.say("measuring peak memory: the original and the optimized model, each loading and decoding in its own "
+            "process")
+    try:
+        with job.saved_candidates({"after": (model, report.steps, False)}) as saved:
+            peaks = peak_memory(saved, job.example, job.device, decode=True)
+    except ModelOptError as exc:
+        report.warnings.append(f"peak memory not measured: {exc.problem}")
+        return
+    report.before.peak_memory_bytes, report.after.peak_memory_bytes = peaks["original"], peaks["after"]
 
 
 def save_result(job: Job, model: Any, report: Report) -> None:

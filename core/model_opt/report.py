@@ -19,6 +19,7 @@ class Measurement:
     size_bytes: int
     latency: Latency | None = None
     flops: int | None = None
+    peak_memory_bytes: int | None = None  # its own process, opened and run as deployed (model_opt.memory)
 
     @property
     def metric(self) -> float:
@@ -33,6 +34,7 @@ class Measurement:
             "size_bytes": self.size_bytes,
             "latency": self.latency.to_dict() if self.latency else None,
             "flops": self.flops,
+            "peak_memory_bytes": self.peak_memory_bytes,
         }
 
 
@@ -74,6 +76,8 @@ class Report:
     #: With --compile: the original compiled and the optimized compiled, timed together (what the technique adds
     #: over compiling alone).
     compiled_baseline: tuple[Any, Any] | None = None
+    #: What each model ran in its own process when its peak memory was measured.
+    memory_workload: str = ""
 
     @property
     def metric_drop(self) -> float | None:
@@ -118,6 +122,8 @@ class Report:
             "speedup": self.speedup if self.stable else None,
             "speedup_range": self.speedup_range,
             "size_ratio": after.size_bytes / self.before.size_bytes if after and self.before.size_bytes else None,
+            **({"peak_memory_ratio": after.peak_memory_bytes / self.before.peak_memory_bytes}
+               if after and after.peak_memory_bytes and self.before.peak_memory_bytes else {}),
             "output": self.output,
             "warnings": len(self.warnings),
         }
@@ -147,6 +153,7 @@ class Report:
             "compile_seconds": self.compile_seconds,
             "native_files": self.native_files,
             "compiled_baseline": self._compiled_baseline(),
+            "memory_workload": self.memory_workload or None,
             "details": {"replay_state": [s.state for s in self.steps]},
         }
 
@@ -202,6 +209,9 @@ class Report:
         if b.flops is not None or (a and a.flops is not None):
             rows.append(("FLOPs", _big(b.flops), _big(a.flops if a else None),
                          _ratio(a.flops if a else None, b.flops, "x of before")))
+        if b.peak_memory_bytes is not None and a and a.peak_memory_bytes is not None:
+            rows.append((f"peak memory ({self.memory_workload})", _bytes(b.peak_memory_bytes),
+                         _bytes(a.peak_memory_bytes), _ratio(a.peak_memory_bytes, b.peak_memory_bytes, "x of before")))
         if b.latency and b.latency.interleaved:
             spread = max(b.latency.spread, a.latency.spread if a and a.latency else 0.0)
             rows.append(("latency spread (p90-p10)/median", f"{b.latency.spread:.0%}",

@@ -134,16 +134,16 @@ def in_processes(before: Any, after: Any) -> bool:
     return runtime_of(before) != runtime_of(after)
 
 
-def _serve(spec: dict[str, Any]) -> None:
-    """The worker: open the model, warm it up, then answer each block request on stdin."""
+def open_deployed(spec: dict[str, Any]) -> tuple[Any, Any]:
+    """In a worker: the model of a :class:`Deployed` spec opened as a user reopens it (compiled when the spec
+    says so), and the example input, both on the spec's device."""
     import torch
 
     import model_opt
 
-    from .measure import call_model, compile_model
+    from .measure import compile_model
 
     torch.set_num_threads(int(spec["threads"]))
-    sync = torch.cuda.synchronize if str(spec["device"]).startswith("cuda") else None
     model = model_opt.load(spec["path"], test_script=spec["test_script"], trust_model=spec["trust_model"],
                            map_location=spec["device"])
     if hasattr(model, "to") and not spec["path"].endswith(".xml"):
@@ -153,6 +153,17 @@ def _serve(spec: dict[str, Any]) -> None:
     example = torch.load(spec["example"], weights_only=True, map_location=spec["device"])
     if spec["compile"]:
         model = compile_model(model, example)[0]
+    return model, example
+
+
+def _serve(spec: dict[str, Any]) -> None:
+    """The worker: open the model, warm it up, then answer each block request on stdin."""
+    import torch
+
+    from .measure import call_model
+
+    sync = torch.cuda.synchronize if str(spec["device"]).startswith("cuda") else None
+    model, example = open_deployed(spec)
 
     def call() -> None:
         call_model(model, example)

@@ -15,7 +15,8 @@ Metrics, perplexity first (the primary metric, lower is better):
   one graph for the prompt and one for every decode step, while a growing (dynamic) cache changes the shapes
   at every step (recompilations, then a dynamic-shape graph).
 
-The report's size row gives the weights' memory.
+The report's size row gives the weights' memory; ``optimize`` adds each model's peak memory, opened and decoding
+in a process of its own (:mod:`model_opt.memory`).
 
 A model that cannot generate (an OpenVINO module other than nncf weight_only's causal LM with its KV
 cache) reports no decode figure.

@@ -54,12 +54,15 @@ WEIGHT_ONLY = Technique(
     summary="NNCF weight compression (nncf.compress_weights) of the torch model: int8 or int4 weights, "
             "embeddings included, decompressed on the fly.",
     options=(
-        Option("mode", str, "int8_asym", "weight format (int4 modes keep the embeddings and head in int8)",
+        Option("mode", str, "int8_asym",
+               "weight format (int4 modes keep the embeddings and head in int8 unless all_layers)",
                choices=("int8_asym", "int8_sym", "int4_sym", "int4_asym")),
         Option("group_size", int, 128, "int4: weights per scale (-1: per channel; a layer it does not divide gets "
                "the largest power of two that does)", minimum=-1),
         Option("ratio", float, 1.0, "int4: share of the layers in int4 (the rest int8)", minimum=0.0,
                maximum=1.0),
+        Option("all_layers", bool, False, "int4: the embeddings and the last layer in int4 too (NNCF keeps them "
+               "in int8 by default: they matter most to accuracy)"),
         Option("exclude", list, [], "module names (or prefixes) to keep in float (runtime=torch)"),
         Option("runtime", str, "torch", "torch: the torch model with NNCF's decompression hooks; openvino: a causal "
                "LM converted to OpenVINO with its KV cache as inputs/outputs, compressed there",

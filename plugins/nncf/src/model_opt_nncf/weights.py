@@ -37,7 +37,7 @@ def compress(model: nn.Module, options: dict[str, Any], context: Any) -> Techniq
         from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
 
         # a layer whose width is not a multiple of group_size takes the largest power-of-two group that divides it
-        kwargs.update(group_size=options["group_size"], ratio=options["ratio"],
+        kwargs.update(group_size=options["group_size"], ratio=options["ratio"], all_layers=options["all_layers"],
                       advanced_parameters=AdvancedCompressionParameters(
                           group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
     if options["runtime"] == "openvino":
