@@ -200,7 +200,10 @@ def techniques(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
             facts += [f"range: {o.describe_range()}"] if o.describe_range() else []
             typer.echo(f"    {option_usage(t.kind, o)}: {o.help.rstrip('.') or o.name} ({'; '.join(facts)})")
         typer.echo(f"    needs: {', '.join(t.needs) or 'nothing'}; requires: {', '.join(t.requires) or '-'}")
-        typer.echo(f"    speeds up on: {', '.join(t.speeds_up) or 'no device'}"
+        places = [", ".join(t.speeds_up)] if t.speeds_up else []
+        places += [f"{', '.join(devices)} with {name}={value}" for name, values in t.speeds_up_with.items()
+                   for value, devices in values.items()]
+        typer.echo(f"    speeds up on: {'; '.join(places) or 'no device'}"
                    + (f" ({t.speed_note})" if t.speed_note else ""))
     for key, names in registry.conflicts.items():
         typer.echo(f"conflict: {key[1]}:{key[2]} is registered by {' and '.join(names)}")
@@ -227,7 +230,7 @@ def demo(
         registry = get_plugin_manager().registry.techniques
         available = [item for item in plan if item.available]
         chosen = next((item for item in available if "cpu" in registry[
-            (item.kind, item.backend, item.method)].speeds_up), available[0] if available else None)
+            (item.kind, item.backend, item.method)].speeds_up_on(item.options)), available[0] if available else None)
         if chosen is None:
             raise ModelOptError("no installed technique applies to the example", 'pip install "model-opt[all]"')
         step = Step(chosen.kind, chosen.backend, chosen.method, dict(chosen.options))
@@ -253,18 +256,18 @@ def print_recommendation(model: Path, test_script: Path | None, test_dataset: st
     loaded = open_model(model, TestScript(test_script) if test_script else None, trust_model)
     family, evidence, plan = recommend(loaded, device)
     typer.echo(f"{model}: {family} ({evidence})")
-    script_arg = test_script or "eval.py"
+    # a causal LM without a test script gets the built-in evaluation
+    script_arg = f" --test-script {test_script or 'eval.py'}" if test_script or family != "causal-lm" else ""
     registry = get_plugin_manager().registry.techniques
     for item in plan:
         if item.available:
             flags = command_flags(registry[(item.kind, item.backend, item.method)], item.options)
             typer.echo(f"- {item.kind} {item.backend}:{item.method}: {item.why}")
-            typer.echo(f"    model-opt optimize {model} --test-dataset {test_dataset} --test-script {script_arg} "
-                       f"{flags}")
+            typer.echo(f"    model-opt optimize {model} --test-dataset {test_dataset}{script_arg} {flags}")
         else:
             typer.echo(f"- {item.kind} {item.backend}:{item.method}: {item.why} [{item.missing}]")
     typer.echo(f"Search them together, within an accuracy budget: model-opt autotune {model} --test-dataset "
-               f"{test_dataset} --test-script {script_arg} --max-accuracy-drop 0.01")
+               f"{test_dataset}{script_arg} --max-accuracy-drop 0.01")
     return plan
 
 

@@ -80,8 +80,11 @@ def test_the_folder_loads_with_its_lm_head_and_recommend_plans_weight_only(cli, 
     result = cli("recommend", lm["gpt2"], "--test-dataset", lm["text"])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith(f"{lm['gpt2']}: causal-lm (GPT2LMHeadModel, 2 decoder layers, vocabulary 30522)")
-    first = next(line for line in result.stdout.splitlines() if line.startswith("- "))
-    assert first.startswith("- quantize torchao:int8_weight_only: decode reads every weight once per token")
+    plan = [line for line in result.stdout.splitlines() if line.startswith("- ")]
+    assert plan[0].startswith("- quantize nncf:weight_only"), plan
+    command = result.stdout.splitlines()[result.stdout.splitlines().index(plan[0]) + 1]
+    assert "--quant-opt runtime=openvino" in command and "--test-script" not in command  # built-in evaluation
+    assert plan[1].startswith("- quantize torchao:int8_weight_only: decode reads every weight once per token")
 
 
 def test_builtin_evaluation_is_consistent(lm) -> None:
@@ -132,6 +135,10 @@ def test_quantizing_a_causal_lm_without_a_test_script_reopens(cli, lm, tmp_path:
     info = report["steps"][0]["info"]
     if backend == "torchao" and name == "gpt2":  # Conv1D as Linear: every block projection, not only lm_head
         assert "transformer.h.0.attn.c_attn" in info["quantized"], info
+    if backend == "nncf":  # the report warns of no speed-up only where the runtime decompresses at every call
+        openvino = "runtime=openvino" in extra
+        assert any("does not reduce latency" in w for w in report["warnings"]) is not openvino, report["warnings"]
+        assert after["latency"]["runtime"] == ("openvino" if openvino else "eager")
     if backend == "nncf":  # int8 (or int4) weights, the embeddings included
         assert after["size_bytes"] < 0.35 * before["size_bytes"], (after["size_bytes"], before["size_bytes"])
     assert {"config.json", "model_opt.json", "vocab.txt"} <= {p.name for p in out.iterdir()}

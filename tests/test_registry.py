@@ -137,3 +137,17 @@ def test_a_third_party_technique_can_be_the_default_for_a_method_and_be_recommen
     assert family == "transformer"
     assert (plan[0].backend, plan[0].method, plan[0].why, plan[0].options) == ("acme", "fast8", "acme's kernels",
                                                                                {"level": 2})
+
+
+def test_an_option_value_can_make_a_technique_speed_up_and_the_report_warns_only_without_it() -> None:
+    from model_opt.pipeline import speed_warnings
+    from model_opt.report import Measurement, Report
+
+    weights = make(speeds_up=(), speeds_up_with={"runtime": {"openvino": ("cpu",)}}, speed_note="decompressed")
+    assert weights.speeds_up_on({"runtime": "openvino"}) == ("cpu",)
+    assert weights.speeds_up_on({"runtime": "torch"}) == () == weights.speeds_up_on()
+    report = Report(model="m", device="cpu", threads=2, higher_is_better=True,
+                    before=Measurement({"accuracy": 1.0}, "accuracy", 10, 10, 40))
+    assert speed_warnings(report, [(weights, {"runtime": "openvino"})]) == []
+    assert speed_warnings(report, [(weights, {"runtime": "torch"})]) == [
+        "b m does not reduce latency on cpu: decompressed"]

@@ -275,7 +275,7 @@ def autotune(model_path: str | os.PathLike[str], *, test_script: str | os.PathLi
 def check_space(job: Job, tune: TuneSettings, family: str | None) -> dict[str, list[Technique]]:
     """The searchable techniques; refuse a search in which none could make the model faster."""
     space = searchable(job.manager, job.device, job.script.has("calibration_data"), tune.backends, family)
-    if any(t.speeds_up or t.speeds_up_compiled for items in space.values() for t in items):
+    if any(t.speeds_up or t.speeds_up_compiled or t.speeds_up_with for items in space.values() for t in items):
         return space
     if family is None:
         raise UsageError("no technique plugin is installed for the tuner to search that can make a model faster "

@@ -39,7 +39,7 @@ from .plugins import PluginManager
 from .registry import KINDS, Technique
 from .report import UNSTABLE_SPREAD, Measurement, Report
 from .testscript import TestScript
-from .timing import in_processes
+from .timing import in_processes, runtime_of
 
 #: Combined techniques always run in this order.
 ORDER: tuple[str, ...] = KINDS
@@ -106,7 +106,8 @@ def time_against_original(job: Job, original: Any, model: Any, records: Sequence
     if in_processes(original, model):
         from .measure import _latency
 
-        runtime = "compiled" if compiled is not None else "eager"
+        own = runtime_of(model)
+        runtime = "compiled" if compiled is not None else ("eager" if own == "torch" else own)
 
         def time_once(saved: dict[str, Any]) -> tuple[Any, Any]:
             timed = job.time_deployed(saved)
@@ -369,11 +370,12 @@ def speed_warnings(report: Report, planned: Sequence[tuple[Technique, dict[str, 
     warnings += [f"{s.backend} {s.method}: {s.info['warning']}" for s in report.steps if s.info.get("warning")]
     compiled = report.after is not None and report.after.latency is not None and \
         report.after.latency.runtime == "compiled"
-    for technique, _ in planned:
-        if device in technique.speeds_up_compiled and device not in technique.speeds_up and not compiled:
+    for technique, options in planned:
+        speeds_up = technique.speeds_up_on(options)
+        if device in technique.speeds_up_compiled and device not in speeds_up and not compiled:
             warnings.append(f"{technique.backend} {technique.method} speeds up on {device} only under "
                             "torch.compile with freezing: rerun with --compile")
-        elif device not in technique.speeds_up and device not in technique.speeds_up_compiled:
+        elif device not in speeds_up and device not in technique.speeds_up_compiled:
             note = f": {technique.speed_note}" if technique.speed_note else ""
             warnings.append(f"{technique.backend} {technique.method} does not reduce latency on {device}{note}")
     before, after = report.before.latency, report.after.latency if report.after else None

@@ -162,6 +162,9 @@ class Technique:
     speeds_up: tuple[str, ...] = ("cpu", "cuda")
     speeds_up_compiled: tuple[str, ...] = ()
     speed_note: str = ""
+    #: ``{option: {value: devices}}``: an option value under which the technique reduces latency on those devices
+    #: too (NNCF weight compression with ``runtime=openvino`` runs OpenVINO's int4/int8 kernels on the CPU).
+    speeds_up_with: dict[str, dict[Any, tuple[str, ...]]] = field(default_factory=dict, hash=False, compare=False)
     plugin: str = ""
     #: What to install for it: a model-opt extra, or the plugin's own distribution (filled in by the core).
     extra: str = ""
@@ -205,6 +208,12 @@ class Technique:
                               "is accepted for one more release", FutureWarning, stacklevel=3)
                 return opt
         raise choose_one_of(f"option for {self.backend} {self.method}", name, (o.name for o in self.options))
+
+    def speeds_up_on(self, options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+        """Devices where it reduces latency in eager PyTorch (or its own runtime) with these options."""
+        extra = [device for name, values in self.speeds_up_with.items()
+                 for device in values.get((options or {}).get(name), ())]
+        return tuple(dict.fromkeys([*self.speeds_up, *extra]))
 
     def missing_packages(self) -> list[str]:
         """Required packages that are not importable (checked without importing them)."""
@@ -252,6 +261,7 @@ class Technique:
             "speeds_up": list(self.speeds_up),
             "speeds_up_compiled": list(self.speeds_up_compiled),
             "speed_note": self.speed_note,
+            "speeds_up_with": {k: {str(v): list(d) for v, d in m.items()} for k, m in self.speeds_up_with.items()},
             "default": self.default,
             "families": list(self.families),
             "search_space": {k: list(v) for k, v in self.search_space.items()} if self.search_space is not None

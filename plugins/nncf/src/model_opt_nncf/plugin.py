@@ -71,11 +71,17 @@ WEIGHT_ONLY = Technique(
     needs=("example_input",),
     requires=("nncf",),
     families=("causal-lm", "transformer", "vit", "diffusion"),
-    recommended=(Recommended("causal-lm", "the smallest weights (int8 or int4, embeddings too); decompressed at "
-                             "every call, so smaller rather than faster in eager PyTorch", {"mode": "int8_asym"},
-                             rank=20),),
+    recommended=(Recommended("causal-lm", "on CPU: int4 weights decoded by OpenVINO's own kernels with the KV cache "
+                             "as inputs and outputs; decode reads every weight once per token, and int4 reads an "
+                             "eighth of float32's bytes (the result is an OpenVINO model)",
+                             {"mode": "int4_sym", "runtime": "openvino"}, rank=3),
+                 Recommended("causal-lm", "the smallest torch weights (int8 or int4, embeddings too); decompressed "
+                             "at every call, so smaller rather than faster in eager PyTorch", {"mode": "int8_asym"},
+                             rank=20)),
     speeds_up=(),
-    speed_note="weights are decompressed at every call: it shrinks the model's memory, not its latency",
+    speeds_up_with={"runtime": {"openvino": ("cpu",)}},
+    speed_note="with runtime=torch the weights are decompressed at every call: it shrinks the model's memory, not "
+               "its latency (runtime=openvino runs OpenVINO's int8/int4 kernels, for causal LMs)",
 )
 
 
