@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelOptError, first_line
-from .timing import Deployed
+from .errors import ModelOptError
+from .timing import Deployed, run_worker
 
 PREFIX = "MODEL_OPT_MEMORY "
 
@@ -81,8 +81,4 @@ def _serve(spec: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        _serve(json.loads(sys.argv[1]))
-    except Exception as exc:  # the parent shows the last line of stderr
-        print(f"{type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
-        sys.exit(1)
+    run_worker(_serve)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelOptError, first_line
+from .errors import ModelOptError, describe
 
 PREFIX = "MODEL_OPT_TIMING "
 
@@ -186,9 +186,15 @@ def _serve(spec: dict[str, Any]) -> None:
             print(PREFIX + json.dumps(times), flush=True)
 
 
-if __name__ == "__main__":
+def run_worker(serve: Any) -> None:
+    """A worker process's entry point: ``serve`` the JSON spec of its argument; a failure ends it with one line
+    on stderr, which the parent shows."""
     try:
-        _serve(json.loads(sys.argv[1]))
-    except Exception as exc:  # the parent shows the last line of stderr
-        print(f"{type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
+        serve(json.loads(sys.argv[1]))
+    except Exception as exc:
+        print(describe(exc), file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_worker(_serve)
