@@ -145,6 +145,18 @@ def compare(name: str, model: Path, data: Path, script: Path, budget: float, tri
                  "single drop": best_single["drop"] if best_single else "-", "tuner best": f"none ({exc})"[:120],
                  "tuner speed-up": "-", "tuner drop": "-", "trials": trials, "failed trials": "-",
                  "trials to match single": "-"}]
+    def ratio(value: float | None) -> str:
+        return f"{value:.2f}x" if value is not None else "unsteady"
+
+    print(f"\n{name}: single techniques at their defaults (optimize's report):")
+    for single in singles:
+        print(f"  {single['technique']}: {ratio(single['speedup'])}, drop {single['drop']:.4f}"
+              f"{'' if single['drop'] <= budget else ' (over the budget)'}")
+    print(f"{name}: every trial (autotune's table):")
+    for t in result.trials:
+        figures = (f"{ratio(t['speedup'])}, drop {t['drop']:.4f}{'' if t['within_budget'] else ' (over)'}"
+                   if "drop" in t else t.get("error", t["state"]))
+        print(f"  {t['number']:>3}  {t['description']}: {figures}")
     best = result.best
     first_at_least = next((t["number"] for t in result.trials if t.get("within_budget") and best_single
                            and t["speedup"] >= best_single["speedup"]), None)

@@ -78,6 +78,18 @@ def test_finds_a_faster_candidate_within_budget_and_saves_it(cli, digits, tmp_pa
 
 
 @pytest.mark.slow
+def test_the_trial_table_counts_the_trials_that_ran(cli, digits, tmp_path: Path) -> None:
+    """The recommendation enqueues several first trials; with --trials 1 only one runs, and the table (and the
+    count the user reads) holds that one, not the proposals that never ran."""
+    result = cli(*tune_args(digits, "--max-accuracy-drop", "0.5", "--trials", "1", "--output", tmp_path / "one.pt",
+                            "--json", "-q"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [(t["number"], t["state"]) for t in report["trials"]] == [(1, "COMPLETE")]
+    assert report["summary"]["trials"] == 1 and report["summary"]["best_trial"] == 1
+
+
+@pytest.mark.slow
 def test_no_candidate_within_budget_fails_and_saves_nothing(cli, digits, tmp_path: Path) -> None:
     strict = write_fidelity_script(digits, tmp_path / "strict")
     out = tmp_path / "never.pt"

@@ -541,7 +541,7 @@ def trial_rows(study: Any, budget: float) -> list[dict[str, Any]]:
     rows = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
-        if "skipped" in attrs:
+        if "skipped" in attrs or trial.state == optuna.trial.TrialState.WAITING:  # skipped, or enqueued, never run
             continue
         row = {"number": len(rows) + 1, "optuna_number": trial.number, "state": trial.state.name,
                "description": attrs.get("description", ""),
