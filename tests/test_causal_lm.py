@@ -139,7 +139,7 @@ def test_quantizing_a_causal_lm_without_a_test_script_reopens(cli, lm, tmp_path:
         openvino = "runtime=openvino" in extra
         assert any("does not reduce latency" in w for w in report["warnings"]) is not openvino, report["warnings"]
         assert after["latency"]["runtime"] == ("openvino" if openvino else "eager")
-    if backend == "nncf":  # int8 (or int4) weights, the embeddings included
+        # int8 (or int4) weights, the embeddings included
         assert after["size_bytes"] < 0.35 * before["size_bytes"], (after["size_bytes"], before["size_bytes"])
     assert {"config.json", "model_opt.json", "vocab.txt"} <= {p.name for p in out.iterdir()}
     # reopened in a fresh process with no trust flag, it scores what the report says
