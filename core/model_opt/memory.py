@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelOptError
-from .timing import Deployed, run_worker
+from .timing import Deployed, failure, run_worker
 
 PREFIX = "MODEL_OPT_MEMORY "
 
@@ -40,9 +40,7 @@ def peak_memory(candidates: dict[str, Deployed], example: Any, device: str = "cp
                                     "free the machine and run again") from exc
             lines = [x for x in done.stdout.splitlines() if x.startswith(PREFIX)]
             if done.returncode != 0 or not lines:
-                errors = [x for x in done.stderr.strip().splitlines() if x.strip()]
-                raise ModelOptError(f"the memory process for {name} failed "
-                                    f"({errors[-1][:200] if errors else 'no message'})",
+                raise ModelOptError(f"the memory process for {name} failed ({failure(done.stderr)})",
                                     "run it again; if it fails again, report it with this message")
             peaks[name] = int(json.loads(lines[-1][len(PREFIX):]))
     return peaks

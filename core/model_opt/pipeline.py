@@ -97,11 +97,13 @@ def steadiest(time_once: Callable[[], tuple[Any, Any]], say: Callable[[str], Non
 
 
 def time_against_original(job: Job, original: Any, model: Any, records: Sequence[Any], compiled: Any = None,
-                          say: Callable[[str], None] | None = None) -> tuple[Any, Any, str | None]:
+                          say: Callable[[str], None] | None = None, saved: dict[str, Any] | None = None
+                          ) -> tuple[Any, Any, str | None]:
     """The original's and ``model``'s latency, as every command reports them: each in a process of its own,
-    reopened from a temporary artifact as a user reopens it, when the two run in different runtimes (which
-    slow each other in one process); else interleaved in this process. Re-timed while unstable. The note says
-    when deployed timing was not possible (timed in this process instead)."""
+    reopened from a temporary artifact as a user reopens it (``saved``, when the caller has saved it already),
+    when the two run in different runtimes (which slow each other in one process); else interleaved in this
+    process. Re-timed while unstable. The note says when deployed timing was not possible (timed in this
+    process instead)."""
     say = say or job.say
     if in_processes(original, model):
         from .measure import _latency
@@ -118,8 +120,10 @@ def time_against_original(job: Job, original: Any, model: Any, records: Sequence
 
         say("timing the original and the optimized model, each in its own process, interleaved")
         try:
-            with job.saved_candidates({"after": (model, records, compiled is not None)}) as saved:
-                return (*steadiest(lambda: time_once(saved), say), None)
+            candidates = contextlib.nullcontext(saved) if saved is not None else \
+                job.saved_candidates({"after": (model, records, compiled is not None)})
+            with candidates as deployed:
+                return (*steadiest(lambda: time_once(deployed), say), None)
         except ModelOptError as exc:
             note = f"timed in this process, not each as deployed ({exc.problem})"
     else:
@@ -207,9 +211,19 @@ def measure_after(job: Job, original: Any, model: Any, report: Report) -> None:
     say("measuring the optimized model")
     report.after = measure(model, job.script, job.dataset, device, example)
     if model is not original:
-        report.before.latency, report.after.latency, note = time_against_original(job, original, model,
-                                                                                   report.steps, compiled)
-        report.latency_note = note or report.latency_note
+        with contextlib.ExitStack() as stack:
+            saved = None
+            if job.script.path == BUILTIN_LM and example is not None:  # a causal LM: its memory is measured too
+                try:  # saved once, for the timing processes and the memory processes
+                    saved = stack.enter_context(job.saved_candidates({"after": (model, report.steps,
+                                                                                compiled is not None)}))
+                except ModelOptError as exc:
+                    report.warnings.append(f"peak memory not measured: {exc.problem}")
+            report.before.latency, report.after.latency, note = time_against_original(
+                job, original, model, report.steps, compiled, saved=saved)
+            report.latency_note = note or report.latency_note
+            if saved is not None:
+                peak_memory_of(job, saved, report)
         if compiled is not None and not in_processes(original, model):
             # what the technique adds over compiling the float model alone
             say("compiling the original too, and timing both compiled, interleaved")
@@ -220,13 +234,14 @@ def measure_after(job: Job, original: Any, model: Any, report: Report) -> None:
     elif example is not None:
         report.after.latency = model_latency(compiled if compiled is not None else model, example, device,
                                              runtime="compiled" if compiled is not None else "eager")
-    if model is not original and job.script.path == BUILTIN_LM and example is not None:
-        peak_memory_of(job, model, report)
 
 
-def peak_memory_of(job: Job, model: Any, report: Report) -> None:
-    """The original's and the optimized model's peak memory, each opened and decoding in its own process
-    (:mod:`model_opt.memory`); a failure is a warning, not the end of the run."""
+def peak_memory_of(job: Job, saved: dict[str, Any], report: Report) -> None:
+    """The original's and the optimized model's peak memory (``saved`` as :meth:`Job.saved_candidates` gives
+    them), each opened and decoding eagerly in its own process (:mod:`model_opt.memory`); a failure is a
+    warning, not the end of the run."""
+    import dataclasses
+
     from .builtin.lm_eval import settings
     from .memory import peak_memory
 
@@ -234,9 +249,9 @@ def peak_memory_of(job: Job, model: Any, report: Report) -> None:
     report.memory_workload = f"own process: load, then greedy decode of {generate} tokens"
     job.say("measuring peak memory: the original and the optimized model, each loading and decoding in its own "
             "process")
+    eager = {name: dataclasses.replace(deployed, compile=False) for name, deployed in saved.items()}
     try:
-        with job.saved_candidates({"after": (model, report.steps, False)}) as saved:
-            peaks = peak_memory(saved, job.example, job.device, decode=True)
+        peaks = peak_memory(eager, job.example, job.device, decode=True)
     except ModelOptError as exc:
         report.warnings.append(f"peak memory not measured: {exc.problem}")
         return

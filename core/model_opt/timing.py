@@ -67,9 +67,7 @@ class Worker:
                 return json.loads(line[len(PREFIX):])
         self.proc.wait()
         self.errors.seek(0)
-        error = self.errors.read()
-        lines = [x for x in error.strip().splitlines() if x.strip()]
-        raise ModelOptError(f"the timing process failed ({lines[-1][:200] if lines else 'no message'})",
+        raise ModelOptError(f"the timing process failed ({failure(self.errors.read())})",
                             "set MODEL_OPT_TIMING=inline to time in this process")
 
     def block(self, block_s: float) -> list[float]:
@@ -184,6 +182,12 @@ def _serve(spec: dict[str, Any]) -> None:
                 call()
                 times.append((time.perf_counter() - t0) * 1000)
             print(PREFIX + json.dumps(times), flush=True)
+
+
+def failure(stderr: str) -> str:
+    """What a failed worker said: the last line of its stderr (:func:`run_worker` writes it)."""
+    lines = [x for x in stderr.strip().splitlines() if x.strip()]
+    return lines[-1][:200] if lines else "no message"
 
 
 def run_worker(serve: Any) -> None:
