@@ -1,6 +1,7 @@
 """Causal LM decode on CPU: float and torchao int8 weight-only (eager and compiled), NNCF weight compression
-(int8, int4) of the torch model (eager), the model in OpenVINO (KV cache as inputs/outputs) in float and
-compressed, in one run, with perplexity on held-out text and the weights' size.
+(int8, int4) of the torch model (eager), INC int4 weight-only (RTN, GPTQ, AWQ; eager), the model in OpenVINO (KV
+cache as inputs/outputs) in float and compressed, in one run, with perplexity on held-out text and the weights'
+size. GPTQ and AWQ are calibrated on training text, not on the held-out text.
 
 No small pretrained LM ships in a package on the registry here, so the benchmark trains one: a Llama-shaped
 model (from a config) trained for ``--train-minutes`` on English prose it builds from Python's own help topics
@@ -88,6 +89,8 @@ def main() -> None:
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
     (work / "text" / "held_out.txt").write_text(tokenizer.decode(held_out))
+    (work / "calibration").mkdir(exist_ok=True)
+    (work / "calibration" / "train.txt").write_text(tokenizer.decode(train[: len(held_out)]))
     model_path, data = str(work / "model"), str(work / "text")
 
     # the LM head too (skip_head is for classifiers): with a large vocabulary it is a third of the weights here
@@ -101,6 +104,11 @@ def main() -> None:
     # eager only: compiling the decode of NNCF's hooked model recompiles on every call until dynamo's
     # recompile limit (seen in a run of this script), which measures dynamo, not the weights
     candidates.update({f"nncf {mode} eager": (compressed, False) for mode, compressed in nncf.items()})
+    calibration = lm_eval.calibration_data(str(work / "calibration"), model_path)
+    for algorithm in ("rtn", "gptq", "awq"):
+        candidates[f"inc int4 {algorithm} eager"] = (Quantizer().quantize(
+            copy.deepcopy(model), method="weight_only", backend="neural-compressor", algorithm=algorithm,
+            group_size=64, example_input=example, calibration_data=calibration)[0], False)
     # OpenVINO, the KV cache as the IR's inputs and outputs: float (what the runtime alone gives), then compressed
     from model_opt_nncf.openvino_lm import OpenVINOCausalLM, convert_causal_lm
 
@@ -146,7 +154,7 @@ def main() -> None:
     print(table(f"Causal LM decode (prompt {prompt.shape[1]}, {args.generate} tokens, static KV cache, batch 1; "
                 "torchao int8 weight-only on every Linear, LM head included, input embedding float; NNCF "
                 "compresses the embedding too, int4 groups of 64 with the embedding and head in int8 unless all "
-                "layers)", rows))
+                "layers; INC int4 groups of 64, symmetric, block projections only)", rows))
 
 
 if __name__ == "__main__":

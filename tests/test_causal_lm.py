@@ -109,6 +109,7 @@ def test_builtin_evaluation_is_consistent(lm) -> None:
     ("gpt2", "torchao", "int8_dynamic", [], 0.05),
     ("llama", "torchao", "int8_weight_only", ["--compile"], 0.05),  # decode timed compiled (static cache)
     ("gpt2", "neural-compressor", "weight_only", ["--quant-opt", "algorithm=gptq"], 0.25),  # int4, GPTQ on the text
+    ("llama", "neural-compressor", "weight_only", ["--quant-opt", "algorithm=awq"], 0.25),  # int4, AWQ on the text
     ("llama", "nncf", "weight_only", [], 0.05),  # int8 weights, embeddings too
     ("gpt2", "nncf", "weight_only", ["--quant-opt", "mode=int4_sym", "--quant-opt", "group_size=32"], 0.25),
     ("llama", "nncf", "weight_only", ["--quant-opt", "runtime=openvino", "--quant-opt", "mode=int4_sym",
@@ -135,6 +136,8 @@ def test_quantizing_a_causal_lm_without_a_test_script_reopens(cli, lm, tmp_path:
     info = report["steps"][0]["info"]
     if backend == "torchao" and name == "gpt2":  # Conv1D as Linear: every block projection, not only lm_head
         assert "transformer.h.0.attn.c_attn" in info["quantized"], info
+    if backend == "neural-compressor":  # every block projection packed; AWQ scaled some layers' inputs
+        assert info["packed_layers"] >= 8 and (info["input_scaled_layers"] > 0) is ("algorithm=awq" in extra), info
     if backend == "nncf":  # the report warns of no speed-up only where the runtime decompresses at every call
         openvino = "runtime=openvino" in extra
         assert any("does not reduce latency" in w for w in report["warnings"]) is not openvino, report["warnings"]
@@ -154,6 +157,50 @@ def test_quantizing_a_causal_lm_without_a_test_script_reopens(cli, lm, tmp_path:
     kind, perplexity = proc.stdout.split()
     assert kind.endswith("CausalLM") or kind == "GPT2LMHeadModel"
     assert float(perplexity) == pytest.approx(after["metrics"]["perplexity"], rel=1e-3)  # int8 dynamic: ~1e-4
+
+
+@pytest.mark.slow
+def test_gptq_on_a_model_built_from_a_config_stays_offline() -> None:
+    """INC looks GPTQ's model path up on the Hub when it is not a folder: "" for a model built from a config."""
+    import torch
+    from model_opt.techniques import Quantizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=500)).eval()
+    ids = [{"input_ids": torch.randint(0, 500, (1, 32))} for _ in range(2)]
+    with torch.no_grad():
+        expected = model(**ids[0]).logits
+    quantized, info = Quantizer().quantize(model, method="weight_only", backend="neural-compressor",
+                                           algorithm="gptq", example_input=ids[0], calibration_data=ids)
+    assert info["packed_layers"] == 7
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(**ids[0]).logits, expected, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize(("blocks", "example", "message"), [
+    (False, "tensor", "algorithm=awq works block by block, and INC finds the blocks as the model's first "
+                      "nn.ModuleList (as in Hugging Face transformers); this model has none"),
+    (True, "tuple", "algorithm=awq traces the model on one input tensor, and the example input is a tuple"),
+    (True, "dict", "algorithm=awq traces the model on one input tensor, and the example input is a dict without "
+                   "input_ids"),
+])
+def test_awq_refuses_what_inc_cannot_trace(blocks: bool, example: str, message: str) -> None:
+    import torch
+    from model_opt.errors import TechniqueError
+    from model_opt.techniques import Quantizer
+    from torch import nn
+
+    layers = [nn.Linear(16, 16), nn.Linear(16, 16)]
+    model = nn.Sequential(nn.ModuleList(layers) if blocks else nn.Sequential(*layers))
+    x = torch.randn(2, 16)
+    given = {"tensor": x, "tuple": (x, x), "dict": {"pixel_values": x}}[example]
+    with pytest.raises(TechniqueError) as caught:
+        Quantizer().quantize(model, method="weight_only", backend="neural-compressor", algorithm="awq",
+                             example_input=given, calibration_data=[given])
+    assert caught.value.problem == message
+    assert "use algorithm=gptq or rtn" in str(caught.value)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 from itertools import islice
 from typing import Any
 
@@ -64,28 +65,51 @@ def static_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tupl
 
 
 def weight_only(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
-    from neural_compressor.torch.quantization import GPTQConfig, RTNConfig, convert, prepare
+    from neural_compressor.torch.quantization import AWQConfig, GPTQConfig, RTNConfig, convert, prepare
 
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise TechniqueError("the model has no Linear layer for weight-only quantization",
                              "weight-only quantization packs Linear weights; use int8_static for CNNs")
     common = {"bits": options["bits"], "group_size": options["group_size"], "use_sym": options["use_sym"]}
-    if options["algorithm"] == "gptq":
-        batches = list(islice(context.calibration_inputs(f"{context.technique} gptq"), 8))
-        prepared = prepare(model, GPTQConfig(**common, use_layer_wise=False))
+    if options["algorithm"] in ("gptq", "awq"):
+        batches = list(islice(context.calibration_inputs(f"{context.technique} {options['algorithm']}"), 8))
+        if options["algorithm"] == "gptq":
+            # INC resolves GPTQ's model_path (else the model's name_or_path) even when it does not read layers
+            # from it, and looks a name that is not a folder up on the Hub: "" for a model built from a config.
+            # Any existing folder keeps it local; with use_layer_wise=False nothing is read from it.
+            prepared = prepare(model, GPTQConfig(**common, use_layer_wise=False, model_path=tempfile.gettempdir()))
+        else:  # AWQ traces the model on one input tensor to find where its scales can be absorbed
+            if not any(type(m) is nn.ModuleList for m in model.modules()):
+                raise TechniqueError("algorithm=awq works block by block, and INC finds the blocks as the model's "
+                                     "first nn.ModuleList (as in Hugging Face transformers); this model has none",
+                                     "use algorithm=gptq or rtn for this model")
+            example = context.require_example_input()
+            ids = example.get("input_ids") if isinstance(example, dict) else example
+            if not isinstance(ids, torch.Tensor):
+                what = "a dict without input_ids" if isinstance(example, dict) else f"a {type(example).__name__}"
+                raise TechniqueError(f"algorithm=awq traces the model on one input tensor, and the example input is "
+                                     f"{what}", "use algorithm=gptq or rtn for this model")
+            prepared = prepare(model, AWQConfig(**common, use_layer_wise=False), example_inputs=ids)
         with torch.no_grad():
             for batch in batches:
                 call_model(prepared, batch)
         quantized = convert(prepared)
     else:
         quantized = convert(prepare(model, RTNConfig(**common, use_layer_wise=False)))
-    packed = [n for n, m in quantized.named_modules()
-              if type(m).__name__ in ("INCWeightOnlyLinear", "WeightOnlyLinear")]
+    packed = _packed(quantized)
+    # AWQ multiplies the input of a layer whose scale no earlier layer absorbs (INC's MulLinear around the
+    # packed layer): the replay wraps the same layers before packing them.
+    input_scaled = [n for n, m in quantized.named_modules() if type(m).__name__ == "MulLinear"]
     return TechniqueResult(quantized, {"algorithm": options["algorithm"], "bits": options["bits"],
-                                       "group_size": options["group_size"], "packed_layers": len(packed)},
+                                       "group_size": options["group_size"], "packed_layers": len(packed),
+                                       "input_scaled_layers": len(input_scaled)},
                            {"graph": "weight_only", "bits": options["bits"], "group_size": options["group_size"],
-                            "use_sym": options["use_sym"]})
+                            "use_sym": options["use_sym"], "packed": packed, "input_scaled": input_scaled})
+
+
+def _packed(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m).__name__ in ("INCWeightOnlyLinear", "WeightOnlyLinear")]
 
 
 def restore(model: nn.Module, method: str, options: dict[str, Any], state: dict[str, Any]) -> nn.Module:
@@ -93,13 +117,27 @@ def restore(model: nn.Module, method: str, options: dict[str, Any], state: dict[
     if state.get("graph") == "export":
         return ExportedModule()
     if state.get("graph") == "weight_only":
-        from neural_compressor.torch.quantization import RTNConfig, convert, prepare
-
-        config = RTNConfig(bits=state["bits"], group_size=state["group_size"], use_sym=state["use_sym"],
-                           use_layer_wise=False)
-        return convert(prepare(model, config))
+        return _restore_weight_only(model, state)
     raise UsageError(f"neural-compressor {method}: the saved state names no known graph ({state.get('graph')!r})",
                      "re-create the file with model-opt optimize")
+
+
+def _restore_weight_only(model: nn.Module, state: dict[str, Any]) -> nn.Module:
+    """RTN packing (same bits, group size, symmetry) of the layers the result packed, after wrapping the layers
+    AWQ gave an input scale; the saved weights then fill in the packed values, scales and input scales."""
+    from neural_compressor.torch.algorithms.weight_only.modules import MulLinear
+    from neural_compressor.torch.quantization import RTNConfig, convert, prepare
+
+    for name in state.get("input_scaled", []):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, MulLinear(model.get_submodule(name)))
+    config = RTNConfig(bits=state["bits"], group_size=state["group_size"], use_sym=state["use_sym"],
+                       use_layer_wise=False)
+    if "packed" in state:  # the same layers as the result, whatever INC's defaults for RTN are
+        for name, layer in model.named_modules():
+            if isinstance(layer, nn.Linear) and name not in state["packed"]:
+                config.set_local(name, RTNConfig(dtype="fp32"))
+    return convert(prepare(model, config))
 
 
 def tune(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:

@@ -21,15 +21,15 @@ TECHNIQUES = (
     ),
     Technique(
         kind="quantize", backend="neural-compressor", method="weight_only",
-        summary="INC weight-only quantization of Linear layers: RTN, or GPTQ when calibration data is given.",
+        summary="INC weight-only quantization of Linear layers: RTN, or GPTQ/AWQ calibrated on your data.",
         options=(Option("bits", int, 4, "weight bits", choices=(4, 8)),
                  Option("group_size", int, 32, "weights per scale (-1: per channel)", minimum=-1),
-                 Option("algorithm", str, "rtn", "rtn (round to nearest) or gptq (needs calibration data)",
-                        choices=("rtn", "gptq")),
+                 Option("algorithm", str, "rtn", "rtn (round to nearest), gptq (needs calibration data) or awq "
+                        "(activation-aware scales, needs calibration data)", choices=("rtn", "gptq", "awq")),
                  Option("use_sym", bool, True, "symmetric weights")),
         requires=REQUIRES, speeds_up=(),
-        recommended=(Recommended("causal-lm", "4-bit weights (RTN, or GPTQ calibrated on your text) cut the model "
-                                              "to about an eighth of float32 on disk and in memory", rank=15),),
+        recommended=(Recommended("causal-lm", "4-bit weights (RTN, or GPTQ/AWQ calibrated on your text) cut the "
+                                              "model to about an eighth of float32 on disk and in memory", rank=15),),
         speed_note="weight-only packing saves memory and size; on CPU it runs dequantize + float matmul, which is "
                    "not faster",
     ),
@@ -64,7 +64,8 @@ def quantize(model: Any, technique: Technique, options: dict[str, Any], context:
 @hookimpl
 def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any], context: Any) -> Any:
     """Static int8 is a torch.export program saved as the weights; weight-only packing is redone with RTN on
-    the fresh architecture (same bits, group size and symmetry), and the packed weights are then loaded."""
+    the fresh architecture (same layers, bits, group size and symmetry, AWQ's input multipliers put back), and
+    the packed weights are then loaded."""
     from . import inc
 
     return inc.restore(model, technique.method, options, state)
