@@ -1,7 +1,8 @@
 """Causal LM decode on CPU: float and torchao int8 weight-only (eager and compiled), NNCF weight compression
 (int8, int4) of the torch model (eager), INC int4 weight-only (RTN, GPTQ, AWQ; eager), the model in OpenVINO (KV
-cache as inputs/outputs) in float and compressed, in one run, with perplexity on held-out text and the weights'
-size. GPTQ and AWQ are calibrated on training text, not on the held-out text.
+cache as inputs/outputs) in float, weight-compressed, and int8 in weights and activations (NNCF int8_static, with
+and without SmoothQuant), in one run, with perplexity on held-out text and the weights' size. GPTQ, AWQ and the
+int8 activation ranges are calibrated on training text, not on the held-out text.
 
 No small pretrained LM ships in a package on the registry here, so the benchmark trains one: a Llama-shaped
 model (from a config) trained for ``--train-minutes`` on English prose it builds from Python's own help topics
@@ -119,6 +120,11 @@ def main() -> None:
         candidates[name] = (Quantizer().quantize(
             copy.deepcopy(model), method="weight_only", backend="nncf", mode=mode, group_size=64, runtime="openvino",
             example_input=example, **extra)[0], False)
+    # int8 weights and activations (NNCF int8_static, OpenVINO, KV cache), with and without SmoothQuant
+    for alpha, name in ((0.95, "nncf int8_static SmoothQuant OpenVINO"), (-1.0, "nncf int8_static OpenVINO")):
+        candidates[name] = (Quantizer().quantize(
+            copy.deepcopy(model), method="int8_static", backend="nncf", smooth_quant_alpha=alpha,
+            example_input=example, calibration_data=calibration)[0], False)
     prompt = example["input_ids"]
     rates: dict[str, list[float]] = {name: [] for name in candidates}
     failed: dict[str, str] = {}

@@ -112,6 +112,7 @@ def test_builtin_evaluation_is_consistent(lm) -> None:
     ("llama", "neural-compressor", "weight_only", ["--quant-opt", "algorithm=awq"], 0.25),  # int4, AWQ on the text
     ("llama", "nncf", "weight_only", [], 0.05),  # int8 weights, embeddings too
     ("gpt2", "nncf", "weight_only", ["--quant-opt", "mode=int4_sym", "--quant-opt", "group_size=32"], 0.25),
+    ("llama", "nncf", "int8_static", [], 0.05),  # int8 weights and activations, SmoothQuant, OpenVINO, KV cache
     ("llama", "nncf", "weight_only", ["--quant-opt", "runtime=openvino", "--quant-opt", "mode=int4_sym",
                                       "--quant-opt", "group_size=32"], 0.25),  # OpenVINO, KV cache as inputs
 ])
@@ -139,11 +140,15 @@ def test_quantizing_a_causal_lm_without_a_test_script_reopens(cli, lm, tmp_path:
     if backend == "neural-compressor":  # every block projection packed; AWQ scaled some layers' inputs
         assert info["packed_layers"] >= 8 and (info["input_scaled_layers"] > 0) is ("algorithm=awq" in extra), info
     if backend == "nncf":  # the report warns of no speed-up only where the runtime decompresses at every call
-        openvino = "runtime=openvino" in extra
+        openvino = "runtime=openvino" in extra or method == "int8_static"
         assert any("does not reduce latency" in w for w in report["warnings"]) is not openvino, report["warnings"]
         assert after["latency"]["runtime"] == ("openvino" if openvino else "eager")
-        # int8 (or int4) weights, the embeddings included
+    if method == "weight_only" and backend == "nncf":  # int8 (or int4) weights, the embeddings included
         assert after["size_bytes"] < 0.35 * before["size_bytes"], (after["size_bytes"], before["size_bytes"])
+    if method == "int8_static":  # SmoothQuant, then int8 weights and activations, in OpenVINO with the KV cache
+        assert info["smooth_quant_alpha"] == 0.95 and info["model_type"] == "transformer", info
+        assert info["fake_quantize_ops"] > 0 and info["kv_cache"]["layers"] == 2, info
+        assert after["size_bytes"] < before["size_bytes"]
     assert {"config.json", "model_opt.json", "vocab.txt"} <= {p.name for p in out.iterdir()}
     # reopened in a fresh process with no trust flag, it scores what the report says
     code = ("import sys, model_opt\n"

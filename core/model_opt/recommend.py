@@ -31,7 +31,9 @@ def detect_family(model: Any) -> tuple[str, str]:
     if callable(getattr(config, "to_dict", None)):
         from .modelio import is_causal_lm
 
-        values = config.to_dict()
+        # a model built from a config in Python has no architectures in it: its class names it then
+        values = {**config.to_dict()}
+        values["architectures"] = values.get("architectures") or [type(model).__name__]
         if is_causal_lm(values):
             layers = values.get("num_hidden_layers", values.get("n_layer", "?"))
             return "causal-lm", (f"{(values.get('architectures') or [type(model).__name__])[0]}, {layers} decoder "

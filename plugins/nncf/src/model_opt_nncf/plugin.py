@@ -20,6 +20,9 @@ INT8_STATIC = Technique(
         Option("model_type", str, "auto", "transformer enables NNCF's transformer rules (auto: for models with "
                "attention)",
                choices=("auto", "transformer")),
+        Option("smooth_quant_alpha", float, 0.95, "with the transformer rules, SmoothQuant first: how much of the "
+               "activations' range moves into the MatMul weights (0-1; -1 turns it off)", minimum=-1.0,
+               maximum=1.0),
         Option("fast_bias_correction", bool, True, "fast bias correction (else the slower, more accurate one)"),
         Option("exclude", list, [], "module names (or prefixes) to keep in float", aliases=("ignored",)),
         Option("accuracy_control", bool, True, "with --max-accuracy-drop, keep layers in float until the "
@@ -36,7 +39,7 @@ INT8_STATIC = Technique(
     requires=("nncf", "openvino"),
     search_space={},
     default=True,
-    families=("cnn", "vit", "hybrid", "transformer"),
+    families=("cnn", "vit", "hybrid", "transformer", "causal-lm"),
     recommended=(Recommended("cnn", "int8 for CNNs is fast on CPU through OpenVINO", rank=10),
                  Recommended("transformer", "int8 through OpenVINO with NNCF's transformer rules (attention kept "
                              "accurate)", rank=10),
@@ -163,7 +166,7 @@ def restore(model: Any, technique: Technique, options: dict[str, Any], state: di
     saved as the artifact's weights: an empty module takes it."""
     if technique.kind == "prune":
         return model
-    if technique.method == "weight_only" and "compile" in state:  # runtime=openvino: the IR is the weights
+    if "kv" in (state.get("compile") or {}):  # a causal LM in OpenVINO with its KV cache: the IR is the weights
         from .openvino_lm import OpenVINOCausalLM
 
         return OpenVINOCausalLM(compile_config=state["compile"])

@@ -44,15 +44,27 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
         "fast_bias_correction": options["fast_bias_correction"],
         "preset": getattr(nncf.QuantizationPreset, options["preset"].upper()),
     }
+    from model_opt.recommend import detect_family
+
+    family = detect_family(model)[0]
     model_type = options["model_type"]
     if model_type == "auto":  # NNCF's transformer rules keep attention accurate (benchmarks/RESULTS.md: MiniLM)
-        from model_opt.recommend import detect_family
+        model_type = "transformer" if family in ("transformer", "vit", "hybrid", "causal-lm") else "default"
+    if model_type == "transformer":  # with SmoothQuant on the MatMuls first (NNCF applies it for transformers)
+        from nncf.quantization.advanced_parameters import (
+            AdvancedQuantizationParameters,
+            AdvancedSmoothQuantParameters,
+        )
 
-        model_type = "transformer" if detect_family(model)[0] in ("transformer", "vit", "hybrid") else "default"
-    if model_type == "transformer":
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+        kwargs["advanced_parameters"] = AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=options["smooth_quant_alpha"]))
     info: dict[str, Any] = {"calibration_batches": len(calibration), "calibration_shapes": sorted(shapes),
                             "model_type": model_type}
+    if model_type == "transformer":
+        info["smooth_quant_alpha"] = options["smooth_quant_alpha"] if options["smooth_quant_alpha"] >= 0 else "off"
+    if family == "causal-lm" and callable(getattr(model, "generate", None)) and not options["qat_steps"]:
+        return quantize_causal_lm(model, kwargs, example, context, info)
     if options["qat_steps"]:
         quantized = quantization_aware(model, options, kwargs, context, info)
     else:
@@ -73,6 +85,46 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
                  "quantized_layers": len(fq_layers), "float_layers": float_layers,
                  "fake_quantize_ops": module.op_counts().get("FakeQuantize", 0)})
     return TechniqueResult(module, info, {"compile": config}, standalone=True)
+
+
+def quantize_causal_lm(model: nn.Module, kwargs: dict[str, Any], example: Any, context: Any,
+                       info: dict[str, Any]) -> TechniqueResult:
+    """int8 weights and activations of a causal LM in OpenVINO with its KV cache as inputs and outputs (as NNCF's
+    weight compression with runtime=openvino), calibrated on the prompts and on a decode step after each, so
+    that the ranges cover both the prompt and the one-token steps with a past."""
+    import nncf
+    import numpy as np
+
+    from .openvino_lm import OpenVINOCausalLM, convert_causal_lm
+
+    ids = example.get("input_ids") if isinstance(example, dict) else example
+    if not isinstance(ids, torch.Tensor):
+        raise TechniqueError("int8_static converts a causal LM with its token ids as input, and the example input "
+                             "has no input_ids tensor", "give the example input as {'input_ids': ...}")
+    context.progress("converting the causal LM to OpenVINO with its KV cache as inputs and outputs")
+    ov_model, layout = convert_causal_lm(model, ids)
+    float_lm = OpenVINOCausalLM(ov_model, compile_config={"kv": layout})
+    items = []
+    for batch in context.calibration_inputs():
+        rows = batch.get("input_ids") if isinstance(batch, dict) else batch
+        for row in torch.as_tensor(rows).reshape(-1, torch.as_tensor(rows).shape[-1]).numpy().astype(np.int64):
+            split = max(1, len(row) // 2)
+            prompt = [row[None, :split], np.ones((1, split), np.int64), *float_lm._empty_past()]
+            _, past = float_lm._step(row[None, :split], split, float_lm._empty_past())
+            items.append(prompt)
+            if split < len(row):
+                items.append([row[None, split:split + 1], np.ones((1, split + 1), np.int64), *past])
+    if not items:
+        raise TechniqueError("calibration_data(dataset_path) yielded nothing", "make it yield model inputs")
+    context.progress(f"NNCF int8 calibration on {len(items)} prompts and decode steps")
+    quantized = nncf.quantize(ov_model, nncf.Dataset(items), **{**kwargs, "subset_size": min(kwargs["subset_size"],
+                                                                                             len(items))})
+    module = OpenVINOCausalLM(quantized, compile_config={"kv": layout})
+    fq_layers, float_layers = quantized_layers(quantized)
+    info.update({"calibration_items": len(items), "runtime": "OpenVINO CPU", "kv_cache": layout,
+                 "compiled_with": module.describe_compile(), "quantized_layers": len(fq_layers),
+                 "float_layers": float_layers, "fake_quantize_ops": module.op_counts().get("FakeQuantize", 0)})
+    return TechniqueResult(module, info, {"compile": module.compile_config}, standalone=True)
 
 
 def quantization_aware(model: nn.Module, options: dict[str, Any], kwargs: dict[str, Any], context: Any,
