@@ -106,8 +106,8 @@ def quantize_causal_lm(model: nn.Module, kwargs: dict[str, Any], example: Any, c
     float_lm = OpenVINOCausalLM(ov_model, compile_config={"kv": layout})
     items = []
     for batch in context.calibration_inputs():
-        rows = batch.get("input_ids") if isinstance(batch, dict) else batch
-        for row in torch.as_tensor(rows).reshape(-1, torch.as_tensor(rows).shape[-1]).numpy().astype(np.int64):
+        rows = torch.as_tensor(batch.get("input_ids") if isinstance(batch, dict) else batch)
+        for row in rows.reshape(-1, rows.shape[-1]).numpy().astype(np.int64):
             split = max(1, len(row) // 2)
             prompt = [row[None, :split], np.ones((1, split), np.int64), *float_lm._empty_past()]
             _, past = float_lm._step(row[None, :split], split, float_lm._empty_past())
