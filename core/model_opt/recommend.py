@@ -36,7 +36,7 @@ def detect_family(model: Any) -> tuple[str, str]:
         values["architectures"] = values.get("architectures") or [type(model).__name__]
         if is_causal_lm(values):
             layers = values.get("num_hidden_layers", values.get("n_layer", "?"))
-            return "causal-lm", (f"{(values.get('architectures') or [type(model).__name__])[0]}, {layers} decoder "
+            return "causal-lm", (f"{values['architectures'][0]}, {layers} decoder "
                                  f"layers, vocabulary {values.get('vocab_size', '?')}")
     modules = list(model.modules())
     kinds = [type(m).__name__ for m in modules]
