@@ -58,6 +58,22 @@ def test_program_contract_with_trusted_whole_model(cli, digits, tmp_path: Path) 
     assert out.exists()
 
 
+def test_the_seeds_program_mode_line_without_an_example_reports_latency_not_measured(cli, digits,
+                                                                                      tmp_path: Path) -> None:
+    """The seed's first example: a program-mode script (it prints its metrics), no example input, no
+    --input-shape. Latency cannot be timed; the run still succeeds and the report says why."""
+    out = tmp_path / "p.pt"
+    result = cli(*args(digits, *PRUNE, "--output", str(out), "--trust-model", "-q", script=digits.program_script,
+                       model=digits.whole_model))
+    assert result.exit_code == 0, result.stderr
+    assert "latency" in result.stdout and "not measured: a program-mode test script gives no example input" \
+        in result.stdout
+    report = json.loads((tmp_path / "p.report.json").read_text())
+    assert report["before"]["latency"] is None and report["after"]["latency"] is None
+    assert report["latency_note"].startswith("not measured") and "--input-shape" in report["latency_note"]
+    assert report["after"]["metrics"]["accuracy"] > 0.8 and out.exists()
+
+
 def test_default_output_is_beside_the_input(cli, digits, tmp_path: Path) -> None:
     folder = tmp_path / "copy"
     shutil.copytree(digits.folder, folder)

@@ -41,6 +41,15 @@ from .report import UNSTABLE_SPREAD, Measurement, Report
 from .testscript import TestScript
 from .timing import in_processes, runtime_of
 
+#: Why latency was not measured, by test-script contract (a program-mode script is never imported, so it cannot
+#: give an example input).
+NO_EXAMPLE_NOTE = {
+    "in_process": "not measured: no example input (define example_input(dataset_path) in the test script, or pass "
+                  "--input-shape)",
+    "program": "not measured: a program-mode test script gives no example input (pass --input-shape, e.g. "
+               "1,3,224,224)",
+}
+
 #: Combined techniques always run in this order.
 ORDER: tuple[str, ...] = KINDS
 
@@ -105,6 +114,8 @@ def time_against_original(job: Job, original: Any, model: Any, records: Sequence
     process. Re-timed while unstable. The note says when deployed timing was not possible (timed in this
     process instead)."""
     say = say or job.say
+    if job.example is None:  # nothing to time with: the report says why (Report.latency_note)
+        return None, None, None
     if in_processes(original, model):
         from .measure import _latency
 
@@ -191,7 +202,7 @@ def measure_before(job: Job) -> tuple[Report, Any]:
                     higher_is_better=job.script.higher_is_better, before=None,  # type: ignore[arg-type]
                     max_accuracy_drop=job.max_accuracy_drop)
     if example is None:
-        report.latency_note = "define example_input(dataset_path) in the test script or pass --input-shape"
+        report.latency_note = NO_EXAMPLE_NOTE[job.script.mode]
     job.say("measuring the original model")
     report.before = measure(original, job.script, job.dataset, job.device, example)
     model = _working_copy(original)
