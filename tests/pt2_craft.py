@@ -61,3 +61,22 @@ def hostile_weight(marker: str | pathlib.Path, data: bytes | None = None) -> byt
             return json.dumps(config).encode()
         return evil.getvalue() if name.endswith(f"weights/{target}") else content
     return _rewrite(data, edit)
+
+
+def hostile_second_program(marker: str | pathlib.Path, stored_as: str = "models/evil.jsox") -> bytes:
+    """A clean program plus a second one stored under ``models/`` with another suffix (torch.export.load loads
+    every file there, cutting the suffix's length off the name), whose sample inputs run code."""
+    data = program_bytes()
+    source = zipfile.ZipFile(io.BytesIO(data))
+    name = stored_as[len("models/"):-len(".json")]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
+        for member in source.namelist():
+            target.writestr(member, source.read(member))
+        copies = {"models/model.json": stored_as,
+                  "data/weights/model_weights_config.json": f"data/weights/{name}_weights_config.json",
+                  "data/constants/model_constants_config.json": f"data/constants/{name}_constants_config.json"}
+        for original, copy in copies.items():
+            target.writestr(f"archive/{copy}", source.read(f"archive/{original}"))
+        target.writestr(f"archive/data/sample_inputs/{name}.pt", pickle.dumps(Touch(str(marker))))
+    return out.getvalue()

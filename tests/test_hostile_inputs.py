@@ -19,10 +19,11 @@ import model_opt
 import pytest
 import torch
 from model_opt.errors import ModelLoadError, TestScriptError
-from pt2_craft import hostile_sample_inputs, hostile_weight, program_bytes
+from pt2_craft import hostile_sample_inputs, hostile_second_program, hostile_weight, program_bytes
 from test_bad_input import PRUNE, listing, one_error, optimize_args
 
-HOSTILE = {"sample_inputs": hostile_sample_inputs, "use_pickle_weight": hostile_weight}
+HOSTILE = {"sample_inputs": hostile_sample_inputs, "use_pickle_weight": hostile_weight,
+           "second_program_not_named_json": hostile_second_program}
 
 
 @pytest.fixture()
@@ -81,6 +82,9 @@ def test_artifact_with_a_hostile_program_as_its_step_or_source_runs_no_code(tmp_
     source.write_bytes(program)
     sourced = _artifact(tmp_path / "sourced.pt", {"steps": [], "source": {"path": str(source),
                                                                           "opened_with": "file"}}, {})
+    with pytest.raises(ModelLoadError, match="cannot be opened safely"):
+        model_opt.load(sourced)
+    source.write_bytes(hostile_second_program(marker))  # a second program stored as models/evil.jsox
     with pytest.raises(ModelLoadError, match="cannot be opened safely"):
         model_opt.load(sourced)
     assert not marker.exists()

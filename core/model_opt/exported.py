@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import io
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -55,6 +56,15 @@ def _weights_only(reader: Any, name: str) -> None:
             from None
 
 
+def program_names(names: list[str]) -> list[str]:
+    """The programs ``torch.export.load`` deserializes from an archive holding ``names``, found its way: every
+    file under ``models/`` (whatever its suffix) named by cutting the format's prefix and suffix lengths off."""
+    from torch.export.pt2_archive import constants
+
+    prefix, suffix = constants.MODELS_FILENAME_FORMAT.split("{}")
+    return [n[len(prefix):-len(suffix)] for n in names if n.startswith(constants.MODELS_DIR)]
+
+
 def check_program(program: bytes) -> None:
     """Raise :class:`UnsafeProgram` unless every pickle ``torch.export.load`` would unpickle in ``program``
     passes the weights-only unpickler, and it holds no compiled code (AOTInductor libraries).
@@ -78,9 +88,7 @@ def check_program(program: bytes) -> None:
         compiled = [n for n in names if n.startswith(native)]
         if compiled:
             raise UnsafeProgram(f"it holds compiled code ({compiled[0]}), which loads as a native library")
-        prefix, suffix = constants.MODELS_FILENAME_FORMAT.split("{}")
-        models = [n[len(prefix):-len(suffix)] for n in names if n.startswith(prefix) and n.endswith(suffix)]
-        for model in models:
+        for model in program_names(names):
             for name in (constants.SAMPLE_INPUTS_FILENAME_FORMAT.format(model), f"{constants.WEIGHTS_DIR}{model}.pt",
                          f"{constants.CONSTANTS_DIR}{model}.pt"):
                 if name in names:
@@ -95,7 +103,7 @@ def check_program(program: bytes) -> None:
                     if path.startswith((constants.CUSTOM_OBJ_FILENAME_PREFIX, constants.OPAQUE_OBJ_FILENAME_PREFIX)):
                         raise UnsafeProgram(f"it holds a pickled object ({folder}{path}), which runs code to open")
                     if meta.use_pickle:
-                        _weights_only(reader, f"{folder}{path}")
+                        _weights_only(reader, os.path.join(folder, path))  # the name torch's loader reads
 
 
 def load_program(program: bytes) -> nn.Module:
