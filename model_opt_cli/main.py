@@ -253,7 +253,7 @@ def print_recommendation(model: Path, test_script: Path | None, test_dataset: st
     from model_opt.recommend import recommend
     from model_opt.testscript import TestScript
 
-    loaded = open_model(model, TestScript(test_script) if test_script else None, trust_model)
+    loaded = open_model(model, TestScript(test_script, model_path=model) if test_script else None, trust_model)
     family, evidence, plan = recommend(loaded, device)
     typer.echo(f"{model}: {family} ({evidence})")
     # a causal LM without a test script gets the built-in evaluation
@@ -413,7 +413,7 @@ def load_for_export(model: Path, test_script: Path | None, dataset: str | None, 
     from model_opt.job import open_model
     from model_opt.testscript import TestScript
 
-    script = TestScript(test_script) if test_script else None
+    script = TestScript(test_script, model_path=model) if test_script else None
     loaded = open_model(model, script, trust_model)
     if script is not None and script.has("example_input"):
         if dataset is None:

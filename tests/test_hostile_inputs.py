@@ -437,3 +437,40 @@ def test_a_killed_program_mode_run_leaves_no_child_and_its_copy_is_swept(work: P
 
     remove_stale_temp(Path(tempfile.gettempdir()), "model-opt-eval-")  # what the next program-mode run does first
     assert not any(p.exists() for p in left)
+
+
+# -- worker processes (timing, memory) ----------------------------------------------------------------------
+
+
+def test_workers_import_nothing_from_the_working_directory_and_call_hooks_as_the_job_does(
+        cli, work: Path, tmp_path: Path, monkeypatch) -> None:
+    """A stdlib-named module planted in the working directory does not run in the timing workers (``python -m``
+    would put the working directory first); a load_model that takes model_path works there as in the job, so
+    both models are timed each in its own process (no fallback note)."""
+    marker = tmp_path / "planted-ran"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "statistics.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                       "raise SystemExit('planted statistics ran')\n")
+    script = _script(work, "_load = load_model\n\ndef load_model(path, model_path):\n"
+                           "    assert model_path.endswith('model.pth'), model_path\n    return _load(path)\n")
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("MODEL_OPT_TIMING", "process")
+    result = cli("optimize", work / "model.pth", "--test-dataset", work / "data", "--test-script", script, *PRUNE,
+                 "--output", tmp_path / "o.pt", "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert report["latency_note"] == "" and report["after"]["latency"]["median_ms"] > 0
+    assert not marker.exists()
+
+
+def test_the_memory_worker_imports_nothing_from_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    from model_opt.memory import peak_memory
+    from model_opt.timing import Deployed
+
+    marker = tmp_path / "planted-ran"
+    (tmp_path / "statistics.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(4, 4).eval()), tmp_path / "m.pt")
+    monkeypatch.chdir(tmp_path)
+    assert peak_memory({"m": Deployed(str(tmp_path / "m.pt"))}, torch.randn(1, 4))["m"] > 0
+    assert not marker.exists()

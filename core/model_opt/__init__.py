@@ -20,12 +20,13 @@ def load(path: str, *, model: Any = None, test_script: str | None = None, trust_
     is replayed and the saved weights are loaded. Pickled models need ``trust_model=True``.
     """
     from .modelio import load as _load
+    from .modelio import source_path
 
     loader = None
     if test_script is not None:
         from .testscript import TestScript
 
-        script = TestScript(test_script)
+        script = TestScript(test_script, model_path=source_path(path))  # hooks get the MODEL the run was given
         if script.has("load_model"):
             loader = lambda p: script.call("load_model", p)  # noqa: E731
         search_paths = [script.folder, *search_paths]  # the script's folder first

@@ -331,7 +331,8 @@ def output_lock(out: Path) -> Iterator[None]:
 BUILTIN_LM = Path(__file__).parent / "builtin" / "lm_eval.py"
 
 
-def builtin_script(model_path: str | os.PathLike[str], dataset: str | os.PathLike[str]) -> TestScript:
+def builtin_script(model_path: str | os.PathLike[str], dataset: str | os.PathLike[str],
+                   compiled: bool = False) -> TestScript:
     """The built-in evaluation when no test script is given: for a causal LM folder and a folder of text files."""
     folder = Path(model_path)
     config = folder / "config.json"
@@ -341,7 +342,7 @@ def builtin_script(model_path: str | os.PathLike[str], dataset: str | os.PathLik
     if not (Path(dataset).is_dir() and any(Path(dataset).glob("*.txt"))) and Path(dataset).suffix != ".txt":
         raise UsageError(f"the built-in language-model evaluation reads text, and {dataset} is not a .txt file or a "
                          "folder of them", "pass --test-dataset with a folder of .txt files")
-    return TestScript(BUILTIN_LM)
+    return TestScript(BUILTIN_LM, model_path=model_path, compiled=compiled)
 
 
 def search_paths(model_path: Path, script: TestScript | None, trust_model: bool) -> list[Path]:
@@ -422,7 +423,8 @@ class Job:
         """Check the inputs and settings (before any heavy work) and make the job."""
         settings = (settings or Settings()).check()
         model_path = modelio.resolve_model_path(model_path)  # a Hub id: its folder in the local cache
-        script = TestScript(test_script) if test_script else builtin_script(model_path, dataset)
+        script = TestScript(test_script, model_path=model_path, compiled=settings.compile) if test_script else \
+            builtin_script(model_path, dataset, compiled=settings.compile)
         path = modelio.check_readable(model_path, allow_folder=script.has("load_model"))
         dataset = str(dataset)
         if not os.path.exists(dataset):
@@ -436,7 +438,6 @@ class Job:
         job = cls(path, script, dataset, out, settings, progress or (lambda message: None),
                   manager or get_plugin_manager())
         job.folder = folder
-        script.model_path, script.compiled = str(path), settings.compile
         return job
 
     # -- the model and its inputs ------------------------------------------------------------
@@ -538,10 +539,12 @@ class Job:
         from .timing import Deployed
 
         with tempfile.TemporaryDirectory(prefix="model-opt-candidates-") as tmp:
-            saved = {"original": Deployed(str(self.model_path), str(self.script.path), self.trust_model)}
+            hooks = {"model_path": str(self.model_path.resolve()), "run_compiled": self.compile}
+            saved = {"original": Deployed(str(self.model_path.resolve()), str(self.script.path), self.trust_model,
+                                          **hooks)}
             for name, (model, records, compiled) in candidates.items():
                 path = self.save(model, records, path=Path(tmp) / f"{name}.pt")
-                saved[name] = Deployed(str(path), str(self.script.path), trust_model=True, compile=compiled)
+                saved[name] = Deployed(str(path), str(self.script.path), trust_model=True, compile=compiled, **hooks)
             yield saved
 
     def time_deployed(self, saved: dict[str, Any], rounds: int = 9) -> dict[str, Any]:

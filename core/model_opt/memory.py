@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelOptError
-from .timing import Deployed, failure, run_worker
+from .timing import Deployed, failure, run_worker, worker_command
 
 PREFIX = "MODEL_OPT_MEMORY "
 
@@ -33,7 +33,7 @@ def peak_memory(candidates: dict[str, Deployed], example: Any, device: str = "cp
             spec = {**deployed.to_dict(), "example": str(example_file), "device": device,
                     "threads": torch.get_num_threads(), "decode": decode}
             try:
-                done = subprocess.run([sys.executable, "-m", "model_opt.memory", json.dumps(spec)], text=True,
+                done = subprocess.run([*worker_command("model_opt.memory"), json.dumps(spec)], text=True,
                                       capture_output=True, timeout=timeout_s)
             except subprocess.TimeoutExpired as exc:
                 raise ModelOptError(f"measuring the peak memory of {name} took over {timeout_s:.0f}s",

@@ -50,12 +50,25 @@ CONV1D_AS_LINEAR = "conv1d_as_linear"
 STEPS_ATTR = "_model_opt_steps"
 
 
+#: Whether the working directory is importable while a model loads (not in worker processes).
+_WORKING_DIRECTORY_IMPORTABLE = [True]
+
+
+def isolate_from_working_directory() -> None:
+    """In a worker process: nothing in the working directory is importable, now or while models load."""
+    _WORKING_DIRECTORY_IMPORTABLE[0] = False
+    here = os.getcwd()
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != here]
+
+
 @contextlib.contextmanager
 def importable(paths: Iterable[str | os.PathLike[str]]) -> Iterator[None]:
-    """Put ``paths`` (then the working directory) on sys.path while loading a model, in that order of
-    priority: the first folder given wins over the later ones and over everything already on sys.path."""
+    """Put ``paths`` (then the working directory, except in worker processes) on sys.path while loading a model,
+    in that order of priority: the first folder given wins over the later ones and over everything already on
+    sys.path."""
     added = []
-    for path in reversed([*map(str, paths), os.getcwd()]):
+    working = [os.getcwd()] if _WORKING_DIRECTORY_IMPORTABLE[0] else []
+    for path in reversed([*map(str, paths), *working]):
         if path and os.path.isdir(path):
             with contextlib.suppress(ValueError):
                 sys.path.remove(path)
@@ -162,6 +175,20 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelLoadError(f"{path.name} has a model-opt manifest that is a {type(manifest).__name__}, "
                              "not a mapping", "re-create the file with model-opt optimize")
     return manifest
+
+
+def source_path(path: str | os.PathLike[str]) -> str:
+    """The MODEL a run was given: for a model-opt artifact, the source its recipe records (the test script's hooks
+    get it as ``model_path``, e.g. to open the tokenizer of the original folder); else ``path`` itself."""
+    try:
+        if is_artifact(path):
+            source = read_manifest(path).get("source")
+            where = source.get("path") if isinstance(source, dict) else None
+            if isinstance(where, str) and where:
+                return where
+    except (ModelOptError, OSError):
+        pass
+    return os.fspath(path)
 
 
 def recorded_steps(manifest: dict[str, Any], name: str) -> list[dict[str, Any]]:

@@ -95,7 +95,10 @@ class TestScript:
 
     __test__ = False
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, model_path: str | os.PathLike[str] | None = None,
+                 compiled: bool = False) -> None:
+        """``model_path``: the MODEL the user gave (passed to every hook that takes ``model_path``);
+        ``compiled``: whether the run measures under --compile (passed to hooks that take ``compiled``)."""
         path = Path(path)
         if not path.exists():
             raise TestScriptError(f"test script not found: {path}", "check the --test-script path")
@@ -125,9 +128,9 @@ class TestScript:
         self.mode = "in_process" if "evaluate" in self.defined else "program"
         self._module: ModuleType | None = None
         #: The MODEL path of the run, passed to the script's functions that take ``model_path``.
-        self.model_path: str | None = None
+        self.model_path: str | None = os.fspath(model_path) if model_path is not None else None
         #: Whether the run measures compiled (--compile), passed to the functions that take ``compiled``.
-        self.compiled = False
+        self.compiled = compiled
 
     @property
     def folder(self) -> Path:

@@ -34,6 +34,10 @@ class Deployed:
     test_script: str | None = None
     trust_model: bool = False
     compile: bool = False
+    #: The MODEL the user gave and whether the run measures compiled: the test script's hooks get them as the
+    #: job passes them (``model_path``, ``compiled``).
+    model_path: str | None = None
+    run_compiled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,7 +55,7 @@ class Worker:
     def __init__(self, deployed: Deployed, example_file: Path, device: str, threads: int) -> None:
         spec = {**deployed.to_dict(), "example": str(example_file), "device": device, "threads": threads}
         self.errors = tempfile.TemporaryFile(mode="w+")  # (a pipe could fill up and block a chatty backend)
-        self.proc = subprocess.Popen([sys.executable, "-m", "model_opt.timing", json.dumps(spec)],
+        self.proc = subprocess.Popen([*worker_command("model_opt.timing"), json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
                                      text=True, bufsize=1)
         try:
@@ -133,17 +137,19 @@ def in_processes(before: Any, after: Any) -> bool:
 
 
 def open_deployed(spec: dict[str, Any]) -> tuple[Any, Any]:
-    """In a worker: the model of a :class:`Deployed` spec opened as a user reopens it (compiled when the spec
-    says so), and the example input, both on the spec's device."""
+    """In a worker: the model of a :class:`Deployed` spec opened as the job opens a model (the test script's
+    hooks called as the job calls them), compiled when the spec says so, and the example input, both on the
+    spec's device."""
     import torch
 
-    import model_opt
-
+    from .job import open_model
     from .measure import compile_model
+    from .testscript import TestScript
 
     torch.set_num_threads(int(spec["threads"]))
-    model = model_opt.load(spec["path"], test_script=spec["test_script"], trust_model=spec["trust_model"],
-                           map_location=spec["device"])
+    script = TestScript(spec["test_script"], model_path=spec.get("model_path"),
+                        compiled=bool(spec.get("run_compiled"))) if spec.get("test_script") else None
+    model = open_model(Path(spec["path"]), script, bool(spec["trust_model"]))
     if hasattr(model, "to") and not spec["path"].endswith(".xml"):
         model = model.to(spec["device"])
     if hasattr(model, "eval"):
@@ -190,9 +196,19 @@ def failure(stderr: str) -> str:
     return lines[-1][:200] if lines else "no message"
 
 
+def worker_command(module: str) -> list[str]:
+    """The command that starts a worker process running ``module``: isolated, so that nothing in the working
+    directory is importable there (``python -m`` would put it first on sys.path, ahead of the standard
+    library); ``-P`` keeps PYTHONPATH, ``-I`` (before Python 3.11) drops it too."""
+    return [sys.executable, "-P" if sys.version_info >= (3, 11) else "-I", "-m", module]
+
+
 def run_worker(serve: Any) -> None:
     """A worker process's entry point: ``serve`` the JSON spec of its argument; a failure ends it with one line
-    on stderr, which the parent shows."""
+    on stderr, which the parent shows. The working directory is not importable while models load here."""
+    from .modelio import isolate_from_working_directory
+
+    isolate_from_working_directory()
     try:
         serve(json.loads(sys.argv[1]))
     except Exception as exc:
