@@ -54,18 +54,10 @@ def console(log_path: Path, quiet: bool, verbose: bool) -> Any:
             with contextlib.redirect_stdout(sys.stderr), stdout_fd_to(2):
                 yield progress
             return
-        with backend_output(log_path, terminal):
+        with backend_output(log_path, terminal) as written:
             yield progress
-        if _exists(log_path) and log_path.stat().st_size > 1:  # an empty log (or a lone newline) says nothing
-            progress(f"backend messages (warnings, logs, progress bars): {log_path}")
-
-
-def _exists(path: Path) -> bool:
-    """Whether ``path`` exists; a name the file system refuses (too long) does not."""
-    try:
-        return path.exists()
-    except OSError:
-        return False
+        if written:  # (an empty log, or a lone newline, says nothing and is not written)
+            progress(f"backend messages (warnings, logs, progress bars): {written[0]}")
 
 
 def interrupted(interrupt: KeyboardInterrupt) -> typer.Exit:

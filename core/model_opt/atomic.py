@@ -178,6 +178,8 @@ def _umask() -> int:
     return mask
 
 
-def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
+def write_text_atomic(target: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``target`` atomically; returns ``target``."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+    return Path(target)

@@ -612,12 +612,13 @@ def save_best(job: Job, result: TuneResult, candidate: tuple[Any, list, Any], me
         result.warnings.append("the best candidate was measured under torch.compile with inductor freezing: run it "
                                "that way (torch._inductor.config.freezing = True; torch.compile(model))")
     result.output = str(out)
-    with output_lock(out):
-        job.save(model, records, {"autotune": {"study": result.study, "trial": best["number"],
-                                               "optuna_trial": best["optuna_number"], "storage": result.storage}})
+    with output_lock(out):  # the side files first, so that the recipe lists them (all appear together)
         result.plot = plot(measured, result.pareto, best, side_path(out, ".pareto.png", job.folder),
                            job.max_accuracy_drop)
-        write_text_atomic(report_path(out, job.folder), dumps(result.to_dict()))
+        report = write_text_atomic(report_path(out, job.folder), dumps(result.to_dict()))
+        job.save(model, records, {"autotune": {"study": result.study, "trial": best["number"],
+                                               "optuna_trial": best["optuna_number"], "storage": result.storage}},
+                 files=[result.plot, report])
 
 
 def plot(measured: list[dict[str, Any]], front: list[dict[str, Any]], best: dict[str, Any], path: Path,

@@ -5,6 +5,7 @@ terminal."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import shutil
@@ -13,15 +14,31 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+#: The backend log of the run in progress: its file handle, and whether the saved output claimed it.
+_LOG: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("model_opt_backend_log", default=None)
+
+
+def claim_log() -> bool:
+    """While the output is saved: whether this run's backend log has something in it (it will then be written
+    beside the output, and the output's recipe lists it); marks it as claimed."""
+    log = _LOG.get()
+    if log is None:
+        return False
+    log["handle"].flush()
+    log["claimed"] = os.fstat(log["handle"].fileno()).st_size > 1  # (a lone newline says nothing)
+    return log["claimed"]
 
 
 @contextlib.contextmanager
-def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
+def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[list[Path]]:
     """Send sys.stdout/sys.stderr, Python warnings and every logging stream handler to ``log_path``
     (written only when the run succeeds and something was logged). ``terminal[0]`` is set to the real
-    stderr, for progress."""
+    stderr, for progress. Yields a list that holds, after the block, where the log was written: beside the
+    output, or (when a file of that name is there and the output did not claim the name) in the temp folder."""
     succeeded = False
+    written: list[Path] = []
     terminal[:] = [sys.stderr]
     from .atomic import remove_stale_temp
 
@@ -35,11 +52,13 @@ def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
             handler.stream = handle  # (not setStream: it flushes the old stream, which may be closed)
     fallback = logging.lastResort
     logging.lastResort = logging.StreamHandler(handle)
+    state = {"handle": handle, "claimed": False}
+    token = _LOG.set(state)
     try:
         with contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle), stdout_fd_to(handle.fileno()), \
                 warnings.catch_warnings():
             warnings.simplefilter("default")
-            yield
+            yield written
         succeeded = True
     finally:
         for handler, stream in moved.values():
@@ -48,13 +67,17 @@ def backend_output(log_path: Path, terminal: list[TextIO]) -> Iterator[None]:
             if handler.stream is handle:
                 handler.stream = sys.__stderr__  # never closed, unlike a test runner's stream
         logging.lastResort = fallback
+        _LOG.reset(token)
         handle.close()
         tmp = Path(tmp_name)
-        if succeeded and tmp.stat().st_size and log_path.parent.is_dir():  # (prepare checked its name)
-            os.chmod(tmp, 0o666 & ~_umask())
-            shutil.move(tmp, log_path)
-        else:
+        if not (succeeded and tmp.stat().st_size > 1):
             tmp.unlink()
+        elif log_path.parent.is_dir() and (state["claimed"] or not (log_path.exists() or log_path.is_symlink())):
+            os.chmod(tmp, 0o666 & ~_umask())  # (prepare checked its name)
+            shutil.move(tmp, log_path)
+            written.append(log_path)
+        else:  # a file the output did not claim is there: it is not replaced
+            written.append(tmp)
 
 
 @contextlib.contextmanager

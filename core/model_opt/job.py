@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import math
 import os
 import tempfile
@@ -160,14 +159,22 @@ def is_hf_folder(path: Path) -> bool:
 
 def output_target(model_path: str | os.PathLike[str], output: str | os.PathLike[str] | None) -> tuple[Path, bool]:
     """Where a run writes, and whether it writes a folder: a Hugging Face folder in gives a folder out (beside it,
-    ``<name>.optimized``), as does an ``output`` that ends in '/' or is a folder; else a file (``output``, or
-    ``<name>.optimized.pt`` beside the model)."""
-    model_path = Path(model_path)
+    ``<name>.optimized``; for a Hub id, in the working directory), as does an ``output`` that ends in '/' or is a
+    folder; else a file (``output``, or ``<name>.optimized.pt`` beside the model)."""
+    given = Path(model_path)
+    model_path = modelio.resolve_model_path(model_path)
     if not output:
+        if model_path != given:  # a Hub id: its folder in the Hugging Face cache is no place to write
+            return Path.cwd() / f"{given.name}.optimized", True
         if is_hf_folder(model_path):
             return model_path.with_name(f"{model_path.name}.optimized"), True
         return default_output(model_path), False
     text = os.fspath(output)
+    named = Path(text.rstrip("/" + os.sep) or os.sep)
+    if named.name in ("", ".", "..") or named.resolve().name == "":
+        raise UsageError(f"--output {text} names a folder by a path with no name of its own (the working "
+                         "directory, its parent, or the root)", "pass a new file or folder, e.g. --output out.pt "
+                         "or --output out/")
     try:
         folder = Path(text).is_dir()
     except OSError:  # a name too long to look up: check_output says so
@@ -334,14 +341,16 @@ BUILTIN_LM = Path(__file__).parent / "builtin" / "lm_eval.py"
 def builtin_script(model_path: str | os.PathLike[str], dataset: str | os.PathLike[str],
                    compiled: bool = False) -> TestScript:
     """The built-in evaluation when no test script is given: for a causal LM folder and a folder of text files."""
+    from .builtin.lm_eval import settings, text_files
+
     folder = Path(model_path)
-    config = folder / "config.json"
-    if not (config.is_file() and modelio.is_causal_lm(json.loads(config.read_text()))):
+    config = modelio.read_config(folder) if folder.is_dir() else None
+    if not (config is not None and modelio.is_causal_lm(config)):
         raise UsageError("--test-script is required for this model (model-opt evaluates causal language models "
                          "itself, and this is not one)", "pass --test-script eval.py (see README: the test script)")
-    if not (Path(dataset).is_dir() and any(Path(dataset).glob("*.txt"))) and Path(dataset).suffix != ".txt":
-        raise UsageError(f"the built-in language-model evaluation reads text, and {dataset} is not a .txt file or a "
-                         "folder of them", "pass --test-dataset with a folder of .txt files")
+    if Path(dataset).exists():  # (a missing dataset is said by the caller)
+        text_files(dataset)
+    settings()
     return TestScript(BUILTIN_LM, model_path=model_path, compiled=compiled)
 
 
@@ -422,7 +431,7 @@ class Job:
                 progress: Callable[[str], None] | None = None, manager: PluginManager | None = None) -> Job:
         """Check the inputs and settings (before any heavy work) and make the job."""
         settings = (settings or Settings()).check()
-        model_path = modelio.resolve_model_path(model_path)  # a Hub id: its folder in the local cache
+        given, model_path = model_path, modelio.resolve_model_path(model_path)  # a Hub id: its cached folder
         script = TestScript(test_script, model_path=model_path, compiled=settings.compile) if test_script else \
             builtin_script(model_path, dataset, compiled=settings.compile)
         path = modelio.check_readable(model_path, allow_folder=script.has("load_model"))
@@ -432,7 +441,7 @@ class Job:
         if settings.finetune_steps and not script.has("train"):
             raise UsageError(f"--finetune-steps needs a training hook, and {script.path.name} defines no "
                              "train(model, dataset_path, steps)", "add train() to the test script (see README)")
-        out, folder = output_target(path, settings.output)
+        out, folder = output_target(given, settings.output)
         protected = [*inputs_of(path), script.path, Path(dataset)]
         out = check_output(out, protected, export=settings.export, flag=settings.output_flag, folder=folder)
         job = cls(path, script, dataset, out, settings, progress or (lambda message: None),
@@ -467,14 +476,14 @@ class Job:
     def _source(self, via_loader: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Where the architecture comes from when the result is reopened, and the steps already applied."""
         path = self.model_path
-        if path.is_file() and modelio.is_artifact(path):
+        if modelio.is_artifact(path):  # a model-opt output (file or folder): its source, and its steps kept
             manifest = modelio.read_manifest(path)
             source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
             return dict(source), modelio.recorded_steps(manifest, path.name)
         opened_with = "load_model" if via_loader else ("folder" if path.is_dir() else "file")
         source: dict[str, Any] = {"path": str(path.resolve()), "opened_with": opened_with}
         if opened_with == "folder":  # the architecture, so that the output reopens without this folder
-            source["config"] = json.loads((path / "config.json").read_text())
+            source["config"] = modelio.read_config(path)
         return source, []
 
     def _example_input(self) -> Any:
@@ -514,13 +523,18 @@ class Job:
 
     # -- saving ------------------------------------------------------------------------------
     def save(self, model: Any, records: Sequence[StepRecord], extra: dict[str, Any] | None = None,
-             path: Path | None = None) -> Path:
+             path: Path | None = None, files: Sequence[str | os.PathLike[str]] = ()) -> Path:
         """Write the artifact (to the output, or ``path``): the recipe (source, every step with its replay
-        state), the weights, and the names of the side files this output may have (a rerun may replace those,
-        and no other file)."""
+        state), the weights, and the names of the side files this run wrote beside it (``files``, and the backend
+        log when it has something in it): a rerun may replace those, and no other file."""
+        from .backend_output import claim_log
+
+        written = [Path(f).name for f in files]
+        if path is None and claim_log():
+            written.append(side_path(self.output, ".log", self.folder).name)
         manifest = {
             "source": self.source,
-            "files": [p.name for p in side_files(self.output, self.folder)],
+            "files": sorted(set(written)),
             "steps": [*self.prior_steps, *(r.to_dict() for r in records)],
             "import_paths": [str(p.resolve()) for p in self.search_paths()],
             **(extra or {}),

@@ -94,6 +94,57 @@ def quiet_torch_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
+#: The largest JSON file (config, recipe) read from a model folder or artifact.
+MAX_JSON_BYTES = 16 * 2**20
+
+
+def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> bytes:
+    """The bytes of a regular file. A pipe, a device or a link to one (which would never end, or block on open) is
+    a one-line error, as is a file over ``limit`` bytes."""
+    import stat
+
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path.name} ({exc.strerror or exc})", "check the file") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelLoadError(f"{path.name} is not a regular file (a pipe, a device, or a link to one)",
+                                 "replace it with the real file")
+        if limit is not None and info.st_size > limit:
+            raise ModelLoadError(f"{path.name} is {info.st_size:,} bytes, more than the {limit:,} such a file may "
+                                 "have", "check the file; it is not what model-opt wrote")
+        return handle.read()
+
+
+def check_regular_files(folder: Path) -> None:
+    """Every file inside ``folder`` (links followed) is a regular file: a pipe or a device (or a link to one) would
+    hang or never end when a loader or a copy reads it."""
+    for entry in sorted(folder.rglob("*")):
+        if entry.is_dir() or entry.is_file():
+            continue
+        if entry.is_symlink() and not entry.exists():  # a dangling link: nothing to read
+            continue
+        raise ModelLoadError(f"{entry.relative_to(folder)} in {folder.name} is not a regular file (a pipe, a "
+                             "device, or a link to one)", f"remove it from {folder.name}")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """A model folder's ``config.json`` as a mapping, read within bounds; else a one-line error."""
+    data = read_regular(folder / "config.json", MAX_JSON_BYTES)
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ModelLoadError(f"{folder.name}/config.json is not valid JSON ({first_line(exc)[:100]})",
+                             "fix or replace the config") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{folder.name}/config.json holds a {type(config).__name__}, not a mapping",
+                             "fix or replace the config")
+    return config
+
+
 def check_readable(path: str | os.PathLike[str], allow_folder: bool = False) -> Path:
     """The path of a readable model file (or folder, where a loader can open one); else a one-line error."""
     path = resolve_model_path(path)
@@ -158,7 +209,7 @@ def artifact_names(path: Path) -> set[str]:
 def read_member(path: Path, name: str) -> bytes:
     """One file of an artifact (folder or zip)."""
     if path.is_dir():
-        return (path / name).read_bytes()
+        return read_regular(path / name)
     with zipfile.ZipFile(path) as archive:
         return archive.read(name)
 
@@ -168,6 +219,9 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     try:
         manifest = json.loads(read_member(path, MANIFEST))
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{path.name} has a model-opt manifest that cannot be read ({exc.problem})",
+                             "re-create the file with model-opt optimize") from None
     except (zipfile.BadZipFile, KeyError, OSError, ValueError, RecursionError) as exc:
         raise ModelLoadError(f"{path.name} has a damaged model-opt manifest ({first_line(exc)[:120]})",
                              "re-create the file with model-opt optimize") from None
@@ -353,8 +407,9 @@ def _open_folder(path: Path) -> Any:
         raise ModelLoadError(f"{path} is a folder without config.json, so no loader knows it",
                              "pass the model file itself, or define load_model(path) in the test script")
     _transformers(str(path))
+    config = read_config(path)
+    check_regular_files(path)
     try:
-        config = json.loads((path / "config.json").read_text())
         with quiet_torch_logs():
             model = _auto_class(config).from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
@@ -363,20 +418,79 @@ def _open_folder(path: Path) -> Any:
     return model.eval()
 
 
-def from_config(config: dict[str, Any], name: str) -> Any:
-    """The architecture a Hugging Face config describes (random weights: the saved ones are loaded after)."""
+#: How much larger (in float bytes) than its saved weights a recorded architecture may be: pruning and 4-bit
+#: packing together shrink a model by up to about this much.
+MAX_ARCHITECTURE_RATIO = 128
+
+
+def from_config(config: dict[str, Any], name: str, weights: dict[str, Any] | None = None) -> Any:
+    """The architecture a Hugging Face config describes (random weights: the saved ones are loaded after). With
+    the saved ``weights``, the config is checked against them first: its layer counts against the layers the
+    weights hold, then its size, built on the meta device, against theirs; a recipe that asks for far more than
+    the weights hold is refused before anything is allocated."""
     _transformers(name)
     import transformers
 
+    if weights is not None:
+        check_layer_counts(config, weights, name)
     try:
         values = {k: v for k, v in config.items() if k != "model_type"}
         hf_config = transformers.AutoConfig.for_model(config["model_type"], **values)
+        if weights is not None:
+            check_size(hf_config, config, weights, name)
         with quiet_torch_logs():
             return _auto_class(config).from_config(hf_config, trust_remote_code=False).eval()
+    except ModelOptError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"{name}: transformers could not rebuild the recorded architecture "
                              f"({type(exc).__name__}: {first_line(exc)})",
                              "pass model=<the original architecture>") from None
+
+
+#: Config fields that count a model's layers (transformers' names across architectures).
+LAYER_COUNTS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers",
+                "num_encoder_layers", "num_decoder_layers")
+
+
+def check_layer_counts(config: dict[str, Any], weights: dict[str, Any], name: str) -> None:
+    """A config's layer counts (``num_hidden_layers``, ``n_layer``, ...) may not exceed the longest list of
+    numbered modules the saved weights hold (``model.layers.<i>.``)."""
+    longest: dict[str, int] = {}
+    for key in weights:
+        parts = str(key).split(".")
+        for index, part in enumerate(parts[:-1]):
+            if part.isdigit():
+                prefix = ".".join(parts[:index])
+                longest[prefix] = max(longest.get(prefix, 0), int(part) + 1)
+    if not longest:
+        return
+    held = max(longest.values())
+    for key, value in config.items():
+        if key in LAYER_COUNTS and isinstance(value, int) and not isinstance(value, bool) and value > held:
+            raise ModelLoadError(f"{name}: the recipe's config asks for {key}={value}, and the saved weights hold "
+                                 f"{held} layers", "re-create the file with model-opt optimize; it was altered")
+
+
+def check_size(hf_config: Any, config: dict[str, Any], weights: dict[str, Any], name: str) -> None:
+    """The recorded architecture, built on the meta device, may not need far more memory than the saved weights
+    (:data:`MAX_ARCHITECTURE_RATIO`, plus 1 GiB for small models)."""
+    import torch
+
+    def nbytes(tensor: Any) -> int:
+        try:
+            return tensor.numel() * tensor.element_size()
+        except Exception:  # a quantized tensor type: at least a byte an element
+            return tensor.numel()
+
+    saved = sum(nbytes(v) for v in weights.values() if isinstance(v, torch.Tensor))
+    with torch.device("meta"), quiet_torch_logs():
+        built = _auto_class(config).from_config(hf_config, trust_remote_code=False)
+    needed = sum(p.numel() * 4 for p in built.parameters())
+    if needed > MAX_ARCHITECTURE_RATIO * saved + 2**30:
+        raise ModelLoadError(f"{name}: the recipe's config describes a model of {needed / 2**30:.1f} GiB, and the "
+                             f"saved weights are {saved / 2**20:.1f} MiB",
+                             "re-create the file with model-opt optimize; it was altered")
 
 
 # -- artifacts ------------------------------------------------------------------------------------
@@ -394,9 +508,12 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
     if version == FORMAT_VERSION and manifest.get("payload") == "weights":
         steps = recorded_steps(manifest, path.name)
         stored = manifest.get("weights", WEIGHTS)
-        if stored != "native" and stored not in names:
-            raise ModelLoadError(f"{path.name} has no weights ({stored} is missing)",
+        if not isinstance(stored, str) or (stored != "native" and stored not in names):
+            what = f"{stored} is missing" if isinstance(stored, str) else "the recipe names no weights file"
+            raise ModelLoadError(f"{path.name} has no weights ({printable(what, 80)})",
                                  "re-create the file with model-opt optimize")
+        # read first: the recorded architecture is checked against them before it is built
+        weights = None if stored == "native" else read_weights(path, stored, map_location)
         start = max((i for i, step in enumerate(steps) if step.get("standalone")), default=None)
         if start is not None:  # that step's weights hold the whole model: no architecture needed
             base, steps = None, steps[start:]
@@ -404,17 +521,16 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
             base = model
         else:
             base = base_model(manifest, path, trust_model=trust_model, map_location=map_location,
-                              search_paths=search_paths, loader=loader)
+                              search_paths=search_paths, loader=loader, weights=weights)
         source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
         if base is not None and source.get(CONV1D_AS_LINEAR):
             from .modules import linear_from_conv1d
 
             linear_from_conv1d(base)
         rebuilt = replay(base, steps, map_location)
-        if stored == "native":
+        if weights is None:
             _load_native(rebuilt, path)
         else:
-            weights = read_weights(path, stored, map_location)
             if stored.endswith(".safetensors"):  # it keeps one name of tensors shared by several
                 weights = with_shared(rebuilt, weights)
             load_weights(rebuilt, weights, path.name, trust_model)
@@ -507,8 +623,10 @@ def _load_native(model: Any, folder: Path) -> None:
 
 
 def base_model(manifest: dict[str, Any], path: Path, *, trust_model: bool, map_location: str,
-               search_paths: Iterable[str | os.PathLike[str]], loader: Callable[[str], Any] | None) -> Any:
-    """The original architecture, opened from the source the manifest records, by the same safe rules."""
+               search_paths: Iterable[str | os.PathLike[str]], loader: Callable[[str], Any] | None,
+               weights: dict[str, Any] | None = None) -> Any:
+    """The original architecture, opened from the source the manifest records, by the same safe rules (a
+    recorded config is checked against the saved ``weights`` before it is built)."""
     source = manifest.get("source")
     where = source.get("path") if isinstance(source, dict) else None
     if not isinstance(where, str) or not where:
@@ -516,7 +634,7 @@ def base_model(manifest: dict[str, Any], path: Path, *, trust_model: bool, map_l
                              "pass model=<the original architecture> (model_opt.load(path, model=...))")
     src = Path(where)
     if source.get("opened_with") == "folder" and isinstance(source.get("config"), dict):
-        return from_config(source["config"], path.name)  # the folder need not be there any more
+        return from_config(source["config"], path.name, weights)  # the folder need not be there any more
     if source.get("opened_with") == "load_model" and loader is None:
         raise ModelLoadError(f"{path.name} was made from {src.name}, which the test script's load_model() opens",
                              "pass --test-script (CLI), or test_script=... or model=... to model_opt.load")
@@ -600,9 +718,20 @@ def recipe(model: Any, manifest: dict[str, Any] | None) -> tuple[dict[str, Any],
 
     import model_opt
 
+    if manifest is not None and not isinstance(manifest, dict):
+        raise UsageError(f"manifest is a {type(manifest).__name__}, not a mapping",
+                         "pass manifest={'source': ..., 'steps': [...]} or leave it out")
     meta: dict[str, Any] = {"format": "model-opt", "format_version": FORMAT_VERSION, "torch": torch.__version__,
                             "model_opt": model_opt.__version__, **(manifest or {})}
-    steps = list(meta.get("steps", getattr(model, STEPS_ATTR, [])))
+    steps = meta.get("steps", getattr(model, STEPS_ATTR, []))
+    if not isinstance(steps, (list, tuple)):
+        raise UsageError(f"manifest steps are a {type(steps).__name__}, not a list",
+                         "pass the steps as a list of step records, or leave them out")
+    for index, step in enumerate(steps):
+        if not (isinstance(step, dict) and all(isinstance(step.get(k), str) for k in ("kind", "backend", "method"))):
+            raise UsageError(f"manifest step {index} is not a step record (a mapping with kind, backend and method)",
+                             "pass the records model-opt made (report.steps), or leave the steps out")
+    steps = list(steps)
     meta["steps"] = steps
     blockers = [f"{s['kind']}:{s['backend']}:{s['method']}" for s in steps if not s.get("replayable", False)]
     if not blockers and not _json_ok([s.get("state", {}) for s in steps]):
@@ -655,7 +784,10 @@ def save_folder(model: Any, folder: str | os.PathLike[str], manifest: dict[str, 
                             "result cannot be a folder", "pass an --output file path (.pt)")
     with atomic_folder(folder) as tmp:
         if copy_from is not None and copy_from.is_dir():
-            _copy_model_files(copy_from, tmp)
+            for entry in copyable_files(copy_from)[0]:
+                relative = entry.relative_to(copy_from)
+                (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(entry, tmp / relative)
         meta["payload"] = "weights"
         meta["weights"] = _write_weights(model, tmp)
         config = hf_config(model)
@@ -665,7 +797,8 @@ def save_folder(model: Any, folder: str | os.PathLike[str], manifest: dict[str, 
                 note = transformers_note(model)
                 meta["transformers"] = {"opens": note is None, "why_not": note}
         elif copy_from is not None and (copy_from / "config.json").is_file():  # another runtime: the model's kind
-            shutil.copyfile(copy_from / "config.json", tmp / "config.json")
+            (tmp / "config.json").write_bytes(read_regular(copy_from / "config.json", MAX_JSON_BYTES))
+        meta["contents"] = sorted({*folder_contents(tmp), MANIFEST})  # a rerun replaces these, and nothing else
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, default=str))
     return folder
 
@@ -727,30 +860,59 @@ def transformers_note(model: Any) -> str | None:
     return None
 
 
-def _copy_model_files(source: Path, target: Path) -> None:
-    """The input folder's files other than weights and the config (tokenizer, processor, generation config,
-    sentence-transformers modules), copied as they are."""
-    import shutil
-
+def copyable_files(source: Path) -> tuple[list[Path], list[str]]:
+    """The input folder's files that a folder output copies as they are (tokenizer, processor, generation config,
+    sentence-transformers modules: not weights, the config or a recipe, which are written anew, nor hidden files),
+    and those left out, each with why: not a regular file, or a link that leads outside the folder (outside its
+    repository's folder for a Hugging Face cache snapshot, whose files are links into ``blobs/``)."""
+    roots = [source.resolve()]
+    if source.parent.name == "snapshots":
+        roots.append(source.parent.parent.resolve())
+    files, skipped = [], []
     for entry in sorted(source.rglob("*")):
         relative = entry.relative_to(source)
-        if entry.is_symlink() and not entry.exists():
+        if relative.parts[0].startswith(".") or entry.suffix.lower() in WEIGHT_SUFFIXES or \
+                relative.as_posix() in ("config.json", MANIFEST) or (entry.is_dir() and not entry.is_symlink()):
             continue
-        if entry.is_dir() or relative.parts[0].startswith(".") or entry.suffix.lower() in WEIGHT_SUFFIXES:
+        target = entry.resolve()
+        if not any(root == target or root in target.parents for root in roots):
+            skipped.append(f"{relative.as_posix()} (a link to a file outside the model folder)")
+        elif entry.is_dir():
             continue
-        if relative.as_posix() in ("config.json", MANIFEST):
-            continue
-        (target / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(entry, target / relative)
+        elif not entry.is_file():
+            skipped.append(f"{relative.as_posix()} (not a regular file)")
+        else:
+            files.append(entry)
+    return files, skipped
+
+
+def folder_contents(folder: Path) -> list[str]:
+    """Every file inside ``folder``, as relative paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 
 
 def check_replaceable_folder(folder: Path) -> None:
-    """A folder output may be new, empty, or an earlier model-opt folder; never a file or another folder."""
+    """A folder output may be new, empty, or an earlier model-opt folder holding only the files that run wrote
+    (its recipe lists them); never a file, a link, or a folder holding anything else of the user's."""
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise UsageError(f"{folder} exists and is not a folder", "choose another output folder")
-    if folder.is_dir() and any(folder.iterdir()) and not is_artifact(folder):
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not is_artifact(folder):
         raise UsageError(f"{folder} is a folder with other files, not a model-opt output",
                          "choose a new or empty output folder")
+    try:
+        written = read_manifest(folder).get("contents")
+    except ModelOptError:
+        written = None
+    if not isinstance(written, list):
+        raise UsageError(f"{folder} was written by an older model-opt, which did not list its files, so files of "
+                         "yours in it cannot be told apart", "choose a new output folder, or remove this one yourself")
+    others = [name for name in folder_contents(folder) if name not in written]
+    if others:
+        raise UsageError(f"{folder} holds {printable(others[0], 80)}, which model-opt did not write there, and the "
+                         "output folder is replaced whole", f"move {printable(others[0], 80)} out of the folder, or "
+                         "choose another output folder")
 
 
 def check_replaceable(path: Path) -> None:

@@ -201,6 +201,10 @@ def measure_before(job: Job) -> tuple[Report, Any]:
     report = Report(model=str(job.model_path), device=job.device, threads=torch.get_num_threads(),
                     higher_is_better=job.script.higher_is_better, before=None,  # type: ignore[arg-type]
                     max_accuracy_drop=job.max_accuracy_drop)
+    if job.script.path == BUILTIN_LM:
+        from .builtin.lm_eval import settings
+
+        report.evaluation = settings()
     if example is None:
         report.latency_note = NO_EXAMPLE_NOTE[job.script.mode]
     job.say("measuring the original model")
@@ -281,15 +285,20 @@ def save_result(job: Job, model: Any, report: Report) -> None:
         extra["transformers"] = {"opens": note is None, "why_not": note}
         if note:
             report.warnings.append(f"transformers' from_pretrained cannot open the output folder: {note}")
-    with output_lock(out):
-        job.save(model, report.steps, extra)
+    if job.folder and job.model_path.is_dir():
+        from .modelio import copyable_files
+
+        report.warnings += [f"not copied into the output folder: {why}" for why in copyable_files(job.model_path)[1]]
+    with output_lock(out):  # the side files first, so that the recipe lists the ones written (all appear together)
         native = getattr(model, "save_native", None)  # e.g. OpenVINO IR beside the artifact (a folder holds it)
         if callable(native) and not job.folder:
             report.native_files = [str(p) for p in native(out)]
         if job.settings.export:
             report.exported = export_program(model, job.example, side_path(out, ".pt2", job.folder),
-                                              report.warnings)
-        write_text_atomic(report_path(out, job.folder), report.to_json())
+                                             report.warnings)
+        written = [*report.native_files, *([report.exported] if report.exported else []),
+                   write_text_atomic(report_path(out, job.folder), report.to_json())]
+        job.save(model, report.steps, extra, files=written)
 
 
 def _working_copy(model: Any) -> Any:

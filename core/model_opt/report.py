@@ -78,6 +78,8 @@ class Report:
     compiled_baseline: tuple[Any, Any] | None = None
     #: What each model ran in its own process when its peak memory was measured.
     memory_workload: str = ""
+    #: The settings of the built-in evaluation (a causal LM's window, windows, prompt and generated lengths).
+    evaluation: dict[str, Any] | None = None
 
     @property
     def metric_drop(self) -> float | None:
@@ -154,6 +156,7 @@ class Report:
             "native_files": self.native_files,
             "compiled_baseline": self._compiled_baseline(),
             "memory_workload": self.memory_workload or None,
+            "evaluation": self.evaluation,
             "details": {"replay_state": [s.state for s in self.steps]},
         }
 
@@ -220,6 +223,9 @@ class Report:
         widths = [max(len(r[i]) for r in [("", "before", "after", "change"), *rows]) for i in range(4)]
         line = "  ".join("-" * w for w in widths)
         out = [f"model-opt report: {self.model} on {self.device} ({self.threads} threads)"]
+        if self.evaluation:
+            out.append("  evaluation: built-in, " + ", ".join(f"{k} {v}" for k, v in self.evaluation.items())
+                       + " (tokens; MODEL_OPT_LM_*)")
         for step in self.steps:
             opts = ", ".join(f"{k}={v}" for k, v in step.options.items())
             out.append(f"  step: {step.kind} {step.backend}:{step.method} ({opts}) in {step.seconds:.1f}s")

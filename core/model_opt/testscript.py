@@ -31,8 +31,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import TestScriptError
+from .errors import ModelOptError, TestScriptError
 
+#: The folder of model-opt's built-in evaluations (used when no test script is given).
+BUILTIN_FOLDER = Path(__file__).resolve().parent / "builtin"
 METRIC_LINE = re.compile(r"^\s*([A-Za-z_][\w.\-/@ ]*?)\s*[=:]\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*%?\s*$")
 
 
@@ -136,6 +138,11 @@ class TestScript:
     def folder(self) -> Path:
         return self.path.parent
 
+    @property
+    def builtin(self) -> bool:
+        """Whether this is model-opt's own evaluation (no script of the user's)."""
+        return self.path.parent == BUILTIN_FOLDER
+
     def has(self, hook: str) -> bool:
         """True when the script offers ``hook`` in-process (program-mode scripts are never imported)."""
         return self.mode == "in_process" and hook in self.defined
@@ -192,9 +199,13 @@ class TestScript:
                 return function(*args, **kwargs)
         except KeyboardInterrupt:
             raise
-        except TestScriptError:
+        except ModelOptError:  # (model-opt's own, the built-in evaluation's included: they name their fix)
             raise
         except BaseException as exc:
+            if self.builtin:
+                raise TestScriptError(f"model-opt's built-in evaluation ({hook}) failed on this model: "
+                                      f"{self._describe(exc)}", "pass --test-script with an evaluate() of your own"
+                                      ) from None
             raise TestScriptError(f"{self.path.name} {hook}() raised {self._describe(exc)}",
                                   "fix the script, or the model/data it was given") from None
 

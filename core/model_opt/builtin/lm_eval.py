@@ -32,33 +32,99 @@ from typing import Any
 
 import torch
 
+from model_opt.errors import ModelLoadError, UsageError
+
 HIGHER_IS_BETTER = False
-WINDOW = int(os.environ.get("MODEL_OPT_LM_WINDOW", "128"))
-WINDOWS = int(os.environ.get("MODEL_OPT_LM_WINDOWS", "16"))
-PROMPT = int(os.environ.get("MODEL_OPT_LM_PROMPT", "32"))
-GENERATE = int(os.environ.get("MODEL_OPT_LM_GENERATE", "32"))
+#: Each length's environment variable, default and allowed range (the prompt is cut from the first window).
+LENGTHS = {"window": ("MODEL_OPT_LM_WINDOW", 128, 8, 32768), "windows": ("MODEL_OPT_LM_WINDOWS", 16, 1, 4096),
+           "prompt": ("MODEL_OPT_LM_PROMPT", 32, 1, 32768), "generate": ("MODEL_OPT_LM_GENERATE", 32, 1, 4096)}
+#: The most text read from the dataset, in characters, however many windows are asked for.
+MAX_TEXT_CHARS = 64 * 2**20
 _CACHE: dict[str, Any] = {}
 
 
 def settings() -> dict[str, int]:
-    """The fixed lengths the figures are measured with (stated in the report)."""
-    return {"window": WINDOW, "windows": WINDOWS, "prompt": PROMPT, "generate": GENERATE}
+    """The lengths the figures are measured with (stated in the report), from the environment; a value that is
+    not a whole number in its range is a one-line error naming the variable."""
+    values = {}
+    for name, (variable, default, low, high) in LENGTHS.items():
+        text = os.environ.get(variable, "").strip() or str(default)
+        high = min(high, values["window"]) if name == "prompt" else high
+        if not (text.isdigit() and low <= int(text) <= high):
+            within = " (the prompt is cut from one window: MODEL_OPT_LM_WINDOW)" if name == "prompt" else ""
+            raise UsageError(f"{variable}={text[:20]!r} is not a whole number from {low} to {high}{within}",
+                             f"set it like {variable}={min(default, high)}, or unset it")
+        values[name] = int(text)
+    return values
+
+
+def text_files(dataset_path: str | os.PathLike[str]) -> list[Path]:
+    """The dataset's text: a .txt file, or the .txt files of a folder; each must be a regular file (a pipe or a
+    link to a device would never end)."""
+    path = Path(dataset_path)
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files or (not path.is_dir() and path.suffix != ".txt"):
+        raise UsageError(f"the built-in language-model evaluation reads text, and {path} is not a .txt file or a "
+                         "folder of them", "pass --test-dataset with a folder of .txt files")
+    for file in files:
+        if not file.is_file():
+            raise UsageError(f"{file} is not a regular file (a pipe, a device, or a link to one)",
+                             "put plain .txt files in the --test-dataset folder")
+    return files
+
+
+def _read_text(files: list[Path], chars: int) -> tuple[str, bool]:
+    """Up to ``chars`` characters of the files in order (joined by blank lines), and whether text was left."""
+    parts: list[str] = []
+    left = chars
+    for index, file in enumerate(files):
+        with open(file, encoding="utf-8", errors="replace") as handle:
+            part = handle.read(left + 1)
+        if len(part) > left:
+            parts.append(part[:left])
+            return "\n\n".join(parts), True
+        parts.append(part)
+        left -= len(part) + 2
+        if left <= 0:
+            return "\n\n".join(parts), index + 1 < len(files)
+    return "\n\n".join(parts), False
+
+
+def tokenizer(model_path: str) -> Any:
+    """The model folder's tokenizer, from local files only and without running code from the folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False, local_files_only=True)
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise ModelLoadError(f"the tokenizer of {Path(model_path).name} cannot be opened without running code from "
+                             f"the folder ({type(exc).__name__}: {detail})",
+                             "give the folder a tokenizer transformers knows, or pass --test-script with your "
+                             "own evaluate()") from None
 
 
 def _tokens(dataset_path: str, model_path: str) -> torch.Tensor:
-    """The text files of the dataset folder, tokenized and cut into windows: (windows, WINDOW) token ids."""
-    key = f"tokens:{dataset_path}:{model_path}"
+    """The text files of the dataset, tokenized and cut into windows: (windows, window) token ids. Only as much
+    text is read and tokenized as the windows need (read again, twice as much, while too short)."""
+    lengths = settings()
+    window, windows = lengths["window"], lengths["windows"]
+    key = f"tokens:{dataset_path}:{model_path}:{window}:{windows}"
     if key not in _CACHE:
-        from transformers import AutoTokenizer
-
-        files = sorted(Path(dataset_path).glob("*.txt")) if Path(dataset_path).is_dir() else [Path(dataset_path)]
-        text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
-        ids = AutoTokenizer.from_pretrained(model_path)(text, return_tensors="pt")["input_ids"][0]
-        count = min(WINDOWS, len(ids) // WINDOW)
+        files, tok = text_files(dataset_path), tokenizer(model_path)
+        chars = min(window * windows * 8 + 1024, MAX_TEXT_CHARS)
+        while True:
+            text, more = _read_text(files, chars)
+            ids = tok(text, return_tensors="pt")["input_ids"][0]
+            if len(ids) >= window * windows or not more or chars >= MAX_TEXT_CHARS:
+                break
+            chars = min(chars * 2, MAX_TEXT_CHARS)
+        count = min(windows, len(ids) // window)
         if count < 1:
-            raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {WINDOW}; add text or set "
-                             "MODEL_OPT_LM_WINDOW lower")
-        _CACHE[key] = ids[: count * WINDOW].reshape(count, WINDOW)
+            raise UsageError(f"the text in {Path(dataset_path).name} has {len(ids)} tokens, fewer than one window "
+                             f"of {window} (MODEL_OPT_LM_WINDOW)", "add text to the --test-dataset folder, or "
+                             f"set MODEL_OPT_LM_WINDOW to at most {max(len(ids), 8)}")
+        _CACHE[key] = ids[: count * window].reshape(count, window)
     return _CACHE[key]
 
 
@@ -69,11 +135,13 @@ def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
 
 def _reference(dataset_path: str, model_path: str) -> torch.Tensor:
     """The float model's top-1 next tokens on every window (computed once)."""
-    key = f"reference:{dataset_path}:{model_path}"
+    key = f"reference:{dataset_path}:{model_path}:{sorted(settings().items())}"
     if key not in _CACHE:
-        from transformers import AutoModelForCausalLM
+        from model_opt.modelio import load
 
-        model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+        # opened as the job opened the input: a Hugging Face folder without remote code, a model-opt folder
+        # replayed from its recipe (its config alone describes the architecture before the steps)
+        model = load(model_path).eval()
         with torch.inference_mode():
             _CACHE[key] = torch.cat([_logits(model, row[None]).argmax(-1) for row in _tokens(dataset_path,
                                                                                                model_path)])
@@ -90,8 +158,10 @@ def evaluate(model: Any, dataset_path: str, model_path: str, compiled: bool = Fa
             predicted.append(logits.argmax(-1))
         reference = _reference(dataset_path, model_path)
         agree = (torch.cat(predicted) == reference).float().mean().item()
-    metrics = {"perplexity": math.exp(sum(losses) / (ids.shape[0] * (WINDOW - 1))), "next_token_agreement": agree}
-    prompt = ids[:1, :PROMPT]
+    lengths = settings()
+    metrics = {"perplexity": math.exp(sum(losses) / (ids.shape[0] * (ids.shape[1] - 1))),
+               "next_token_agreement": agree}
+    prompt = ids[:1, :lengths["prompt"]]
     metrics["prefill_ms"] = _prefill_ms(model, prompt)
     if callable(getattr(model, "generate", None)):
         key = "decode_tokens_per_s_compiled" if compiled else "decode_tokens_per_s"
@@ -141,7 +211,8 @@ def _time_decode(model: Any, prompt: torch.Tensor, cache: str | None = "static")
             stamps.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    kwargs = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": GENERATE, "min_new_tokens": GENERATE,
+    generate = settings()["generate"]
+    kwargs = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": generate, "min_new_tokens": generate,
               "stopping_criteria": StoppingCriteriaList([Stamp()]),
               **({"cache_implementation": cache} if cache else {})}
     with torch.inference_mode():
@@ -152,7 +223,7 @@ def _time_decode(model: Any, prompt: torch.Tensor, cache: str | None = "static")
 
 
 def example_input(dataset_path: str, model_path: str) -> dict[str, torch.Tensor]:
-    return {"input_ids": _tokens(dataset_path, model_path)[:1, :PROMPT]}
+    return {"input_ids": _tokens(dataset_path, model_path)[:1, :settings()["prompt"]]}
 
 
 def calibration_data(dataset_path: str, model_path: str) -> list[dict[str, torch.Tensor]]:

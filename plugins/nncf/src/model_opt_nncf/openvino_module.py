@@ -79,6 +79,8 @@ def _serialize(ov_model: Any) -> tuple[bytes, bytes]:
 
 #: The IR of a folder output: the names optimum-intel's OVModel classes open.
 FOLDER_IR = "openvino_model.xml"
+#: The largest IR topology (``.xml``) read: large language models stay well below it.
+MAX_IR_XML_BYTES = 256 * 2**20
 
 
 class OpenVINOModule(nn.Module):
@@ -174,9 +176,11 @@ class OpenVINOModule(nn.Module):
 
     def load_native(self, folder: str | os.PathLike[str]) -> None:
         """Read the IR that :meth:`save_native` wrote into ``folder`` (no code runs from it) and compile it."""
-        xml = Path(folder) / FOLDER_IR
-        self._xml = xml.read_bytes().replace(xml.with_suffix(".bin").name.encode(), b"model.bin")
-        self._bin = xml.with_suffix(".bin").read_bytes()
+        from model_opt.modelio import read_regular
+
+        xml = Path(folder) / FOLDER_IR  # (regular files only: a pipe or a device would never end)
+        self._xml = read_regular(xml, MAX_IR_XML_BYTES).replace(xml.with_suffix(".bin").name.encode(), b"model.bin")
+        self._bin = read_regular(xml.with_suffix(".bin"))
         self._compile()
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
@@ -212,6 +216,11 @@ class OpenVINOModule(nn.Module):
 
     @classmethod
     def from_ir(cls, xml: str | os.PathLike[str], device: str = "CPU") -> OpenVINOModule:
+        """An IR file (``.xml`` with its ``.bin`` beside it), both read as regular files only."""
         import openvino as ov
+        from model_opt.modelio import read_regular
 
-        return cls(ov.Core().read_model(str(xml)), device)
+        xml = Path(xml)
+        text, weights = read_regular(xml, MAX_IR_XML_BYTES), read_regular(xml.with_suffix(".bin"))
+        return cls(ov.Core().read_model(model=text.decode(), weights=ov.Tensor(
+            np.frombuffer(weights, dtype="uint8").copy())), device)
