@@ -152,6 +152,38 @@ def test_a_rerun_replaces_its_own_side_files(cli, work: Path) -> None:
     assert not [p.name for p in work.iterdir() if p.name.endswith(".lock") or ".tmp" in p.name]
 
 
+def test_a_recipe_claims_only_the_side_files_its_run_wrote(cli, work: Path) -> None:
+    """The artifact lists only what its run wrote (here, its report), so the user's own IR exported beside it
+    afterwards is never replaced by a later run writing the same output."""
+    out = work / "o.pt"
+    result = cli(*optimize_args(work, *PRUNE, "--output", out, "-q"))
+    assert result.exit_code == 0, result.stderr
+    assert model_opt.modelio.read_manifest(out)["files"] == ["o.report.json"]
+    result = cli("export", out, "--format", "openvino", "--test-script", work / "eval.py", "--test-dataset",
+                 work / "data")
+    assert result.exit_code == 0, result.stderr
+    before = listing(work)
+    line = one_error(cli(*optimize_args(work, *PRUNE, "--output", out, "-q")))
+    assert "would replace o.xml beside it, which model-opt did not write" in line
+    assert listing(work) == before
+
+
+def test_a_file_added_inside_an_earlier_output_folder_is_never_deleted(cli, work: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = cli(*optimize_args(work, *PRUNE, "--output", f"{out}/", "-q"))
+    assert result.exit_code == 0, result.stderr
+    result = cli(*optimize_args(work, *PRUNE, "--output", f"{out}/", "-q"))  # its own folder: replaced
+    assert result.exit_code == 0, result.stderr
+    (out / "notes.md").write_text("the user's notes")
+    line = one_error(cli(*optimize_args(work, *PRUNE, "--output", f"{out}/", "-q")))
+    assert "holds notes.md, which model-opt did not write there" in line
+    from model_opt.errors import UsageError
+
+    with pytest.raises(UsageError, match="holds notes.md"):
+        model_opt.save(torch.nn.Linear(2, 2), f"{out}/")
+    assert (out / "notes.md").read_text() == "the user's notes"
+
+
 def test_demo_refuses_before_training_when_its_output_side_file_is_the_users(cli, tmp_path: Path) -> None:
     folder = tmp_path / "demo"
     folder.mkdir()
