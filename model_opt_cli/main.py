@@ -72,7 +72,10 @@ def interrupted(interrupt: KeyboardInterrupt) -> typer.Exit:
 
 
 def fail(err: ModelOptError) -> typer.Exit:
-    typer.echo(f"Error: {err}", err=True)
+    """Print the one-line error (secrets such as a storage URL's password hidden) and exit with its code."""
+    from model_opt.redaction import redact
+
+    typer.echo(f"Error: {redact(err)}", err=True)
     return typer.Exit(err.exit_code)
 
 
@@ -339,7 +342,9 @@ def autotune_command(
         typer.echo("Interrupted: finished trials are kept in the study; run the same command to resume.",
                    err=True)
         raise typer.Exit(130) from None
-    typer.echo(json.dumps(result.to_dict(), indent=2, default=str) if as_json else result.render())
+    from model_opt.redaction import redact
+
+    typer.echo(redact(json.dumps(result.to_dict(), indent=2, default=str) if as_json else result.render()))
 
 
 @app.command("export")

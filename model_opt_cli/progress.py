@@ -14,12 +14,14 @@ COUNTED = re.compile(r"^\[(\d+)/(\d+)\]\s*")
 @contextlib.contextmanager
 def progress_display(stream: IO[str], quiet: bool, terminal: bool | None = None) -> Iterator[Callable[[str], None]]:
     """Yield the callback that shows a progress message: each message finishes the previous step's line."""
+    from model_opt.redaction import redact
+
     if quiet:
         yield lambda message: None
         return
     terminal = stream.isatty() if terminal is None else terminal
     if not terminal:
-        yield lambda message: print(f"model-opt: {message}", file=stream, flush=True)
+        yield lambda message: print(f"model-opt: {redact(message)}", file=stream, flush=True)
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -31,6 +33,7 @@ def progress_display(stream: IO[str], quiet: bool, terminal: bool | None = None)
         task = bar.add_task("model-opt", total=None)
 
         def show(message: str) -> None:
+            message = redact(message)
             counted = COUNTED.match(message)
             console.print(f"model-opt: {message}", markup=False, highlight=False, soft_wrap=True)
             if counted:

@@ -152,10 +152,34 @@ def test_storage_errors(cli, digits, tmp_path: Path, storage: str, message: str)
     ("failed: postgresql://u:pw@h:1/x timed out", "failed: postgresql://u:***@h:1/x timed out"),
 ])
 def test_passwords_are_redacted_whatever_the_url_shape(url: str, shown: str) -> None:
-    from model_opt.tuning_storage import redact
+    from model_opt.redaction import redact
 
     assert redact(url) == shown
     assert "pw" not in redact(url).replace("password", "") and "ss@" not in redact(url)
+
+
+@pytest.mark.parametrize(("password", "char"), [("pa?ss", "?"), ("pa ss", " "), ("pa@ss", "@"), ("pa%ss", "%")])
+def test_a_password_a_url_cannot_hold_raw_is_refused_unshown(cli, digits, tmp_path: Path, password: str,
+                                                             char: str) -> None:
+    """Drivers split such URLs elsewhere than we do (part of the password shown as a host): refused before any work,
+    with the password hidden whole."""
+    result = cli("autotune", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
+                 "--max-accuracy-drop", "0.1", "--storage", f"postgresql://user:{password}@127.0.0.1:1/db",
+                 "--output", tmp_path / "o.pt", "-q")
+    assert result.exit_code == 2
+    assert f"holds {char!r}, which a URL must write percent-encoded" in result.stderr
+    assert "postgresql://user:***@127.0.0.1:1/db" in result.stderr
+    assert not any(part in result.stderr for part in ("pa?", "pa ", "pa@", "pa%", "?ss", " ss@", "ss@127"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_remembered_password_is_hidden_in_a_drivers_own_words() -> None:
+    from model_opt.redaction import redact, remember
+
+    remember("postgresql://user:s3cr%40t@db-host/optuna")
+    assert redact('FATAL: password authentication failed ("s3cr@t" for user "user")') == \
+        'FATAL: password authentication failed ("***" for user "user")'
+    assert redact("dsn: user=user password=s3cr%40t host=db-host") == "dsn: user=user password=*** host=db-host"
 
 
 def test_a_file_that_is_not_a_journal(cli, digits, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from .measure import count_parameters, model_latency, state_dict_bytes
 from .pipeline import RECOVERABLE_KINDS, time_against_original
 from .plugins import PluginManager
 from .recommend import detect_family, recommend
+from .redaction import check_url, redact
 from .registry import KINDS, Technique
 from .report import dumps, speed_text
 from .tuning_storage import (
@@ -230,6 +231,8 @@ class TuneSettings:
             raise UsageError(f"--timeout is {self.timeout}", "pass a positive number of seconds, or leave it out")
         if self.study is not None:
             check_study_name(self.study)
+        if self.storage and "://" in self.storage:
+            check_url(self.storage)
         heartbeat_s(), grace_s()  # the environment's lease settings, checked before any work
         if self.recovery_steps < 0:
             raise UsageError(f"--recovery-steps is {self.recovery_steps}", "pass 0 (no recovery) or a positive number")
@@ -615,7 +618,7 @@ def save_best(job: Job, result: TuneResult, candidate: tuple[Any, list, Any], me
     with output_lock(out):  # the side files first, so that the recipe lists them (all appear together)
         result.plot = plot(measured, result.pareto, best, side_path(out, ".pareto.png", job.folder),
                            job.max_accuracy_drop)
-        report = write_text_atomic(report_path(out, job.folder), dumps(result.to_dict()))
+        report = write_text_atomic(report_path(out, job.folder), redact(dumps(result.to_dict())))
         job.save(model, records, {"autotune": {"study": result.study, "trial": best["number"],
                                                "optuna_trial": best["optuna_number"], "storage": result.storage}},
                  files=[result.plot, report])

@@ -1,6 +1,6 @@
 """Optuna storage for the tuner: a journal file by default, or a database URL shared by workers.
 
-- Passwords in URLs are redacted wherever a URL is shown or saved.
+- Passwords in URLs are redacted wherever a URL is shown or saved (:mod:`model_opt.redaction`).
 - On a database, trials carry Optuna's heartbeat; a worker killed mid-trial leaves a trial that a later
   worker marks failed and retries (RetryHeartbeatStaleTrialCallback).
 - Optuna 5's JournalStorage has no heartbeat, so journal trials carry a lease of our own (worker and
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError, describe, first_line
+from .redaction import check_url, redact
 
 LEASE_ATTR = "model_opt_lease"
 #: A study name becomes a file name (the journal): letters, digits, '.', '_' and '-', at most this long.
@@ -62,8 +63,6 @@ def check_study_name(name: str) -> str:
     return name
 
 
-#: Query parameters of a storage URL whose values are secrets.
-SECRET_KEYS = ("password", "passwd", "pwd", "pass", "secret", "token", "sslpassword", "sslkey")
 #: Driver modules a URL may need, and what installs them (SQLAlchemy 2's default for postgresql:// is psycopg 3).
 DRIVER_HINTS = {
     "psycopg": 'pip install "model-opt[postgres]" (psycopg 3, which postgresql:// URLs use)',
@@ -72,37 +71,6 @@ DRIVER_HINTS = {
     "MySQLdb": "pip install mysqlclient, or write the URL as mysql+pymysql:// and pip install pymysql",
     "pymysql": "pip install pymysql",
 }
-
-
-def redact(text: str | None) -> str:
-    """``text`` with the password of every URL in it replaced by ***: the user-info password (everything
-    between the first ':' after the user and the last '@', so a password holding '@' is hidden whole) and
-    secret query parameters, read with SQLAlchemy's URL parser."""
-    if not text:
-        return str(text)
-    return " ".join(_redact_url(word) if "://" in word else word for word in str(text).split(" "))
-
-
-def _redact_url(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    main, question, query = rest.partition("?")
-    at = main.rfind("@")
-    if at >= 0 and ":" in main[:at]:
-        main = f"{main[:at].split(':', 1)[0]}:***{main[at:]}"
-    if question:
-        try:
-            from sqlalchemy.engine import make_url
-
-            params = dict(make_url(f"{scheme}://x/?{query}").query)
-        except Exception:
-            from urllib.parse import parse_qsl
-
-            params = dict(parse_qsl(query, keep_blank_values=True))
-        from urllib.parse import urlencode
-
-        hidden = {k: ("***" if k.lower() in SECRET_KEYS else v) for k, v in params.items()}
-        query = urlencode(hidden, doseq=True, safe="*") if hidden else "***"
-    return f"{scheme}://{main}{question}{query}"
 
 
 def _missing_driver(exc: BaseException) -> str | None:
@@ -122,6 +90,7 @@ def open_storage(storage: str | None, default_path: Path) -> tuple[Any, str]:
 
     if storage is None or "://" not in storage:
         return _journal(Path(storage) if storage else default_path)
+    check_url(storage)
     label = redact(storage)
     last: BaseException | None = None
     for attempt in range(6):
