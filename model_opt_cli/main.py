@@ -407,9 +407,10 @@ def load_for_export(model: Path, test_script: Path | None, dataset: str | None, 
                     trust_model: bool) -> tuple[Any, Any]:
     """The model (opened like optimize opens it) and its example input."""
     import torch
-    from model_opt.job import open_model
+    from model_opt.job import check_input_shape, open_model
     from model_opt.testscript import TestScript
 
+    check_input_shape(shape)  # (before the model is opened)
     script = TestScript(test_script, model_path=model) if test_script else None
     loaded = open_model(model, script, trust_model)
     if script is not None and script.has("example_input"):

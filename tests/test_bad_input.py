@@ -273,3 +273,19 @@ def test_kill_during_a_run_keeps_the_input(work: Path) -> None:
     proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert listing(work) == before
+
+
+def test_a_timing_setting_that_means_nothing_is_refused(cli, work: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MODEL_OPT_TIMING", "garbage")
+    before = listing(work)
+    line = one_error(cli(*optimize_args(work, *PRUNE, "-q")), exit_code=2)
+    assert "MODEL_OPT_TIMING='garbage' is not inline or process" in line
+    assert listing(work) == before
+
+
+def test_autotune_names_the_installed_backends_for_an_unknown_one(cli, work: Path) -> None:
+    line = one_error(cli("autotune", work / "model.pth", "--test-dataset", work / "data", "--test-script",
+                         work / "eval.py", "--max-accuracy-drop", "0.01", "--backends", "torch-prunin", "-q"),
+                     exit_code=2)
+    assert "unknown --backends name 'torch-prunin' (did you mean 'torch-pruning'?)" in line
+    assert "choose one of:" in line and "model-opt[all]" not in line

@@ -116,3 +116,44 @@ def test_export_minilm_with_dynamic_batch_and_sequence(cli, tmp_path: Path, monk
     else:
         got = reopen(out, fmt)(**x)
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx", "openvino"])
+def test_static_shapes_export_the_examples_own_batch(cli, digits, tmp_path: Path, fmt: str) -> None:
+    """The example's batch is 32: with --static-shapes the program is traced, and checked, at 32 rows."""
+    out = tmp_path / {"pt2": "s.pt2", "onnx": "s.onnx", "openvino": "s.xml"}[fmt]
+    result = cli("export", digits.model, "--format", fmt, "--test-script", digits.script, "--test-dataset",
+                 digits.dataset, "--static-shapes", "--output", out)
+    assert result.exit_code == 0, result.stderr
+    assert "checked against torch: batch 32: max abs diff" in result.stdout and out.exists()
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("def example_input(dataset_path):\n    return {'x': 3}\n", "the example input holds no tensor"),
+    ("import torch\n\ndef example_input(dataset_path):\n    return torch.zeros(0, 1, 8, 8)\n",
+     "the example input has an empty batch (0 rows)"),
+    ("def example_input(dataset_path, model_path):\n    assert model_path.endswith('model.pth')\n"
+     "    import torch\n    return torch.zeros(2, 1, 8, 8)\n", None),  # hooks get model_path, as optimize passes it
+])
+def test_export_examples_are_checked_and_hooks_called_as_optimize_calls_them(cli, digits, tmp_path: Path, body: str,
+                                                                             message: str | None) -> None:
+    import shutil
+
+    shutil.copy(digits.folder / "digits_model.py", tmp_path)
+    script = tmp_path / "eval_x.py"
+    script.write_text(digits.script.read_text() + "\n" + body)
+    for static in ([], ["--static-shapes"]):
+        out = tmp_path / f"x{len(static)}.pt2"
+        result = cli("export", digits.model, "--format", "pt2", "--test-script", script, "--test-dataset",
+                     digits.dataset, "--output", out, *static)
+        if message is None:
+            assert result.exit_code == 0, result.stderr
+        else:
+            assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1
+            assert not out.exists()
+
+
+def test_export_refuses_a_huge_input_shape_before_opening_the_model(cli, digits, tmp_path: Path) -> None:
+    result = cli("export", digits.model, "--format", "pt2", "--test-script", digits.script,
+                 "--input-shape", "100000,1,8,100000000", "--output", tmp_path / "h.pt2")
+    assert result.exit_code == 2 and "too many for a random example input" in result.stderr

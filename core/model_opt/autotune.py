@@ -276,7 +276,14 @@ def autotune(model_path: str | os.PathLike[str], *, test_script: str | os.PathLi
 
 
 def check_space(job: Job, tune: TuneSettings, family: str | None) -> dict[str, list[Technique]]:
-    """The searchable techniques; refuse a search in which none could make the model faster."""
+    """The searchable techniques; refuse an unknown --backends name, and a search in which none could make the
+    model faster."""
+    from .registry import choose_one_of
+
+    known = {t.backend for t in job.manager.registry.techniques.values() if t.search_space is not None}
+    for backend in tune.backends or []:
+        if backend not in known:
+            raise choose_one_of("--backends name", backend, known)
     space = searchable(job.manager, job.device, job.script.has("calibration_data"), tune.backends, family)
     if any(t.speeds_up or t.speeds_up_compiled or t.speeds_up_with for items in space.values() for t in items):
         return space

@@ -114,13 +114,15 @@ def export_model(model: Any, example: Any, fmt: str, path: Path, static: bool = 
     from .exported import ExportedModule
 
     check_format(fmt)
+    rows = check_example(example)
     if isinstance(model, ExportedModule):  # a .pt2 given back: export its graph, not the wrapper's *args
         model = model.module_  # (a graph from torch.export has no train/eval switch)
     elif hasattr(model, "eval"):
         model = model.eval()
-    tiny = sample(example, 2)
+    # traced on two rows (dynamic: any batch), or on the example itself (static: the shapes it fixes)
+    tiny = sample(example, rows) if static else sample(example, 2)
     dims = dynamic_dims(tiny, static)
-    batches = [_batch(example)] if static else [1, 3]
+    batches = [rows] if static else [1, 3]
     say(f"exporting to {fmt} ({'static shapes' if static else 'dynamic ' + ', '.join(sorted(dims)) or 'static'})")
     with tempfile.TemporaryDirectory(prefix="model-opt-export-") as tmp:
         staged = Path(tmp) / f"model{SUFFIXES[fmt]}"
@@ -157,12 +159,21 @@ def export_model(model: Any, example: Any, fmt: str, path: Path, static: bool = 
     return result
 
 
-def _batch(example: Any) -> int:
+def check_example(example: Any) -> int:
+    """The example's batch size; an example holding no tensor, or an empty batch, is a one-line error."""
     import torch
 
     args, kwargs = split_input(example)
-    first = next(v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor))
-    return int(first.shape[0])
+    tensors = [v for v in [*args, *kwargs.values()] if isinstance(v, torch.Tensor) and v.dim()]
+    if not tensors:
+        raise UsageError("the example input holds no tensor with a batch dimension, so there is nothing to trace",
+                         "return tensors from example_input() (a tensor, a tuple or a dict of them), or pass "
+                         "--input-shape")
+    rows = int(tensors[0].shape[0])
+    if rows < 1:
+        raise UsageError("the example input has an empty batch (0 rows)", "return at least one row from "
+                         "example_input(), or pass --input-shape with a batch of 1 or more")
+    return rows
 
 
 def _tensors(output: Any) -> list[Any]:

@@ -29,6 +29,7 @@ from .plugins import PluginManager, get_plugin_manager
 from .registry import KINDS, Technique
 from .report import StepRecord
 from .testscript import TestScript
+from .timing import timing_choice
 
 #: Suffixes of the files model-opt writes beside an artifact, or reads as other formats.
 RESERVED_SUFFIXES = (".py", ".json", ".pt2", ".xml", ".bin", ".journal", ".png", ".log")
@@ -403,6 +404,7 @@ class Settings:
             raise UsageError(f"--finetune-steps is {self.finetune_steps}", "pass 0 (no recovery) or a positive number")
         check_input_shape(self.input_shape)
         check_device(self.device)
+        timing_choice()  # the environment's timing setting, checked before any work
         return self
 
 

@@ -130,10 +130,22 @@ def runtime_of(model: Any) -> str:
 def in_processes(before: Any, after: Any) -> bool:
     """Whether to time in worker processes: when the two run in different runtimes (which slow each other in
     one process), or MODEL_OPT_TIMING=process; never with MODEL_OPT_TIMING=inline."""
-    choice = os.environ.get("MODEL_OPT_TIMING", "").strip().lower()
-    if choice in ("inline", "process"):
+    choice = timing_choice()
+    if choice:
         return choice == "process"
     return runtime_of(before) != runtime_of(after)
+
+
+def timing_choice() -> str:
+    """MODEL_OPT_TIMING: ``inline``, ``process``, or unset (""); anything else is a one-line error."""
+    choice = os.environ.get("MODEL_OPT_TIMING", "").strip().lower()
+    if choice not in ("", "inline", "process"):
+        from .errors import UsageError
+
+        raise UsageError(f"MODEL_OPT_TIMING={choice[:20]!r} is not inline or process",
+                         "set MODEL_OPT_TIMING=inline (time in this process) or process (each model in its own), or "
+                         "unset it")
+    return choice
 
 
 def open_deployed(spec: dict[str, Any]) -> tuple[Any, Any]:
