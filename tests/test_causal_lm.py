@@ -96,6 +96,15 @@ def test_quantizing_a_causal_lm_without_a_test_script_reopens(cli, lm, tmp_path:
         assert after["latency"]["runtime"] == ("openvino" if openvino else "eager")
     if method == "weight_only" and backend == "nncf":  # int8 (or int4) weights, the embeddings included
         assert after["size_bytes"] < 0.35 * before["size_bytes"], (after["size_bytes"], before["size_bytes"])
+    if "runtime=openvino" in extra or method == "int8_static":  # ports named as optimum-intel names them
+        import openvino as ov
+
+        ir = ov.Core().read_model(str(out / "openvino_model.xml"))
+        cache = [f"{i}.{kind}" for i in range(2) for kind in ("key", "value")]
+        assert [p.get_any_name() for p in ir.inputs] == ["input_ids", "attention_mask",
+                                                         *[f"past_key_values.{c}" for c in cache]]
+        assert [p.get_any_name() for p in ir.outputs] == ["logits", *[f"present.{c}" for c in cache]]
+        assert all(p.get_partial_shape()[0].is_dynamic for p in ir.inputs)  # any batch
     if method == "int8_static":  # SmoothQuant, then int8 weights and activations, in OpenVINO with the KV cache
         assert info["smooth_quant_alpha"] == 0.95 and info["model_type"] == "transformer", info
         assert info["fake_quantize_ops"] > 0 and info["kv_cache"]["layers"] == 2, info

@@ -172,6 +172,49 @@ def test_openvino_result_is_an_optimum_style_folder(cli, bert: Path, tmp_path: P
     assert reopened["model_opt"] == pytest.approx(report["after"]["metrics"]["fidelity"], abs=1e-4)
     assert reopened["type"] == "BaseModelOutputWithPoolingAndCrossAttentions"  # not a bare tuple
     assert reopened["ir_inputs"] == ["attention_mask", "input_ids"]
+    import openvino as ov
+
+    ir = ov.Core().read_model(str(out / "openvino_model.xml"))  # outputs named after the original's fields
+    assert [o.get_any_name() for o in ir.outputs] == ["last_hidden_state", "pooler_output"]
+    # the inputs the original accepts: a tokenizer's all-zero token_type_ids give the torch model's result
+    import model_opt
+    from transformers import AutoModel, AutoTokenizer
+
+    encoded = AutoTokenizer.from_pretrained(bert)(["a cat", "two dogs sat"], padding=True, return_tensors="pt")
+    assert "token_type_ids" in encoded
+    model = model_opt.load(out)
+    original = AutoModel.from_pretrained(bert).eval()(**encoded).last_hidden_state
+    assert model(**encoded).last_hidden_state.shape == original.shape
+    encoded["token_type_ids"][0, 0] = 1  # not what the IR was converted with: refused, naming it
+    with pytest.raises(ValueError, match="converted without the input 'token_type_ids'"):
+        model(**encoded)
+    # exporting the OpenVINO folder to OpenVINO writes its own IR; to another format: one line
+    work = bert.parent
+    export = ("export", out, "--test-script", work / "eval.py", "--test-dataset", work / "data", "--format")
+    result = cli(*export, "openvino", "--output", tmp_path / "again.xml")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "again.bin").read_bytes() == (out / "openvino_model.bin").read_bytes()
+    result = cli(*export, "pt2", "--output", tmp_path / "again.pt2")
+    assert result.exit_code == 2 and "runs in openvino, not torch, so it cannot be exported to pt2" in result.stderr
+
+
+def test_a_folder_of_bfloat16_weights_opens_in_transformers_as_bfloat16(tmp_path: Path) -> None:
+    """A third-party technique left the weights in bfloat16 while the config says float32: the folder's config
+    says bfloat16 (from_pretrained would upcast), and a model mixing dtypes is reported as needing model_opt.load."""
+    import model_opt
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=500,
+                                         dtype="float32")).eval().to(torch.bfloat16)
+    model_opt.save(model, f"{tmp_path / 'bf16'}/")
+    assert next(AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").parameters()).dtype == torch.bfloat16
+    model.model.layers[0].mlp.float()
+    model_opt.save(model, f"{tmp_path / 'mixed'}/")
+    recipe = json.loads((tmp_path / "mixed" / "model_opt.json").read_text())
+    assert recipe["transformers"] == {"opens": False, "why_not": "its weights mix bfloat16 and float32, and "
+                                      "from_pretrained casts every weight to one dtype; model_opt.load opens it"}
 
 
 def test_a_folder_output_never_holds_an_input_or_replaces_a_users_folder(cli, bert: Path, tmp_path: Path) -> None:

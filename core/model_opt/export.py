@@ -35,14 +35,36 @@ class ExportResult:
     files: list[str]
     dynamic: dict[str, list[int]]
     checked: dict[int, float] = field(default_factory=dict)  # batch size -> max abs difference
+    native: bool = False  # the model's own files (another runtime's), written as they are
 
     def render(self) -> str:
+        if self.native:
+            return f"exported {self.format}: {', '.join(self.files)}\n  the model's own {self.format} files, " \
+                   "written as they are (its input and output names and shapes unchanged)"
         words = {0: "batch", 1: "sequence"}
         shapes = "; ".join(f"input {name}: {', '.join(words.get(d, str(d)) for d in dims)}"
                            for name, dims in self.dynamic.items()) or "none (static shapes)"
         checks = ", ".join(f"batch {b}: max abs diff {d:.2e}" for b, d in self.checked.items())
         return f"exported {self.format}: {', '.join(self.files)}\n  dynamic: {shapes}\n  checked against torch: " \
                f"{checks}"
+
+
+def output_names(model: Any, example: Any) -> list[str]:
+    """The field names of the model's output when it is a ``ModelOutput`` (``last_hidden_state``, ``logits``...),
+    in order; else none."""
+    import torch
+
+    with torch.inference_mode():
+        out = call_model(model, example)
+    is_model_output = hasattr(out, "to_tuple") and callable(getattr(out, "keys", None))
+    return [str(k) for k in out.keys()] if is_model_output else []
+
+
+def name_outputs(ov_model: Any, names: list[str]) -> None:
+    """Give an OpenVINO model's outputs the original's field names (only those), as optimum-intel's IRs have
+    them, so that OpenVINO users and tools find ``logits`` or ``last_hidden_state`` by name."""
+    for port, name in zip(ov_model.outputs, names, strict=False):
+        port.get_tensor().set_names({name})
 
 
 def check_format(name: str) -> str:
@@ -115,6 +137,9 @@ def export_model(model: Any, example: Any, fmt: str, path: Path, static: bool = 
 
     check_format(fmt)
     rows = check_example(example)
+    runtime = str(getattr(model, "deployed_runtime", "torch"))
+    if runtime != "torch":  # an OpenVINO result: its own IR is the export, written as it is
+        return _export_native(model, runtime, fmt, path, say)
     if isinstance(model, ExportedModule):  # a .pt2 given back: export its graph, not the wrapper's *args
         model = model.module_  # (a graph from torch.export has no train/eval switch)
     elif hasattr(model, "eval"):
@@ -144,18 +169,39 @@ def export_model(model: Any, example: Any, fmt: str, path: Path, static: bool = 
                                          f"{size}", "try --static-shapes; nothing was written")
                 result.checked[size] = max((float((a.float() - b.float()).abs().max()) for a, b in
                                             zip(got, expected, strict=True) if a.numel()), default=0.0)
-        targets = [path, *([path.with_suffix(".bin")] if fmt == "openvino" else [])]
-        sources = [staged, *([staged.with_suffix(".bin")] if fmt == "openvino" else [])]
-        from .atomic import written_together
+        result.files = _put_in_place(staged, fmt, path)
+    return result
 
-        with written_together():
-            for source, target in zip(sources, targets, strict=True):
-                data = source.read_bytes()
-                if fmt == "openvino" and target.suffix == ".xml":
-                    data = data.replace(b"model.bin", path.with_suffix(".bin").name.encode())
-                with atomic_path(target) as out:
-                    out.write_bytes(data)
-        result.files = [str(t) for t in targets]
+
+def _put_in_place(staged: Path, fmt: str, path: Path) -> list[str]:
+    """The staged export's files written to ``path`` (and its ``.bin``), atomically and together."""
+    from .atomic import written_together
+
+    targets = [path, *([path.with_suffix(".bin")] if fmt == "openvino" else [])]
+    sources = [staged, *([staged.with_suffix(".bin")] if fmt == "openvino" else [])]
+    with written_together():
+        for source, target in zip(sources, targets, strict=True):
+            data = source.read_bytes()
+            if fmt == "openvino" and target.suffix == ".xml":
+                data = data.replace(staged.with_suffix(".bin").name.encode(), path.with_suffix(".bin").name.encode())
+            with atomic_path(target) as out:
+                out.write_bytes(data)
+    return [str(t) for t in targets]
+
+
+def _export_native(model: Any, runtime: str, fmt: str, path: Path, say: Callable[[str], None]) -> ExportResult:
+    """A model that runs in another runtime (an OpenVINO result): its own files, as they are, when the format is
+    that runtime's; any other format is a one-line error (there is no torch graph to export)."""
+    save_native = getattr(model, "save_native", None)
+    if fmt != runtime or not callable(save_native):
+        raise UsageError(f"this model runs in {runtime}, not torch, so it cannot be exported to {fmt}",
+                         f"use --format {runtime} (its own files, as they are), or export the torch model it was "
+                         "made from")
+    say(f"writing the model's own {runtime} files")
+    with tempfile.TemporaryDirectory(prefix="model-opt-export-") as tmp:
+        staged = Path(tmp) / f"model{SUFFIXES[fmt]}"
+        save_native(staged)
+        result = ExportResult(fmt, _put_in_place(staged, fmt, path), {}, native=True)
     return result
 
 
@@ -238,6 +284,7 @@ def _openvino(model: Any, tiny: Any, dims: dict[str, list[int]], path: Path) -> 
         converted = ov.convert_model(source)
     else:
         converted = ov.convert_model(model, example_input=kwargs or tuple(args))
+        name_outputs(converted, output_names(model, tiny))
     shapes = {}
     for index, port in enumerate(converted.inputs):
         name = port.get_any_name()

@@ -792,7 +792,13 @@ def save_folder(model: Any, folder: str | os.PathLike[str], manifest: dict[str, 
         meta["weights"] = _write_weights(model, tmp)
         config = hf_config(model)
         if config is not None:
-            config.save_pretrained(tmp)  # the result's own config: pruned shapes included
+            import copy
+
+            config = copy.copy(config)  # the result's own config: pruned shapes, and the weights' own dtype
+            dtype = weights_dtype(model)
+            if dtype is not None and getattr(config, "dtype", None) not in (None, dtype):
+                config.dtype = dtype  # (from_pretrained would cast the weights to the config's dtype)
+            config.save_pretrained(tmp)
             if "transformers" not in meta:  # (a caller that already checked passes its answer)
                 note = transformers_note(model)
                 meta["transformers"] = {"opens": note is None, "why_not": note}
@@ -857,7 +863,17 @@ def transformers_note(model: Any) -> str | None:
     if differ or set(actual) - set(expected):
         name = (differ or sorted(set(actual) - set(expected)))[0]
         return f"its config cannot describe the optimized layers ({name}); model_opt.load opens it"
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.is_floating_point()})
+    if len(dtypes) > 1:
+        return (f"its weights mix {' and '.join(dtypes)}, and from_pretrained casts every weight to one dtype; "
+                "model_opt.load opens it")
     return None
+
+
+def weights_dtype(model: Any) -> Any:
+    """The one floating dtype of ``model``'s parameters, or None (none, or several)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def copyable_files(source: Path) -> tuple[list[Path], list[str]]:

@@ -57,13 +57,20 @@ def convert_causal_lm(model: nn.Module, example_ids: torch.Tensor) -> tuple[Any,
     wrapper = _WithExplicitCache(model, len(layers)).eval()
     rest = ids[:, split:]
     mask = torch.ones(1, ids.shape[1], dtype=torch.long)
-    shapes = [(ov.PartialShape([1, -1]), ov.Type.i64)] * 2 + \
-             [(ov.PartialShape([1, heads, -1, head_dim]), ov.Type.f32)] * len(past)
+    # named as optimum-intel names them; batch and lengths dynamic
+    cache = [f"past_key_values.{i}.{kind}" for i in range(len(layers)) for kind in ("key", "value")]
+    shapes = [(ov.PartialShape([-1, -1]), ov.Type.i64)] * 2 + \
+             [(ov.PartialShape([-1, heads, -1, head_dim]), ov.Type.f32)] * len(past)
     try:
         ov_model = ov.convert_model(wrapper, example_input=(rest, mask, *past), input=shapes)
     except Exception as exc:
         raise TechniqueError(f"OpenVINO could not convert the model with its KV cache "
                              f"({' '.join(str(exc).split())[:200]})", "use runtime=torch") from None
+    from model_opt.export import name_outputs
+
+    for port, name in zip(ov_model.inputs, ["input_ids", "attention_mask", *cache], strict=True):
+        port.get_tensor().set_names({name})  # (the cache is *past in the wrapper: no names to trace)
+    name_outputs(ov_model, ["logits", *[name.replace("past_key_values", "present") for name in cache]])
     return ov_model, {"layers": len(layers), "heads": int(heads), "head_dim": int(head_dim)}
 
 

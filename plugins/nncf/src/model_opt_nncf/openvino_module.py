@@ -25,16 +25,35 @@ def to_numpy(item: Any) -> Any:
     return item
 
 
+#: Keyword inputs a converted model may have been traced without, and the value for which leaving them out gives
+#: the original's result (BERT's tokenizers return all-zero ``token_type_ids`` by default).
+NEUTRAL_INPUTS = {"token_type_ids": 0, "attention_mask": 1}
+
+
 def ov_call(compiled: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run a compiled OpenVINO model on positional and keyword torch inputs; torch outputs back."""
+    """Run a compiled OpenVINO model on positional and keyword torch inputs; torch outputs back. A keyword input
+    the IR has no port for is left out when its value is the neutral one (:data:`NEUTRAL_INPUTS`), which gives
+    the torch model's result; any other is refused, naming it."""
     if kwargs:
         names = [port.get_any_name() for port in compiled.inputs]
+        known = {name for port in compiled.inputs for name in port.get_names()}
+        kwargs = {k: v for k, v in kwargs.items() if k in known or not _neutral(k, v)}
         feed: Any = {**dict(zip(names, to_numpy(list(args)), strict=False)), **to_numpy(kwargs)}
     else:
         feed = to_numpy(list(args))
     result = compiled(feed)
     outputs = tuple(torch.from_numpy(result[out].copy()) for out in compiled.outputs)
     return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _neutral(name: str, value: Any) -> bool:
+    """Whether a keyword input the IR lacks can be left out (its neutral value); else a ValueError naming it."""
+    neutral = NEUTRAL_INPUTS.get(name)
+    if neutral is not None and (value is None or bool((torch.as_tensor(value) == neutral).all())):
+        return True
+    raise ValueError(f"this OpenVINO model was converted without the input {name!r}"
+                     + (f", so it gives the original's result only when {name} is all {neutral}s" if neutral is not None
+                        else "") + "; leave it out, or convert again with it in the example input")
 
 
 def output_spec(model: nn.Module, example: Any) -> dict[str, Any] | None:

@@ -17,9 +17,12 @@ from .openvino_module import OpenVINOModule, output_spec, ov_call, to_numpy
 def convert(model: nn.Module, example: Any) -> Any:
     """torch -> OpenVINO; a failure names the unsupported op and leaves the input untouched."""
     import openvino as ov
+    from model_opt.export import name_outputs, output_names
 
     try:
-        return ov.convert_model(model, example_input=example)
+        converted = ov.convert_model(model, example_input=example)
+        name_outputs(converted, output_names(model, example))  # the original's fields: last_hidden_state, ...
+        return converted
     except Exception as exc:
         text = " ".join(str(exc).split())
         marker = next((line for line in str(exc).splitlines() if "aten::" in line or "not supported" in line), "")
