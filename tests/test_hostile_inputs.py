@@ -506,3 +506,46 @@ def test_the_memory_worker_imports_nothing_from_the_working_directory(tmp_path: 
     monkeypatch.chdir(tmp_path)
     assert peak_memory({"m": Deployed(str(tmp_path / "m.pt"))}, torch.randn(1, 4))["m"] > 0
     assert not marker.exists()
+
+
+# -- remote code in Hugging Face folders --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_folder_asking_for_its_own_code_never_runs_it_even_when_the_user_says_yes(lm, tmp_path: Path) -> None:
+    """A model-opt output folder whose config.json was changed to an architecture only its own code defines
+    (auto_map): optimized again with the built-in LM evaluation (tokenizer, reference model), it is opened from
+    its recipe and nothing asks, so a 'y' on stdin changes nothing and the folder's code never runs. A plain input
+    folder like it is refused in one line."""
+    marker = tmp_path / "remote-code-ran"
+    evil = (f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+            "from transformers import LlamaConfig, LlamaForCausalLM\n\n"
+            "class EvilConfig(LlamaConfig):\n    model_type = 'evil'\n\n"
+            "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    env = {**os.environ, "MODEL_OPT_LM_WINDOW": "64", "MODEL_OPT_LM_WINDOWS": "2", "MODEL_OPT_LM_PROMPT": "8",
+           "MODEL_OPT_LM_GENERATE": "4", "HF_HUB_OFFLINE": "1"}
+
+    def optimize(source: Path, out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "model_opt_cli.main", "optimize", str(source), "--test-dataset",
+                               str(lm["text"]), "--prune", "--prune-amount", "0.2", "--output", f"{out}/", "-q"],
+                              input="y\n" * 20, capture_output=True, text=True, timeout=600, env=env)
+
+    def plant(folder: Path) -> None:
+        (folder / "modeling_evil.py").write_text(evil)
+        config = json.loads((folder / "config.json").read_text())
+        config.update(model_type="evil", auto_map={"AutoConfig": "modeling_evil.EvilConfig",
+                                                   "AutoModelForCausalLM": "modeling_evil.EvilModel"})
+        (folder / "config.json").write_text(json.dumps(config))
+
+    first = tmp_path / "first"
+    assert optimize(lm["llama"], first).returncode == 0
+    plant(first)
+    proc = optimize(first, tmp_path / "second")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not marker.exists()
+    plain = tmp_path / "plain"
+    shutil.copytree(lm["llama"], plain)
+    plant(plain)
+    proc = optimize(plain, tmp_path / "third")
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and "transformers could not open plain" in proc.stderr
+    assert not marker.exists()
