@@ -17,6 +17,23 @@ def _inductor_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor-cache")))
 
 
+#: Tests time before against after as briefly as the timer allows (its fewest rounds): they check what the
+#: commands do, never the figures. The tests that compare figures (tests/test_deployed_speed.py) time fully.
+QUICK_TIMING_S = "0.5"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quick_timing() -> None:
+    os.environ.setdefault("MODEL_OPT_TIMING_S", QUICK_TIMING_S)  # (in os.environ: CLI subprocesses inherit it)
+
+
+@pytest.fixture()
+def full_timing(monkeypatch) -> None:
+    """Time as a user's run does (the default budget), for tests that compare the figures."""
+    if os.environ.get("MODEL_OPT_TIMING_S") == QUICK_TIMING_S:
+        monkeypatch.delenv("MODEL_OPT_TIMING_S")
+
+
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory: pytest.TempPathFactory):
     """The shipped digits example, trained once: model.pth, data/, eval.py, eval_program.py."""

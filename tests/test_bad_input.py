@@ -275,11 +275,17 @@ def test_kill_during_a_run_keeps_the_input(work: Path) -> None:
     assert listing(work) == before
 
 
-def test_a_timing_setting_that_means_nothing_is_refused(cli, work: Path, monkeypatch) -> None:
-    monkeypatch.setenv("MODEL_OPT_TIMING", "garbage")
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("MODEL_OPT_TIMING", "garbage", "MODEL_OPT_TIMING='garbage' is not inline or process"),
+    ("MODEL_OPT_TIMING_S", "-1", "MODEL_OPT_TIMING_S='-1' is not a number of seconds above 0 and up to 3600"),
+    ("MODEL_OPT_TIMING_S", "soon", "MODEL_OPT_TIMING_S='soon' is not a number of seconds above 0 and up to 3600"),
+])
+def test_a_timing_setting_that_means_nothing_is_refused(cli, work: Path, monkeypatch, variable: str, value: str,
+                                                        message: str) -> None:
+    monkeypatch.setenv(variable, value)
     before = listing(work)
     line = one_error(cli(*optimize_args(work, *PRUNE, "-q")), exit_code=2)
-    assert "MODEL_OPT_TIMING='garbage' is not inline or process" in line
+    assert message in line and "or unset it" in line
     assert listing(work) == before
 
 

@@ -21,6 +21,11 @@ import pytest
 ALONE = Path(__file__).parent.parent / "benchmarks" / "alone.py"
 
 
+@pytest.fixture(autouse=True)
+def _full_timing(full_timing) -> None:
+    """These tests compare the figures: every command times as a user's run does."""
+
+
 def alone_ms(model: Path, digits) -> float:
     proc = subprocess.run([sys.executable, str(ALONE), str(model), "--test-script", str(digits.script),
                            "--test-dataset", str(digits.dataset), "--calls", "300"], capture_output=True, text=True,

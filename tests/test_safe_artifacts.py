@@ -188,11 +188,13 @@ def test_malformed_artifacts_are_one_line_errors(tmp_path: Path, name, members, 
 
 def test_damaged_files_of_other_formats(tmp_path: Path, capfd) -> None:
     cases = {
-        "bad.xml": (b"<net>not ir", "could not open bad.xml"),
+        "bad.xml": (b"<net>not ir", "bad.xml is OpenVINO IR without its weights file bad.bin beside it"),
+        "bad2.xml": (b"<net>not ir", "could not open bad2.xml"),
         "bad.pt2": (b"PK garbage", "bad.pt2 is not a torch.export program"),
         "fake.ts": (None, "fake.ts is not a TorchScript model"),
     }
     _zip(tmp_path / "fake.ts", {"fake/code/x.py": b"nothing", "fake/constants.pkl": b"x"})
+    (tmp_path / "bad2.bin").write_bytes(b"\0" * 16)
     for name, (content, message) in cases.items():
         if content is not None:
             (tmp_path / name).write_bytes(content)

@@ -28,6 +28,31 @@ def llama(lm, tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def optimized_llama(lm, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
+    """The tiny Llama folder, holding a link to a file outside it, pruned through the CLI with the built-in
+    evaluation: (the output folder, its report, the input folder)."""
+    from typer.testing import CliRunner
+
+    from model_opt_cli.main import with_plugins
+
+    root = tmp_path_factory.mktemp("optimized-llama")
+    folder = root / "tiny-llama"
+    shutil.copytree(lm["llama"], folder)
+    (root / "secret.txt").write_text("the user's private key")
+    (folder / "README.md").symlink_to(root / "secret.txt")
+    settings = {"MODEL_OPT_LM_WINDOW": "64", "MODEL_OPT_LM_WINDOWS": "4", "MODEL_OPT_LM_PROMPT": "16",
+                "MODEL_OPT_LM_GENERATE": "8", "HF_HUB_OFFLINE": "1"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in settings.items():
+            patch.setenv(name, value)
+        result = CliRunner().invoke(with_plugins(), ["optimize", str(folder), "--test-dataset", str(lm["text"]),
+                                                     "--prune", "--prune-amount", "0.2", "--output",
+                                                     f"{root / 'out'}/", "--json", "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return root / "out", json.loads(result.stdout), folder
+
+
 def _fifo(path: Path) -> Path:
     os.mkfifo(path)
     return path
@@ -90,33 +115,17 @@ def test_too_little_text_says_so_without_blaming_a_script(cli, llama, tmp_path: 
     assert "fix the script" not in line
 
 
-def test_the_report_states_the_lengths_the_lm_was_measured_with(cli, llama, lm, tmp_path: Path,
-                                                                short_lm_windows) -> None:
-    result = cli("optimize", llama, "--test-dataset", lm["text"], "--prune", "--prune-amount", "0.2",
-                 "--output", f"{tmp_path / 'out'}/", "--json", "-q")
-    assert result.exit_code == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["evaluation"] == {"window": 64, "windows": 4, "prompt": 16, "generate": 8}
-
-
 def test_a_pipe_inside_a_model_folder_is_refused(cli, llama, lm, short_lm_windows) -> None:
     _fifo(llama / "notes.txt")
     line = one_error(cli("optimize", llama, "--test-dataset", lm["text"], "--prune", "--prune-amount", "0.2", "-q"))
     assert "notes.txt in tiny-llama is not a regular file" in line
 
 
-def test_links_out_of_the_input_folder_are_not_copied_into_the_output(cli, llama, lm, tmp_path: Path,
-                                                                       short_lm_windows) -> None:
-    secret = tmp_path / "secret.txt"
-    secret.write_text("the user's private key")
-    (llama / "README.md").symlink_to(secret)
-    out = tmp_path / "out"
-    result = cli("optimize", llama, "--test-dataset", lm["text"], "--prune", "--prune-amount", "0.2",
-                 "--output", f"{out}/", "--json", "-q")
-    assert result.exit_code == 0, result.stderr
+def test_links_out_of_the_folder_are_not_copied_and_the_report_states_the_lm_lengths(optimized_llama) -> None:
+    out, report, _ = optimized_llama
     assert not (out / "README.md").exists() and (out / "vocab.txt").is_file()
-    assert any("README.md (a link to a file outside the model folder)" in w
-               for w in json.loads(result.stdout)["warnings"])
+    assert any("README.md (a link to a file outside the model folder)" in w for w in report["warnings"])
+    assert report["evaluation"] == {"window": 64, "windows": 4, "prompt": 16, "generate": 8}
 
 
 @pytest.mark.slow
@@ -144,6 +153,7 @@ def test_a_model_opt_folder_optimized_again_keeps_its_steps_and_its_reference(cl
     assert reopened(input_ids=ids).logits.shape == (1, 16, 30522)
 
 
+@pytest.mark.slow
 def test_a_hub_id_writes_its_output_in_the_working_directory(cli, lm, tmp_path: Path, monkeypatch,
                                                              short_lm_windows) -> None:
     cache = tmp_path / "hf-cache"
@@ -167,17 +177,10 @@ def test_a_hub_id_writes_its_output_in_the_working_directory(cli, lm, tmp_path: 
 # -- recipes and IR that were tampered with -----------------------------------------------------------------------
 
 
-def _folder_output(cli, llama: Path, lm, tmp_path: Path) -> Path:
+def test_a_recipe_asking_for_far_more_layers_than_its_weights_hold_is_refused(optimized_llama,
+                                                                              tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = cli("optimize", llama, "--test-dataset", lm["text"], "--prune", "--prune-amount", "0.2",
-                 "--output", f"{out}/", "-q")
-    assert result.exit_code == 0, result.stderr
-    return out
-
-
-def test_a_recipe_asking_for_far_more_layers_than_its_weights_hold_is_refused(cli, llama, lm, tmp_path: Path,
-                                                                              short_lm_windows) -> None:
-    out = _folder_output(cli, llama, lm, tmp_path)
+    shutil.copytree(optimized_llama[0], out)
     recipe = json.loads((out / "model_opt.json").read_text())
     recipe["source"]["config"]["num_hidden_layers"] = 100000
     (out / "model_opt.json").write_text(json.dumps(recipe))

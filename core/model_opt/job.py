@@ -22,7 +22,7 @@ from . import modelio
 from .atomic import written_together
 from .context import TechniqueContext
 from .errors import DeviceError, ModelOptError, TechniqueError, UsageError, first_line
-from .measure import to_device
+from .measure import timing_budget, to_device
 from .modelinfo import run_checked
 from .modules import linear_from_conv1d
 from .plugins import PluginManager, get_plugin_manager
@@ -404,7 +404,7 @@ class Settings:
             raise UsageError(f"--finetune-steps is {self.finetune_steps}", "pass 0 (no recovery) or a positive number")
         check_input_shape(self.input_shape)
         check_device(self.device)
-        timing_choice()  # the environment's timing setting, checked before any work
+        timing_choice(), timing_budget()  # the environment's timing settings, checked before any work
         return self
 
 

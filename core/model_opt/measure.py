@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -135,9 +136,11 @@ def count_flops(model: Any, example_input: Any) -> int | None:
     return flops or None  # 0 means the work ran outside torch (OpenVINO): not counted, not free
 
 
-def measure_latency(fn: Callable[[], Any], warmup: int = 3, repeats: int = 30, budget_s: float = 3.0,
+def measure_latency(fn: Callable[[], Any], warmup: int = 3, repeats: int = 30, budget_s: float | None = None,
                     sync: Callable[[], None] | None = None, runtime: str = "eager") -> Latency:
-    """Run ``fn`` ``warmup`` times, then up to ``repeats`` times (or ``budget_s`` seconds)."""
+    """Run ``fn`` ``warmup`` times, then up to ``repeats`` times (or ``budget_s`` seconds: half the
+    :func:`timing_budget`)."""
+    budget_s = timing_budget() / 2 if budget_s is None else budget_s
     for _ in range(warmup):
         fn()
     if sync:
@@ -169,6 +172,29 @@ def compile_model(model: Any, example_input: Any) -> tuple[Any, float]:
     return compiled, time.perf_counter() - started
 
 
+#: Seconds one before/after timing may take once its fewest rounds are done (MODEL_OPT_TIMING_S sets it).
+TIMING_S = 6.0
+
+
+def timing_budget() -> float:
+    """Seconds one before/after timing may take (after its fewest rounds): MODEL_OPT_TIMING_S, else
+    :data:`TIMING_S`. Less gives quicker runs and noisier figures (a smoke test); a bad value is a one-line
+    error."""
+    text = os.environ.get("MODEL_OPT_TIMING_S", "").strip()
+    if not text:
+        return TIMING_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 < value <= 3600):
+        from .errors import UsageError
+
+        raise UsageError(f"MODEL_OPT_TIMING_S={text[:20]!r} is not a number of seconds above 0 and up to 3600",
+                         f"set it like MODEL_OPT_TIMING_S={TIMING_S:g}, or unset it")
+    return value
+
+
 #: Seconds each model runs for in a row before the timer switches to the next one.
 BLOCK_S = 0.15
 #: Seconds of idle before a model's block, so that the previous runtime's worker threads (OpenMP spin-wait,
@@ -177,7 +203,7 @@ SETTLE_S = 0.05
 
 
 def timed_blocks(candidates: dict[str, Callable[[], Any]], *, rounds: int = 9, min_rounds: int = 4,
-                 budget_s: float = 6.0, warmup: int = 3, sync: Callable[[], None] | None = None,
+                 budget_s: float | None = None, warmup: int = 3, sync: Callable[[], None] | None = None,
                  per_round: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """The one timer behind every comparison: milliseconds per call of each candidate, each timed as it is
     deployed, alone on the machine.
@@ -186,8 +212,9 @@ def timed_blocks(candidates: dict[str, Callable[[], Any]], *, rounds: int = 9, m
     drift of a shared machine hits every candidate alike. Before each block the machine idles :data:`SETTLE_S`
     and the first call after the switch is not timed: two runtimes called alternately on a few cores slow
     each other (each one's thread pool spins on cores the other needs), which a user running one model never
-    sees. At least ``min_rounds`` rounds, up to ``rounds`` or ``budget_s`` seconds. ``per_round``, if given,
-    receives each candidate's median of every round."""
+    sees. At least ``min_rounds`` rounds, up to ``rounds`` or ``budget_s`` seconds (default
+    :func:`timing_budget`). ``per_round``, if given, receives each candidate's median of every round."""
+    budget_s = timing_budget() if budget_s is None else budget_s
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     rounds_ms: dict[str, list[float]] = {name: [] for name in candidates}
     names = list(candidates)
@@ -246,7 +273,7 @@ def _latency(samples: list[float], runtime: str, interleaved: bool) -> Latency:
 
 
 def paired_latency(before: Callable[[], Any], after: Callable[[], Any], *, runtimes: tuple[str, str] = ("eager",
-                   "eager"), sync: Callable[[], None] | None = None, rounds: int = 9, budget_s: float = 6.0,
+                   "eager"), sync: Callable[[], None] | None = None, rounds: int = 9, budget_s: float | None = None,
                    warmup: int = 3) -> tuple[Latency, Latency]:
     """Time ``before`` and ``after`` with :func:`timed_blocks` (each as deployed, in rotating rounds)."""
     per_round: dict[str, list[float]] = {}

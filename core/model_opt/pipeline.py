@@ -34,6 +34,7 @@ from .measure import (
     model_latency,
     paired_latency,
     state_dict_bytes,
+    timing_budget,
 )
 from .plugins import PluginManager
 from .registry import KINDS, Technique
@@ -85,10 +86,13 @@ def time_pair(original: Any, optimized: Any, example: Any, device: str, compiled
 
 
 def steadiest(time_once: Callable[[], tuple[Any, Any]], say: Callable[[str], None], attempts: int = 3,
-              cap_s: float = 30.0) -> tuple[Any, Any]:
-    """A before/after latency pair, timed again (up to ``attempts`` times, ``cap_s`` seconds) while the timings
-    are unstable; the steadiest is kept (the report shows a range if none was steady)."""
+              cap_s: float | None = None) -> tuple[Any, Any]:
+    """A before/after latency pair, timed again (up to ``attempts`` times, ``cap_s`` seconds: five timing budgets
+    by default) while the timings are unstable; the steadiest is kept (the report shows a range if none was
+    steady)."""
     import time
+
+    cap_s = 5 * timing_budget() if cap_s is None else cap_s
 
     def spread(pair: tuple[Any, Any]) -> float:
         return max(pair[0].spread, pair[1].spread)

@@ -94,9 +94,15 @@ class Worker:
 
 
 def time_deployed(candidates: dict[str, Deployed], example: Any, device: str = "cpu", *, rounds: int = 9,
-                  min_rounds: int = 4, budget_s: float = 8.0, block_s: float = 0.15) -> dict[str, Timings]:
-    """Milliseconds per call of each candidate, each loaded and run in its own process (see the module)."""
+                  min_rounds: int = 4, budget_s: float | None = None, block_s: float = 0.15) -> dict[str, Timings]:
+    """Milliseconds per call of each candidate, each loaded and run in its own process (see the module); the
+    rounds after the fewest take up to ``budget_s`` seconds (default: a third more than an in-process timing's
+    :func:`model_opt.measure.timing_budget`, for the pipes between the processes)."""
     import torch
+
+    from .measure import timing_budget
+
+    budget_s = timing_budget() * 4 / 3 if budget_s is None else budget_s
 
     timings = {name: Timings() for name in candidates}
     workers: dict[str, Worker] = {}

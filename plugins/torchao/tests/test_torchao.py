@@ -62,13 +62,24 @@ def test_head_and_small_layers_are_skipped_and_reported() -> None:
 
 
 def test_autoquant_result_reloads(tmp_path: Path) -> None:
+    """Which layers autoquant quantizes depends on what it timed (on a busy machine, any of them); the contract is
+    that the reloaded model has exactly the layers the result has, of the same weight types, and its outputs."""
     model, x = mlp(512), torch.randn(64, 64)
     quantized, info = Quantizer().quantize(model, method="autoquant", example_input=x, skip_head=False,
                                            candidates=["int8_weight_only"], tolerance=1.0)
-    assert info["quantized"] == {"int8_weight_only": ["0", "2", "4"]} or not info["changed"]
+    chosen = set(info["quantized"].get("int8_weight_only", []))
+    assert chosen <= {"0", "2", "4"} and bool(chosen) == bool(info["changed"])
+
+    def weight_types(m: torch.nn.Module) -> dict[str, str]:
+        return {name: type(layer.weight).__name__ for name, layer in m.named_modules()
+                if isinstance(layer, torch.nn.Linear)}
+
+    assert {name for name, kind in weight_types(quantized).items() if kind != "Parameter"} == chosen
     model_opt.save(quantized, tmp_path / "aq.pt")
+    reloaded = model_opt.load(tmp_path / "aq.pt", model=mlp(512))
+    assert weight_types(reloaded) == weight_types(quantized)
     with torch.no_grad():
-        torch.testing.assert_close(model_opt.load(tmp_path / "aq.pt", model=mlp(512))(x), quantized(x), rtol=0, atol=0)
+        torch.testing.assert_close(reloaded(x), quantized(x), rtol=0, atol=0)
 
 
 def test_autoquant_picks_the_fastest_within_tolerance() -> None:

@@ -237,9 +237,13 @@ class OpenVINOModule(nn.Module):
     def from_ir(cls, xml: str | os.PathLike[str], device: str = "CPU") -> OpenVINOModule:
         """An IR file (``.xml`` with its ``.bin`` beside it), both read as regular files only."""
         import openvino as ov
+        from model_opt.errors import ModelLoadError
         from model_opt.modelio import read_regular
 
         xml = Path(xml)
+        if not xml.with_suffix(".bin").exists():
+            raise ModelLoadError(f"{xml.name} is OpenVINO IR without its weights file {xml.with_suffix('.bin').name} "
+                                 "beside it", "put the .bin the IR was saved with beside the .xml")
         text, weights = read_regular(xml, MAX_IR_XML_BYTES), read_regular(xml.with_suffix(".bin"))
         return cls(ov.Core().read_model(model=text.decode(), weights=ov.Tensor(
             np.frombuffer(weights, dtype="uint8").copy())), device)
