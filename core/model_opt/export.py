@@ -274,8 +274,12 @@ def _positional(inputs: Any, names: list[str]) -> list[Any]:
 
 
 def _openvino(model: Any, tiny: Any, dims: dict[str, list[int]], path: Path) -> Callable[[Any], Any]:
-    import openvino as ov
     import torch
+
+    from .telemetry import backend_telemetry_off
+
+    backend_telemetry_off()  # (before OpenVINO's converter is imported: it sends an event on import)
+    import openvino as ov
 
     args, kwargs = split_input(tiny)
     if isinstance(model, torch.fx.GraphModule):  # a graph from a .pt2: OpenVINO reads torch.export programs

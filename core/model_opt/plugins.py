@@ -15,6 +15,7 @@ from . import hookspecs
 from .errors import ModelOptError, TechniqueError, describe, first_line
 from .registry import Registry, Technique, extras, install_hint
 from .result import TechniqueResult
+from .telemetry import backend_telemetry_off
 
 #: Plugins that ship inside the core, registered through the same hooks as any other.
 DEFAULT_PLUGINS: dict[str, str] = {
@@ -189,6 +190,7 @@ class PluginManager:
         pluggy's subset callers drop whole plugins; a plugin that both wraps a hook (to observe) and
         implements it (for its own technique) must keep its wrapper without its implementation.
         """
+        backend_telemetry_off()  # before a backend runs: model-opt sends nothing on the user's behalf
         hook = getattr(self.pm.hook, hook_name)
         impls = [impl for impl in hook.get_hookimpls()
                  if impl.wrapper or impl.hookwrapper or impl.plugin_name == owner.plugin]
@@ -209,6 +211,7 @@ class PluginManager:
         raises is a one-line error naming its plugin."""
         from .errors import ModelLoadError
 
+        backend_telemetry_off()
         for impl in reversed(self.pm.hook.load_model.get_hookimpls()):
             try:
                 model = impl.function(path=path)

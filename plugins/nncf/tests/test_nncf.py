@@ -168,3 +168,38 @@ def test_int8_exclude_keeps_the_named_layer_in_float_and_ignored_is_its_old_name
     with pytest.raises(UsageError, match="nncf int8_static exclude=fc9 names no module of the model"):
         quantizer.quantize(model, method="int8_static", backend="nncf", example_input=x, calibration_data=data,
                            exclude=["fc9"])
+
+
+TELEMETRY_PROBE = """
+import os, sys
+forks = []
+os.register_at_fork(before=lambda: forks.append(1))
+import torch
+from model_opt.techniques import Quantizer
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+x = torch.randn(4, 8)
+Quantizer().quantize(model, method="int8_static", backend="nncf", example_input=x, calibration_data=[x, x])
+import time; time.sleep(1)  # (the backends' sender runs in a background thread)
+print("forks", len(forks))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("setting", "sends"), [("", False), ("1", True)])
+def test_no_backend_telemetry_is_sent_unless_the_user_asks(tmp_path: Path, setting: str, sends: bool) -> None:
+    """OpenVINO and NNCF send usage events from a background thread, each in a forked process (which Python 3.11
+    kills with 'Fatal Python error: init_threadstate'): model-opt drops them, so nothing is forked, unless
+    MODEL_OPT_BACKEND_TELEMETRY=1 leaves the backends' own choice."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NNCF_", "CI"))}
+    env["MODEL_OPT_BACKEND_TELEMETRY"] = setting
+    proc = subprocess.run([sys.executable, "-c", TELEMETRY_PROBE], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    forks = int(proc.stdout.split("forks")[1])
+    assert (forks > 0) is sends, (forks, proc.stderr[-1000:])
+    if not sends:
+        assert "Fatal Python error" not in proc.stderr
