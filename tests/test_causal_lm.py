@@ -81,6 +81,7 @@ def test_quantizing_a_causal_lm_without_a_test_script_reopens(cli, lm, tmp_path:
                                                                decode}
     assert after["metrics"]["perplexity"] == pytest.approx(before["metrics"]["perplexity"], rel=tolerance)
     # peak memory: each model opened and decoding in its own process (runtime included)
+    assert before["peak_memory_bytes"], report["warnings"]
     assert before["peak_memory_bytes"] > 2**20 * 50 and after["peak_memory_bytes"] > 2**20 * 50
     assert report["summary"]["peak_memory_ratio"] == pytest.approx(after["peak_memory_bytes"]
                                                                    / before["peak_memory_bytes"])

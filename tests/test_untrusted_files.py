@@ -4,11 +4,9 @@ the architecture it describes is built; bad recipes given to the Python API are 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
-import zipfile
 from pathlib import Path
 
 import model_opt
@@ -16,6 +14,7 @@ import pytest
 import torch
 from model_opt.errors import ModelLoadError, UsageError
 from test_bad_input import listing, one_error
+from test_hostile_inputs import _artifact
 
 pytest.importorskip("transformers")
 
@@ -211,20 +210,10 @@ def test_an_ir_file_that_is_a_pipe_or_a_device_is_refused(tmp_path: Path, member
         OpenVINOModule.from_ir(folder / "openvino_model.xml")
 
 
-def _artifact(path: Path, manifest: dict) -> Path:
-    buffer = io.BytesIO()
-    torch.save(torch.nn.Linear(2, 2).state_dict(), buffer)
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("model_opt.json", json.dumps({"format": "model-opt", "format_version": 2,
-                                                       "payload": "weights", **manifest}))
-        archive.writestr("weights.pt", buffer.getvalue())
-    return path
-
-
 def test_api_recipes_of_the_wrong_shape_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="has no weights"):
-        model_opt.load(_artifact(tmp_path / "a.pt", {"weights": ["weights.pt"], "steps": []}),
-                       model=torch.nn.Linear(2, 2))
+        model_opt.load(_artifact(tmp_path / "a.pt", {"weights": ["weights.pt"], "steps": []},
+                                 torch.nn.Linear(2, 2).state_dict()), model=torch.nn.Linear(2, 2))
     model = torch.nn.Linear(2, 2)
     with pytest.raises(UsageError, match="manifest steps are a int, not a list"):
         model_opt.save(model, tmp_path / "b.pt", manifest={"steps": 5})

@@ -512,7 +512,9 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
             what = f"{stored} is missing" if isinstance(stored, str) else "the recipe names no weights file"
             raise ModelLoadError(f"{path.name} has no weights ({printable(what, 80)})",
                                  "re-create the file with model-opt optimize")
-        # read first: the recorded architecture is checked against them before it is built
+        # read first: the recorded architecture is checked against them before it is built (the steps' backends
+        # imported before: some register their tensor types as safe for weights-only loading when imported)
+        import_backends(steps)
         weights = None if stored == "native" else read_weights(path, stored, map_location)
         start = max((i for i, step in enumerate(steps) if step.get("standalone")), default=None)
         if start is not None:  # that step's weights hold the whole model: no architecture needed
@@ -653,6 +655,21 @@ def base_model(manifest: dict[str, Any], path: Path, *, trust_model: bool, map_l
         raise ModelLoadError(f"{path.name} was made from {src.name}, a pickled nn.Module, which runs code when "
                              "loaded", "pass the architecture: model_opt.load(path, model=YourModel()) (safe), or "
                              "--test-script with load_model(); --trust-model only if you trust the source") from None
+
+
+def import_backends(steps: list[dict[str, Any]]) -> None:
+    """Import the packages the recorded steps' techniques require (each checked as installed first): torchao, for
+    one, registers its quantized tensor types as safe for ``weights_only`` loading when it is imported."""
+    import importlib
+
+    from .plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    for step in steps:
+        technique = manager.registry.find(step["kind"], step["backend"], step["method"])
+        technique.validate_environment()
+        for package in technique.requires:
+            importlib.import_module(package)
 
 
 def replay(model: Any, steps: list[dict[str, Any]], device: str = "cpu") -> Any:

@@ -183,7 +183,7 @@ def optimize(model_path: str | os.PathLike[str], *, test_script: str | os.PathLi
 
     model, report.steps = apply_with_recovery(model, split, context, job, finetune_steps, before_recovery)
     measure_after(job, original, model, report)
-    report.warnings = speed_warnings(report, planned)
+    report.warnings += speed_warnings(report, planned)  # (after those measuring added)
 
     # 4. Keep the input untouched; write nothing when the budget is exceeded.
     if not report.within_budget:

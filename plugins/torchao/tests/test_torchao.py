@@ -153,3 +153,27 @@ def test_int4_weight_only_on_cuda() -> None:
     quantized, info = Quantizer().quantize(model, method="int4_weight_only", example_input=x)
     with torch.no_grad():
         assert cosine(quantized(x).float(), expected.float()) > 0.99
+
+
+def test_a_quantized_artifact_reopens_in_a_process_that_has_not_imported_torchao(tmp_path: Path) -> None:
+    """torchao's tensor types are safe for weights-only loading once torchao is imported: the reopening imports
+    the recorded steps' backends before it reads the weights (a timing or memory process starts with none)."""
+    import subprocess
+    import sys
+
+    model, x = mlp(), torch.randn(4, 64)
+    quantized, _ = Quantizer().quantize(model, method="int8_weight_only", example_input=x, skip_head=False)
+    model_opt.save(quantized, tmp_path / "q.pt")
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch, model_opt\n"
+            "from torch import nn\n"
+            "assert 'torchao' not in sys.modules\n"
+            "torch.manual_seed(0)\n"
+            "base = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))\n"
+            "m = model_opt.load(sys.argv[1], model=base.eval())\n"
+            "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q.pt"), str(tmp_path / "x.pt"),
+                           str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), quantized(x), rtol=0, atol=0)
