@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, table, time_models  # noqa: E402
 from model_opt.autotune import autotune  # noqa: E402
 from model_opt.errors import ModelOptError  # noqa: E402
-from model_opt.pipeline import Step, optimize  # noqa: E402
+from model_opt.pipeline import optimize  # noqa: E402
+from model_opt.steps import Step  # noqa: E402
 
 TIMM_SCRIPT = '''
 from pathlib import Path
@@ -171,7 +172,7 @@ def compare(name: str, model: Path, data: Path, script: Path, budget: float, tri
     if best_single:
         backend = best_single["technique"].split(":")[0]
         contenders["single"] = model_opt.load(model.with_name(f"single-{backend}.pt"), test_script=script)
-    times = time_models(contenders, x, rounds=9, per_round=3)
+    times = time_models(contenders, x, rounds=9)
     skipped = sum(1 for t in result.trials if t.get("error"))
     # and each saved model alone in a fresh process, as deployed (benchmarks/alone.py), original in turn
     files = {"tuned": model.with_name("tuned.pt")}

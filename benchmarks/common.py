@@ -24,12 +24,12 @@ def compiled(model: torch.nn.Module, example: Any) -> torch.nn.Module:
     return compiled_model
 
 
-def time_interleaved(candidates: dict[str, Callable[[], Any]], rounds: int = 7, per_round: int = 3,
+def time_interleaved(candidates: dict[str, Callable[[], Any]], rounds: int = 7,
                      warmup: int = 2) -> dict[str, float]:
     """Median milliseconds per call of each candidate, measured in interleaved rounds (model-opt's own)."""
     from model_opt.measure import interleaved_ms
 
-    return interleaved_ms(candidates, rounds=rounds, per_round=per_round, warmup=warmup)
+    return interleaved_ms(candidates, rounds=rounds, warmup=warmup)
 
 
 def table(title: str, rows: list[dict[str, Any]]) -> str:

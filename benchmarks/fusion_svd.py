@@ -63,7 +63,7 @@ def svd_rows() -> list[dict]:
     for ratio in (0.5, 0.25):
         candidates[f"svd {ratio}"] = Decomposer().decompose_model(copy.deepcopy(model), rank_ratio=ratio,
                                                                   exclude=["head"])
-    times = time_models(candidates, x, rounds=5, per_round=2)
+    times = time_models(candidates, x, rounds=5)
     for name, candidate in candidates.items():
         if name == "float":
             continue

@@ -37,7 +37,7 @@ def timed(models: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
     from model_opt.measure import interleaved_ms
 
     calls = {name: (lambda m=m: m(x)) for name, m in models.items()}
-    return interleaved_ms(calls, rounds=9, per_round=20, warmup=5, sync=torch.cuda.synchronize)
+    return interleaved_ms(calls, rounds=9, warmup=5, sync=torch.cuda.synchronize)
 
 
 def compiled(model: nn.Module, x: torch.Tensor) -> nn.Module:

@@ -51,7 +51,7 @@ def main() -> None:
             "NNCF int8 (OpenVINO)": nncf_int8,
             "INC static int8 (compiled)": compiled(inc_int8, x),
         }
-        times = time_models(candidates, x, rounds=7, per_round=3)
+        times = time_models(candidates, x, rounds=7)
         for name, candidate in candidates.items():
             with torch.inference_mode():
                 predictions = torch.cat([candidate(b) for b in held_out.split(64)]).argmax(1) \

@@ -36,10 +36,10 @@ def rows_for(name: str, batch: int, compile_too: bool) -> list[dict]:
         candidates[f"structured {amount}"] = Pruner().prune_model(
             copy.deepcopy(model), amount=amount, prune_type="structured", example_input=x[:1])
     candidates["unstructured 0.5"] = Pruner().prune_model(copy.deepcopy(model), amount=0.5, criterion="l1")
-    eager = time_models(candidates, x, rounds=5, per_round=2)
+    eager = time_models(candidates, x, rounds=5)
     compiled_times = {}
     if compile_too:
-        compiled_times = time_models({k: compiled(m, x) for k, m in candidates.items()}, x, rounds=5, per_round=2)
+        compiled_times = time_models({k: compiled(m, x) for k, m in candidates.items()}, x, rounds=5)
     base_flops = flops(model, x)
     rows = []
     for key, candidate in candidates.items():

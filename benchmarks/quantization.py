@@ -59,11 +59,11 @@ def rows_for(label: str, model: nn.Module, x: torch.Tensor) -> list[dict]:
                                                             example_input=x, skip_head=False)[0]
     tuned_compiled = Quantizer().quantize(copy.deepcopy(model), method="autoquant", example_input=x,
                                           skip_head=False, compile=True)[0]
-    eager_times = time_models(eager, x, rounds=5, per_round=2)
+    eager_times = time_models(eager, x, rounds=5)
     compiled_models = {name: compiled(m, x) for name, m in eager.items() if "autoquant" not in name}
     compiled_models["autoquant (tuned compiled)"] = compiled(tuned_compiled, x)
     eager["autoquant (tuned compiled)"] = tuned_compiled
-    compiled_times = time_models(compiled_models, x, rounds=5, per_round=2)
+    compiled_times = time_models(compiled_models, x, rounds=5)
     sizes = {name: size(candidate) for name, candidate in eager.items()}
     with torch.inference_mode():
         reference = model(x)

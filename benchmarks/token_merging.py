@@ -40,7 +40,7 @@ def vit_rows() -> list[dict]:
     candidates = {"r=0": model}
     for r in (8, 16):
         candidates[f"r={r}"] = ViTToMePruner().apply_patch(copy.deepcopy(model), r=r)
-    times = time_models(candidates, x, rounds=5, per_round=1)
+    times = time_models(candidates, x, rounds=5)
     with torch.inference_mode():
         reference = model(x)
         rows = []
@@ -64,7 +64,7 @@ def unet_rows(name: str, config: dict, latent: int, rounds: int) -> list[dict]:
         patched = StableDiffusionPruner().apply_patch(copy.deepcopy(base), ratio=0.5, max_downsample=max_downsample)
         candidates[f"ratio 0.5, max_downsample {max_downsample}"] = patched
     calls = {k: (lambda m=m: m(latents, 10, encoder_hidden_states=text).sample) for k, m in candidates.items()}
-    times = time_interleaved(calls, rounds=rounds, per_round=1, warmup=1)
+    times = time_interleaved(calls, rounds=rounds, warmup=1)
     with torch.inference_mode():
         reference = calls["unpatched"]()
         return [{"UNet": f"{name} ({latent}x{latent} latents, b2)", "setting": k,

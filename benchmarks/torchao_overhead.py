@@ -35,7 +35,7 @@ def main() -> None:
         models = {"model-opt": ours, "torchao direct": direct, "torchao direct, second copy": again}
         if runtime == "compiled":
             models = {name: compiled(m, x) for name, m in models.items()}
-        times = time_models(models, x, rounds=40, per_round=5)
+        times = time_models(models, x, rounds=40)
         rows += [{"runtime": runtime, "candidate": name, "time / torchao direct": t / times["torchao direct"]}
                  for name, t in times.items()]
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""

@@ -129,7 +129,7 @@ def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, str]:
 
 def build_steps(flags: dict[str, Any], registry: Any) -> list[Any]:
     """The steps the technique flags ask for, in pipeline order; a flag of a kind not enabled is an error."""
-    from model_opt.job import Step
+    from model_opt.steps import Step
 
     extra = option_flags(registry.techniques.values())
     steps = []

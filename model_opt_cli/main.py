@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from model_opt import __version__
 from model_opt.errors import AccuracyBudgetExceeded, ModelOptError, UsageError
+from model_opt.version import __version__
 
 from model_opt_cli.flags import (
     KIND_FLAGS,
@@ -34,7 +34,7 @@ app = typer.Typer(
 
 def log_path_for(model: Path, output: str | None) -> Path:
     """Where backend messages of a run go: beside its output, under the output's name."""
-    from model_opt.job import output_target, side_path
+    from model_opt.outputs import output_target, side_path
 
     out, folder = output_target(model, output)
     return side_path(out, ".log", folder)
@@ -212,25 +212,23 @@ def demo(
     """Train the shipped digits example, recommend techniques for it, and apply the first recommended one
     that is installed and speeds the model up on this CPU, printing the before/after report."""
     from model_opt.examples.digits import check_demo_folder, prepare
-    from model_opt.pipeline import Step
     from model_opt.pipeline import optimize as run
-    from model_opt.plugins import get_plugin_manager
+    from model_opt.recommend import first_fast_here
+    from model_opt.steps import Step
 
-    say = lambda message: typer.echo(f"model-opt: {message}", err=True)  # noqa: E731
+    progress = lambda message: typer.echo(f"model-opt: {message}", err=True)  # noqa: E731
     try:
         check_demo_folder(folder)
-        say(f"training the digits example in {folder}")
+        progress(f"training the digits example in {folder}")
         example = prepare(folder, epochs=epochs)
-        plan = print_recommendation(example.model, example.script, str(example.dataset), "cpu", False)
-        registry = get_plugin_manager().registry.techniques
-        available = [item for item in plan if item.available]
-        chosen = next((item for item in available if "cpu" in registry[
-            (item.kind, item.backend, item.method)].speeds_up_on(item.options)), available[0] if available else None)
+        chosen = first_fast_here(print_recommendation(example.model, example.script, str(example.dataset), "cpu",
+                                                      False))
         if chosen is None:
             raise ModelOptError("no installed technique applies to the example", 'pip install "model-opt[all]"')
-        step = Step(chosen.kind, chosen.backend, chosen.method, dict(chosen.options))
-        flags = command_flags(registry[(chosen.kind, chosen.backend, chosen.method)], chosen.options)
-        say(f"running: model-opt optimize {example.model} --test-dataset {example.dataset} --test-script "
+        technique = chosen.technique
+        step = Step(technique.kind, technique.backend, technique.method, dict(chosen.options))
+        flags = command_flags(technique, chosen.options)
+        progress(f"running: model-opt optimize {example.model} --test-dataset {example.dataset} --test-script "
             f"{example.script} {flags}")
         with console(log_path_for(example.model, None), False, False) as progress:
             report = run(example.model, test_script=example.script, dataset=example.dataset, steps=[step],
@@ -242,28 +240,28 @@ def demo(
 
 def print_recommendation(model: Path, test_script: Path | None, test_dataset: str, device: str,
                          trust_model: bool) -> list[Any]:
-    """Print the model's family and the plan for it (with the command for each line); return the plan."""
-    from model_opt.job import open_model
-    from model_opt.plugins import get_plugin_manager
+    """Print the model's family and the recommendations for it (with the command for each); return them."""
+    from model_opt.modelio import open_model
     from model_opt.recommend import recommend
     from model_opt.testscript import TestScript
 
     loaded = open_model(model, TestScript(test_script, model_path=model) if test_script else None, trust_model)
-    family, evidence, plan = recommend(loaded, device)
+    family, evidence, recommendations = recommend(loaded, device)
     typer.echo(f"{model}: {family} ({evidence})")
     # a causal LM without a test script gets the built-in evaluation
     script_arg = f" --test-script {test_script or 'eval.py'}" if test_script or family != "causal-lm" else ""
-    registry = get_plugin_manager().registry.techniques
-    for item in plan:
-        if item.available:
-            flags = command_flags(registry[(item.kind, item.backend, item.method)], item.options)
-            typer.echo(f"- {item.kind} {item.backend}:{item.method}: {item.why}")
-            typer.echo(f"    model-opt optimize {model} --test-dataset {test_dataset}{script_arg} {flags}")
+    for recommended in recommendations:
+        technique = recommended.technique
+        line = f"- {technique.kind} {technique.backend}:{technique.method}: {recommended.why}"
+        if recommended.available:
+            typer.echo(line)
+            typer.echo(f"    model-opt optimize {model} --test-dataset {test_dataset}{script_arg} "
+                       f"{command_flags(technique, recommended.options)}")
         else:
-            typer.echo(f"- {item.kind} {item.backend}:{item.method}: {item.why} [{item.missing}]")
+            typer.echo(f"{line} [{recommended.missing}]")
     typer.echo(f"Search them together, within an accuracy budget: model-opt autotune {model} --test-dataset "
                f"{test_dataset}{script_arg} --max-accuracy-drop 0.01")
-    return plan
+    return recommendations
 
 
 @app.command("recommend")
@@ -367,60 +365,18 @@ def export_command(
     trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")] = False,
 ) -> None:
     """Export a model as a torch.export program, ONNX or OpenVINO IR, checked against torch at two batch sizes."""
-    from model_opt.export import SUFFIXES, check_format, export_model
+    from model_opt.export import export_file
 
     try:
-        fmt = check_format(format_)
-        out = Path(output) if output else model.with_name(f"{model.stem if model.is_file() else model.name}"
-                                                          f"{SUFFIXES[fmt]}")
-        if output and (output.endswith("/") or out.is_dir()):
-            out = out / f"{model.stem if model.is_file() else model.name}{SUFFIXES[fmt]}"
-        check_export_output(out, model, fmt)
-        loaded, example = load_for_export(model, test_script, test_dataset, parse_shape(input_shape), trust_model)
-        with console(out, quiet=False, verbose=True) as progress:  # backends' messages to stderr, no log file
-            result = export_model(loaded, example, fmt, out, static=static_shapes, say=progress)
+        with console(model, quiet=False, verbose=True) as progress:  # backends' messages to stderr, no log file
+            result = export_file(model, format_, output=output, test_script=test_script, dataset=test_dataset,
+                                 input_shape=parse_shape(input_shape), static=static_shapes, trust_model=trust_model,
+                                 progress=progress)
     except ModelOptError as err:
         raise fail(err) from None
     except KeyboardInterrupt as interrupt:
         raise interrupted(interrupt) from None
     typer.echo(result.render())
-
-
-def check_export_output(out: Path, model: Path, fmt: str) -> None:
-    """An export never replaces the model, its files, or any existing file."""
-    from model_opt.job import check_writable_folder, inputs_of
-
-    targets = [out, *([out.with_suffix(".bin")] if fmt == "openvino" else [])]
-    if out.suffix != {"pt2": ".pt2", "onnx": ".onnx", "openvino": ".xml"}[fmt]:
-        raise UsageError(f"--output {out.name} does not end in the {fmt} suffix",
-                         f"name it like {out.with_suffix({'pt2': '.pt2', 'onnx': '.onnx', 'openvino': '.xml'}[fmt])}")
-    for target in targets:
-        inside = model.resolve() in target.resolve().parents
-        if inside or any(target.resolve() == p.resolve() for p in inputs_of(model)):
-            raise UsageError(f"--output {out} would overwrite {target.name}, an input", "choose another --output")
-        if target.exists() or target.is_symlink():
-            raise UsageError(f"{target} already exists", "choose another --output, or remove the file yourself")
-    check_writable_folder(out.parent)
-
-
-def load_for_export(model: Path, test_script: Path | None, dataset: str | None, shape: list[int] | None,
-                    trust_model: bool) -> tuple[Any, Any]:
-    """The model (opened like optimize opens it) and its example input."""
-    import torch
-    from model_opt.job import check_input_shape, open_model
-    from model_opt.testscript import TestScript
-
-    check_input_shape(shape)  # (before the model is opened)
-    script = TestScript(test_script, model_path=model) if test_script else None
-    loaded = open_model(model, script, trust_model)
-    if script is not None and script.has("example_input"):
-        if dataset is None:
-            raise UsageError("the test script's example_input() needs --test-dataset", "pass --test-dataset")
-        return loaded, script.call("example_input", dataset)
-    if shape:
-        return loaded, torch.randn(*shape)
-    raise UsageError("an export needs an example input", "pass --test-script with example_input() (and "
-                     "--test-dataset), or --input-shape")
 
 
 def version_callback(value: bool) -> None:
@@ -441,7 +397,7 @@ def handle_sigterm() -> None:
     """SIGTERM (kill) interrupts like Ctrl-C, so that partly written temporary files are removed."""
     import signal
 
-    def terminated(signum: int, frame: Any) -> None:
+    def terminated(*_: Any) -> None:  # (the signal number and frame)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminated)

@@ -199,7 +199,7 @@ except KeyboardInterrupt:
 
 
 def test_output_lock_serializes_writers(tmp_path: Path) -> None:
-    from model_opt.job import output_lock
+    from model_opt.outputs import output_lock
 
     out = tmp_path / "o.pt"
     events: list[str] = []

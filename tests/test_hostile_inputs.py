@@ -158,7 +158,7 @@ def test_a_recipe_claims_only_the_side_files_its_run_wrote(cli, work: Path) -> N
     out = work / "o.pt"
     result = cli(*optimize_args(work, *PRUNE, "--output", out, "-q"))
     assert result.exit_code == 0, result.stderr
-    assert model_opt.modelio.read_manifest(out)["files"] == ["o.report.json"]
+    assert model_opt.artifact.format.read_manifest(out)["files"] == ["o.report.json"]
     result = cli("export", out, "--format", "openvino", "--test-script", work / "eval.py", "--test-dataset",
                  work / "data")
     assert result.exit_code == 0, result.stderr

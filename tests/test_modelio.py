@@ -23,7 +23,7 @@ def test_artifact_round_trip_gives_same_outputs(tmp_path: Path) -> None:
     path = model_opt.save(model, tmp_path / "m.pt", {"steps": []})
     fresh = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     torch.testing.assert_close(model_opt.load(path, model=fresh)(x), model(x), rtol=0, atol=0)
-    from model_opt.modelio import read_manifest
+    from model_opt.artifact.format import read_manifest
 
     manifest = read_manifest(path)
     assert manifest["format"] == "model-opt" and manifest["format_version"] == 2

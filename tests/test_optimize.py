@@ -195,9 +195,10 @@ def test_failing_test_scripts_show_their_own_error(cli, digits, tmp_path: Path) 
 def test_interrupt_during_a_technique_leaves_no_output(digits, tmp_path: Path) -> None:
     """Ctrl-C (KeyboardInterrupt) mid-run: no output file, no temporary file, input untouched."""
     from model_opt.hookspecs import hookimpl
-    from model_opt.pipeline import Step, optimize
+    from model_opt.pipeline import optimize
     from model_opt.plugins import PluginManager
     from model_opt.registry import Technique
+    from model_opt.steps import Step
 
     @hookimpl
     def register_techniques(register):
@@ -251,9 +252,10 @@ def test_a_backend_crash_is_one_line_and_writes_nothing(digits, tmp_path: Path, 
     from helpers import plugin_module
     from model_opt.errors import TechniqueError
     from model_opt.hookspecs import hookimpl
-    from model_opt.pipeline import Step, optimize
+    from model_opt.pipeline import optimize
     from model_opt.plugins import PluginManager
     from model_opt.registry import Technique
+    from model_opt.steps import Step
 
     @hookimpl
     def register_techniques(register):

@@ -133,15 +133,15 @@ def test_a_third_party_technique_can_be_the_default_for_a_method_and_be_recommen
     manager.register(plugin_module("acme", register_techniques=register_techniques), "acme")
     manager.register(plugin_module("other", register_techniques=register_other), "other")
     assert manager.registry.find("quantize", None, "fast8").backend == "acme"
-    family, _, plan = recommend(torch.nn.Sequential(torch.nn.Linear(4, 4)), "cpu", manager)
+    family, _, recommendations = recommend(torch.nn.Sequential(torch.nn.Linear(4, 4)), "cpu", manager)
     assert family == "transformer"
-    assert (plan[0].backend, plan[0].method, plan[0].why, plan[0].options) == ("acme", "fast8", "acme's kernels",
-                                                                               {"level": 2})
+    first = recommendations[0]
+    assert (first.technique.backend, first.technique.method, first.why, first.options, first.available) == (
+        "acme", "fast8", "acme's kernels", {"level": 2}, True)
 
 
 def test_an_option_value_can_make_a_technique_speed_up_and_the_report_warns_only_without_it() -> None:
-    from model_opt.pipeline import speed_warnings
-    from model_opt.report import Measurement, Report
+    from model_opt.report import Measurement, Report, speed_warnings
 
     weights = make(speeds_up=(), speeds_up_with={"runtime": {"openvino": ("cpu",)}}, speed_note="decompressed")
     assert weights.speeds_up_on({"runtime": "openvino"}) == ("cpu",)

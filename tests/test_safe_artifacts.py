@@ -119,7 +119,7 @@ def test_a_step_without_restore_is_saved_pickled_and_needs_trust(monkeypatch, tm
 
     model = Decomposer().decompose_model(nn.Linear(4, 4), method="halve", backend="acme", rank_ratio=None)
     path = model_opt.save(model, tmp_path / "acme.pt")
-    from model_opt.modelio import read_manifest
+    from model_opt.artifact.format import read_manifest
 
     manifest = read_manifest(path)
     assert manifest["payload"] == "pickle"
@@ -214,7 +214,8 @@ def test_fifo_and_devices_are_refused_without_reading(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_optimize_output_reopens_in_a_fresh_process_with_the_test_script(digits, tmp_path: Path) -> None:
-    from model_opt.pipeline import Step, optimize
+    from model_opt.pipeline import optimize
+    from model_opt.steps import Step
 
     out = tmp_path / "structured.pt"
     optimize(digits.model, test_script=digits.script, dataset=digits.dataset, output=out,

@@ -10,11 +10,11 @@ import pytest
 
 
 def test_eta_moves_at_most_a_third_per_trial(monkeypatch) -> None:
-    from model_opt import autotune
+    from model_opt import tuning_trials
 
     now = [1000.0]
-    monkeypatch.setattr(autotune.time, "time", lambda: now[0])
-    eta = autotune.Eta(trials=10, done_before=0, timeout=None)
+    monkeypatch.setattr(tuning_trials.time, "time", lambda: now[0])
+    eta = tuning_trials.Eta(trials=10, done_before=0, timeout=None)
     shown = []
     for finished, elapsed in ((1, 5.0), (2, 60.0), (3, 62.0), (4, 63.0)):  # a slow trial, then fast ones
         now[0] = 1000.0 + elapsed

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def load(path: str, *, model: Any = None, test_script: str | None = None, trust_model: bool = False,
@@ -19,8 +19,8 @@ def load(path: str, *, model: Any = None, test_script: str | None = None, trust_
     source model its recipe names, opened safely or by ``test_script``'s ``load_model``; then each step
     is replayed and the saved weights are loaded. Pickled models need ``trust_model=True``.
     """
+    from .artifact.format import source_path
     from .modelio import load as _load
-    from .modelio import source_path
 
     loader = None
     if test_script is not None:
@@ -42,8 +42,8 @@ def save(model: Any, path: str, manifest: dict[str, Any] | None = None) -> Any:
     import os
     from pathlib import Path
 
-    from .modelio import save as _save
-    from .modelio import save_folder
+    from .artifact.write import save as _save
+    from .artifact.write import save_folder
 
     text = os.fspath(path)
     if text.endswith(("/", os.sep)) or Path(text).is_dir():

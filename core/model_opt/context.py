@@ -40,6 +40,9 @@ class TechniqueContext:
     higher_is_better: bool = True
     #: The technique being applied (``backend method``), set by the core: what the require_* errors name.
     technique: str = ""
+    #: The model's architecture family as the core detected it (cnn, vit, hybrid, diffusion, transformer,
+    #: causal-lm; :func:`model_opt.recommend.detect_family`), for techniques whose settings depend on it.
+    family: str | None = None
 
     def require_example_input(self, technique: str | None = None) -> Any:
         technique = technique or self.technique

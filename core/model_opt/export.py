@@ -11,19 +11,22 @@ shapes), the largest absolute difference of the outputs is reported.
 from __future__ import annotations
 
 import io
+import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_path
+from .atomic import atomic_path, written_together
 from .errors import BackendNotInstalled, TechniqueError, UsageError, describe
+from .job import check_input_shape, example_input
 from .measure import call_model, split_input
+from .modelio import open_model
+from .outputs import EXPORT_SUFFIXES, check_export_output, export_target
+from .testscript import TestScript
 
-FORMATS = ("pt2", "onnx", "openvino")
-#: Each format's file suffix (OpenVINO also writes the .bin beside the .xml).
-SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "openvino": ".xml"}
+FORMATS = tuple(EXPORT_SUFFIXES)
 #: What a format needs installed, and how to get it.
 NEEDS = {"onnx": (("onnx", "onnxscript"), 'pip install "model-opt[onnx]"'),
          "openvino": (("openvino",), "pip install openvino")}
@@ -128,8 +131,27 @@ def _torch_dynamic_shapes(example: Any, dims: dict[str, list[int]]) -> Any:
     return tuple(spec(str(i)) for i in range(len(args)))
 
 
+def export_file(model_path: str | os.PathLike[str], fmt: str, *, output: str | None = None,
+                test_script: str | os.PathLike[str] | None = None, dataset: str | None = None,
+                input_shape: Sequence[int] | None = None, static: bool = False, trust_model: bool = False,
+                progress: Callable[[str], None] = lambda message: None) -> ExportResult:
+    """``model-opt export``: the model (opened as every command opens it) exported in ``fmt`` to ``output`` (default:
+    beside the model), with the example input every command uses; the output is checked before any work."""
+    fmt = check_format(fmt)
+    model_path = Path(model_path)
+    out = check_export_output(export_target(model_path, fmt, output), model_path, fmt)
+    check_input_shape(input_shape)  # (before the model is opened)
+    script = TestScript(test_script, model_path=model_path) if test_script else None
+    model = open_model(model_path, script, trust_model)
+    example = example_input(script, dataset, input_shape)
+    if example is None:
+        raise UsageError("an export needs an example input", "pass --test-script with example_input() (and "
+                         "--test-dataset), or --input-shape")
+    return export_model(model, example, fmt, out, static=static, progress=progress)
+
+
 def export_model(model: Any, example: Any, fmt: str, path: Path, static: bool = False,
-                 say: Callable[[str], None] = lambda message: None) -> ExportResult:
+                 progress: Callable[[str], None] = lambda message: None) -> ExportResult:
     """Export ``model`` to ``path`` in format ``fmt``, verified at two batch sizes before it is written."""
     import torch
 
@@ -139,7 +161,7 @@ def export_model(model: Any, example: Any, fmt: str, path: Path, static: bool = 
     rows = check_example(example)
     runtime = str(getattr(model, "deployed_runtime", "torch"))
     if runtime != "torch":  # an OpenVINO result: its own IR is the export, written as it is
-        return _export_native(model, runtime, fmt, path, say)
+        return _export_native(model, runtime, fmt, path, progress)
     if isinstance(model, ExportedModule):  # a .pt2 given back: export its graph, not the wrapper's *args
         model = model.module_  # (a graph from torch.export has no train/eval switch)
     elif hasattr(model, "eval"):
@@ -148,9 +170,9 @@ def export_model(model: Any, example: Any, fmt: str, path: Path, static: bool = 
     tiny = sample(example, rows) if static else sample(example, 2)
     dims = dynamic_dims(tiny, static)
     batches = [rows] if static else [1, 3]
-    say(f"exporting to {fmt} ({'static shapes' if static else 'dynamic ' + ', '.join(sorted(dims)) or 'static'})")
+    progress(f"exporting to {fmt} ({'static shapes' if static else 'dynamic ' + ', '.join(sorted(dims)) or 'static'})")
     with tempfile.TemporaryDirectory(prefix="model-opt-export-") as tmp:
-        staged = Path(tmp) / f"model{SUFFIXES[fmt]}"
+        staged = Path(tmp) / f"model{EXPORT_SUFFIXES[fmt]}"
         try:
             runner = {"pt2": _pt2, "onnx": _onnx, "openvino": _openvino}[fmt](model, tiny, dims, staged)
         except (UsageError, BackendNotInstalled):
@@ -175,8 +197,6 @@ def export_model(model: Any, example: Any, fmt: str, path: Path, static: bool = 
 
 def _put_in_place(staged: Path, fmt: str, path: Path) -> list[str]:
     """The staged export's files written to ``path`` (and its ``.bin``), atomically and together."""
-    from .atomic import written_together
-
     targets = [path, *([path.with_suffix(".bin")] if fmt == "openvino" else [])]
     sources = [staged, *([staged.with_suffix(".bin")] if fmt == "openvino" else [])]
     with written_together():
@@ -189,7 +209,7 @@ def _put_in_place(staged: Path, fmt: str, path: Path) -> list[str]:
     return [str(t) for t in targets]
 
 
-def _export_native(model: Any, runtime: str, fmt: str, path: Path, say: Callable[[str], None]) -> ExportResult:
+def _export_native(model: Any, runtime: str, fmt: str, path: Path, progress: Callable[[str], None]) -> ExportResult:
     """A model that runs in another runtime (an OpenVINO result): its own files, as they are, when the format is
     that runtime's; any other format is a one-line error (there is no torch graph to export)."""
     save_native = getattr(model, "save_native", None)
@@ -197,9 +217,9 @@ def _export_native(model: Any, runtime: str, fmt: str, path: Path, say: Callable
         raise UsageError(f"this model runs in {runtime}, not torch, so it cannot be exported to {fmt}",
                          f"use --format {runtime} (its own files, as they are), or export the torch model it was "
                          "made from")
-    say(f"writing the model's own {runtime} files")
+    progress(f"writing the model's own {runtime} files")
     with tempfile.TemporaryDirectory(prefix="model-opt-export-") as tmp:
-        staged = Path(tmp) / f"model{SUFFIXES[fmt]}"
+        staged = Path(tmp) / f"model{EXPORT_SUFFIXES[fmt]}"
         save_native(staged)
         result = ExportResult(fmt, _put_in_place(staged, fmt, path), {}, native=True)
     return result

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ModelLoadError, first_line
+
 PROGRAM_KEY = "program"
 
 
@@ -43,6 +45,13 @@ def trusting(trusted: bool = True) -> Iterator[None]:
 
 class UnsafeProgram(Exception):
     """A ``.pt2`` holds something torch.export.load would run code to open."""
+
+
+def unsafe_program(name: str, exc: BaseException) -> ModelLoadError:
+    """The one-line error for a program (named ``name``) that does not pass :func:`check_program`."""
+    return ModelLoadError(f"{name} cannot be opened safely: {first_line(exc)}; torch.export.load would run code "
+                          "from it", "pass --trust-model (trust_model=True) only if you trust where the file came "
+                          "from")
 
 
 def _weights_only(reader: Any, name: str) -> None:

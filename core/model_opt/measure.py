@@ -24,8 +24,32 @@ class Latency:
     #: Median of each round's block (interleaved timings), for the range of a ratio.
     rounds_ms: list[float] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, samples: list[float], runtime: str = "eager", rounds_ms: list[float] | None = None) -> Latency:
+        """Median, p90 and spread of ``samples`` (milliseconds per call); ``rounds_ms``: the medians of the rounds
+        of an interleaved timing (:func:`rotating_rounds`), which makes it interleaved."""
+        times = sorted(samples)
+
+        def pct(q: float) -> float:
+            return times[min(len(times) - 1, int(round(q * (len(times) - 1))))]
+
+        median = statistics.median(times)
+        return cls(median, pct(0.9), len(times), runtime, (pct(0.9) - pct(0.1)) / median if median else 0.0,
+                   rounds_ms is not None, list(rounds_ms or []))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Timings:
+    """What the timer gives for one candidate: every call's milliseconds, and the median of each round."""
+
+    samples: list[float] = field(default_factory=list)
+    rounds_ms: list[float] = field(default_factory=list)
+
+    def latency(self, runtime: str = "eager") -> Latency:
+        return Latency.of(self.samples, runtime, self.rounds_ms)
 
 
 def call_model(model: Any, example_input: Any) -> Any:
@@ -153,7 +177,7 @@ def measure_latency(fn: Callable[[], Any], warmup: int = 3, repeats: int = 30, b
         if sync:
             sync()
         times.append((time.perf_counter() - t0) * 1000)
-    return _latency(times, runtime, False)
+    return Latency.of(times, runtime)
 
 
 def compile_model(model: Any, example_input: Any) -> tuple[Any, float]:
@@ -202,86 +226,88 @@ BLOCK_S = 0.15
 SETTLE_S = 0.05
 
 
-def timed_blocks(candidates: dict[str, Callable[[], Any]], *, rounds: int = 9, min_rounds: int = 4,
-                 budget_s: float | None = None, warmup: int = 3, sync: Callable[[], None] | None = None,
-                 per_round: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
-    """The one timer behind every comparison: milliseconds per call of each candidate, each timed as it is
-    deployed, alone on the machine.
-
-    Candidates run in blocks (at least :data:`BLOCK_S` seconds and 3 calls), in rounds whose order rotates, so a
-    drift of a shared machine hits every candidate alike. Before each block the machine idles :data:`SETTLE_S`
-    and the first call after the switch is not timed: two runtimes called alternately on a few cores slow
-    each other (each one's thread pool spins on cores the other needs), which a user running one model never
-    sees. At least ``min_rounds`` rounds, up to ``rounds`` or ``budget_s`` seconds (default
-    :func:`timing_budget`). ``per_round``, if given, receives each candidate's median of every round."""
+def rotating_rounds(blocks: dict[str, Callable[[], list[float]]], *, rounds: int = 9, min_rounds: int = 4,
+                    budget_s: float | None = None) -> dict[str, Timings]:
+    """The one timer behind every comparison, in this process or across processes: each candidate's ``block()``
+    runs it alone for a block of calls and returns their milliseconds; rounds give every candidate one block, in
+    an order that rotates from round to round, so that a drift of a shared machine hits every candidate alike. At
+    least ``min_rounds`` rounds, then up to ``rounds`` or ``budget_s`` seconds (default :func:`timing_budget`)."""
     budget_s = timing_budget() if budget_s is None else budget_s
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    rounds_ms: dict[str, list[float]] = {name: [] for name in candidates}
-    names = list(candidates)
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    if sync:
-        sync()
+    timings = {name: Timings() for name in blocks}
+    names = list(blocks)
     started = time.perf_counter()
     index = 0
     while index < rounds and (index < min_rounds or time.perf_counter() - started < budget_s):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            fn = candidates[name]
-            if len(names) > 1:
-                time.sleep(SETTLE_S)
-                fn()  # the first call after a switch wakes this runtime's threads: not timed
-                if sync:
-                    sync()
-            block_started = time.perf_counter()
-            block: list[float] = []
-            while len(block) < 3 or time.perf_counter() - block_started < BLOCK_S:
-                t0 = time.perf_counter()
-                fn()
-                if sync:
-                    sync()
-                block.append((time.perf_counter() - t0) * 1000)
-            samples[name] += block
-            rounds_ms[name].append(statistics.median(block))
+            block = blocks[name]()
+            timings[name].samples += block
+            timings[name].rounds_ms.append(statistics.median(block))
         index += 1
-    if per_round is not None:
-        per_round.update(rounds_ms)
-    return samples
+    return timings
 
 
-def interleaved_ms(candidates: dict[str, Callable[[], Any]], rounds: int = 7, per_round: int = 3,
-                   warmup: int = 2, sync: Callable[[], None] | None = None) -> dict[str, float]:
+def timed_block(fn: Callable[[], Any], sync: Callable[[], None] | None = None, block_s: float = BLOCK_S
+                ) -> list[float]:
+    """One block of calls of ``fn``, as a deployed model runs them: the first call (which wakes the runtime's
+    threads after the others ran) untimed, then at least ``block_s`` seconds and 3 calls; their milliseconds."""
+    def once() -> None:
+        fn()
+        if sync:
+            sync()
+
+    once()
+    started = time.perf_counter()
+    times: list[float] = []
+    while len(times) < 3 or time.perf_counter() - started < block_s:
+        t0 = time.perf_counter()
+        once()
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def timed_blocks(candidates: dict[str, Callable[[], Any]], *, rounds: int = 9, min_rounds: int = 4,
+                 budget_s: float | None = None, warmup: int = 3, sync: Callable[[], None] | None = None
+                 ) -> dict[str, Timings]:
+    """Candidates in this process, each timed as it is deployed, alone on the machine, in
+    :func:`rotating_rounds`, a :func:`timed_block` at a time. Before each block the machine idles :data:`SETTLE_S`
+    and the first call after the switch is not timed: two runtimes called alternately on a few cores slow each
+    other (each one's thread pool spins on cores the other needs), which a user running one model never sees."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    if sync:
+        sync()
+
+    def block_of(fn: Callable[[], Any]) -> Callable[[], list[float]]:
+        def block() -> list[float]:
+            if len(candidates) > 1:
+                time.sleep(SETTLE_S)
+            return timed_block(fn, sync)
+        return block
+
+    return rotating_rounds({name: block_of(fn) for name, fn in candidates.items()}, rounds=rounds,
+                           min_rounds=min_rounds, budget_s=budget_s)
+
+
+def interleaved_ms(candidates: dict[str, Callable[[], Any]], rounds: int = 7, warmup: int = 2,
+                   sync: Callable[[], None] | None = None) -> dict[str, float]:
     """Median milliseconds per call of each candidate (see :func:`timed_blocks`); used to compare candidates
     against each other."""
     import torch
 
     with torch.inference_mode():
-        samples = timed_blocks(candidates, rounds=rounds, warmup=warmup, sync=sync)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def _latency(samples: list[float], runtime: str, interleaved: bool) -> Latency:
-    times = sorted(samples)
-
-    def pct(q: float) -> float:
-        return times[min(len(times) - 1, int(round(q * (len(times) - 1))))]
-
-    median = statistics.median(times)
-    return Latency(median, pct(0.9), len(times), runtime, (pct(0.9) - pct(0.1)) / median if median else 0.0,
-                   interleaved)
+        timings = timed_blocks(candidates, rounds=rounds, warmup=warmup, sync=sync)
+    return {name: statistics.median(t.samples) for name, t in timings.items()}
 
 
 def paired_latency(before: Callable[[], Any], after: Callable[[], Any], *, runtimes: tuple[str, str] = ("eager",
                    "eager"), sync: Callable[[], None] | None = None, rounds: int = 9, budget_s: float | None = None,
                    warmup: int = 3) -> tuple[Latency, Latency]:
     """Time ``before`` and ``after`` with :func:`timed_blocks` (each as deployed, in rotating rounds)."""
-    per_round: dict[str, list[float]] = {}
-    samples = timed_blocks({"before": before, "after": after}, rounds=rounds, budget_s=budget_s, warmup=warmup,
-                           sync=sync, per_round=per_round)
-    first, second = _latency(samples["before"], runtimes[0], True), _latency(samples["after"], runtimes[1], True)
-    first.rounds_ms, second.rounds_ms = per_round["before"], per_round["after"]
-    return first, second
+    timed = timed_blocks({"before": before, "after": after}, rounds=rounds, budget_s=budget_s, warmup=warmup,
+                         sync=sync)
+    return timed["before"].latency(runtimes[0]), timed["after"].latency(runtimes[1])
 
 
 def model_latency(model: Any, example_input: Any, device: str, runtime: str = "eager") -> Latency:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelOptError
-from .timing import Deployed, failure, run_worker, worker_command
+from .measure import call_model
+from .timing import Deployed, failure, open_deployed, run_worker, worker_command
 
 PREFIX = "MODEL_OPT_MEMORY "
 
@@ -62,9 +63,6 @@ def peak_resident_bytes() -> int:
 def _serve(spec: dict[str, Any]) -> None:
     """The worker: open the model, run it, print the peak."""
     import torch
-
-    from .measure import call_model
-    from .timing import open_deployed
 
     model, example = open_deployed(spec)
     with torch.inference_mode():

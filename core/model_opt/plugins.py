@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
-from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from dataclasses import dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
-from .errors import ModelOptError, TechniqueError, describe, first_line
+from .errors import ModelLoadError, ModelOptError, TechniqueError, describe, first_line
 from .registry import Registry, Technique, extras, install_hint
 from .result import TechniqueResult
 from .telemetry import backend_telemetry_off
@@ -150,8 +150,8 @@ class PluginManager:
 
     # -- dispatch ----------------------------------------------------------------------------
     def apply(self, technique: Technique, model: Any, options: dict[str, Any], context: Any) -> TechniqueResult:
-        """Call the technique's hook on its own plugin only; wrappers of every plugin wrap the call."""
-        technique.validate_environment()
+        """Call the technique's hook on its own plugin only (its environment validated by :func:`model_opt.steps.plan`);
+        wrappers of every plugin wrap the call."""
         value = self._call_owner(technique.kind, technique, model=model, technique=technique, options=options,
                                  context=context)
         if value is None:
@@ -209,8 +209,6 @@ class PluginManager:
     def open_model(self, path: Any) -> Any:
         """Ask each plugin's ``load_model`` hook for ``path``; the first model returned wins. A hook that
         raises is a one-line error naming its plugin."""
-        from .errors import ModelLoadError
-
         backend_telemetry_off()
         for impl in reversed(self.pm.hook.load_model.get_hookimpls()):
             try:
@@ -241,8 +239,6 @@ class PluginManager:
 
 
 def _replace(technique: Technique, **changes: Any) -> Technique:
-    from dataclasses import replace
-
     return replace(technique, **changes)
 
 
@@ -264,8 +260,6 @@ def _failing_wrapper(exc: BaseException, impls: list[Any]) -> str | None:
 
 
 def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(dist)
     except PackageNotFoundError:

@@ -5,22 +5,13 @@ options, rank); the core names no backend."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import replace
 from typing import Any
 
+from .hf import is_causal_lm
 from .plugins import PluginManager, get_plugin_manager
-from .registry import install_hint
-
-
-@dataclass
-class Recommendation:
-    kind: str
-    backend: str
-    method: str
-    options: dict[str, Any] = field(default_factory=dict)
-    why: str = ""
-    available: bool = True
-    missing: str = ""
+from .registry import Recommended, install_hint
 
 
 def detect_family(model: Any) -> tuple[str, str]:
@@ -29,8 +20,6 @@ def detect_family(model: Any) -> tuple[str, str]:
 
     config = getattr(model, "config", None)
     if callable(getattr(config, "to_dict", None)):
-        from .modelio import is_causal_lm
-
         # a model built from a config in Python has no architectures in it: its class names it then
         values = {**config.to_dict()}
         values["architectures"] = values.get("architectures") or [type(model).__name__]
@@ -57,22 +46,30 @@ def detect_family(model: Any) -> tuple[str, str]:
 
 
 def recommend(model: Any, device: str = "cpu",
-              manager: PluginManager | None = None) -> tuple[str, str, list[Recommendation]]:
-    """The family, the evidence, and the plan with each line marked available or not (and why not)."""
-    import copy
-
+              manager: PluginManager | None = None) -> tuple[str, str, list[Recommended]]:
+    """The family, the evidence, and the recommendations for it (the installed techniques' own, in rank order),
+    each marked available or not (and why not)."""
     manager = manager or get_plugin_manager()
     family, evidence = detect_family(model)
     declared = sorted(((r.rank, t, r) for t in manager.registry.techniques.values() for r in t.recommended
                        if r.family == family), key=lambda x: (x[0], x[1].name))
-    plan = []
+    recommendations = []
     for _, technique, recommended in declared:
-        item = Recommendation(technique.kind, technique.backend, technique.method,
-                              copy.deepcopy(recommended.options), recommended.why)
+        missing = ""
         if technique.missing_packages():
-            item.available, item.missing = False, f"missing {', '.join(technique.missing_packages())}: " \
-                f"{install_hint(technique.extra or item.backend)}"
+            missing = f"missing {', '.join(technique.missing_packages())}: " \
+                      f"{install_hint(technique.extra or technique.backend)}"
         elif "cuda" in technique.needs and not device.startswith("cuda"):
-            item.available, item.missing = False, "needs a CUDA GPU"
-        plan.append(item)
-    return family, evidence, plan
+            missing = "needs a CUDA GPU"
+        recommendations.append(replace(recommended, options=copy.deepcopy(recommended.options), technique=technique,
+                                       available=not missing, missing=missing))
+    return family, evidence, recommendations
+
+
+def first_fast_here(recommendations: list[Recommended], device: str = "cpu") -> Recommended | None:
+    """The first recommendation that can run here and speeds the model up on ``device`` (else the first that can
+    run; None when none can)."""
+    available = [r for r in recommendations if r.available and r.technique is not None]
+    kind = device.split(":")[0]
+    return next((r for r in available if kind in r.technique.speeds_up_on(r.options)),
+                available[0] if available else None)

@@ -50,12 +50,24 @@ def install_hint(name: str) -> str:
 
 @dataclass(frozen=True)
 class Recommended:
-    """A technique's own recommendation for an architecture family: why, with which options, how early."""
+    """A technique's own recommendation for an architecture family: why, with which options, how early.
+
+    Plugins declare it in their techniques (``Technique.recommended``); :func:`model_opt.recommend.recommend`
+    gives copies with the technique filled in and whether it can run here (``available``, else ``missing``:
+    what is missing and how to install it)."""
 
     family: str
     why: str
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-    rank: int = 50  # lower comes first in the plan
+    rank: int = 50  # lower comes first in the recommendations
+    technique: Technique | None = field(default=None, hash=False, compare=False)
+    available: bool = True
+    missing: str = ""
+
+
+def step_name(step: Mapping[str, Any]) -> str:
+    """``kind:backend:method`` of a step record (as :attr:`Technique.name` names its technique)."""
+    return f"{step['kind']}:{step['backend']}:{step['method']}"
 
 
 def closest(name: str, choices: Iterable[str]) -> str:

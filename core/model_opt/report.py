@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -324,3 +325,33 @@ def _big(n: int | None) -> str:
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(n)
+
+
+def speed_warnings(report: Report, planned: Sequence[tuple[Any, dict[str, Any]]]) -> list[str]:
+    """Plain-words warnings when the techniques did not make the model faster on this device."""
+    device = report.device.split(":")[0]
+    warnings = [f"{s.backend} {s.method} changed nothing: {s.info.get('note', '')}" for s in report.steps
+                if s.info.get("changed") is False]
+    warnings += [f"{s.backend} {s.method}: {s.info['warning']}" for s in report.steps if s.info.get("warning")]
+    compiled = report.after is not None and report.after.latency is not None and \
+        report.after.latency.runtime == "compiled"
+    for technique, options in planned:
+        speeds_up = technique.speeds_up_on(options)
+        if device in technique.speeds_up_compiled and device not in speeds_up and not compiled:
+            warnings.append(f"{technique.backend} {technique.method} speeds up on {device} only under "
+                            "torch.compile with freezing: rerun with --compile")
+        elif device not in speeds_up and device not in technique.speeds_up_compiled:
+            note = f": {technique.speed_note}" if technique.speed_note else ""
+            warnings.append(f"{technique.backend} {technique.method} does not reduce latency on {device}{note}")
+    before, after = report.before.latency, report.after.latency if report.after else None
+    if before and after and max(before.spread, after.spread) > UNSTABLE_SPREAD:
+        warnings.append(f"the latency measurement was unstable (timings spread {max(before.spread, after.spread):.0%} "
+                        "around the median: the CPU was busy), so no single speed-up is shown: rerun on an idle "
+                        "machine before trusting one")
+    speedup = report.speedup if report.stable else None
+    if speedup is not None:
+        if speedup < 0.95:
+            warnings.append(f"the optimized model is slower than the original on {device} ({speedup:.2f}x)")
+        elif speedup < 1.05:
+            warnings.append(f"the optimized model is not measurably faster on {device} ({speedup:.2f}x)")
+    return warnings

@@ -12,16 +12,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelOptError, describe
+from .errors import ModelOptError, UsageError, describe
+from .measure import BLOCK_S, Timings, call_model, compile_model, rotating_rounds, timed_block, timing_budget
 
 PREFIX = "MODEL_OPT_TIMING "
 
@@ -41,12 +40,6 @@ class Deployed:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class Timings:
-    samples: list[float] = field(default_factory=list)
-    rounds_ms: list[float] = field(default_factory=list)
 
 
 class Worker:
@@ -94,17 +87,14 @@ class Worker:
 
 
 def time_deployed(candidates: dict[str, Deployed], example: Any, device: str = "cpu", *, rounds: int = 9,
-                  min_rounds: int = 4, budget_s: float | None = None, block_s: float = 0.15) -> dict[str, Timings]:
-    """Milliseconds per call of each candidate, each loaded and run in its own process (see the module); the
-    rounds after the fewest take up to ``budget_s`` seconds (default: a third more than an in-process timing's
+                  min_rounds: int = 4, budget_s: float | None = None) -> dict[str, Timings]:
+    """Milliseconds per call of each candidate, each loaded and run in its own process (see the module), in the
+    rounds of :func:`model_opt.measure.rotating_rounds` (the timer every comparison uses); the rounds after the
+    fewest take up to ``budget_s`` seconds (default: a third more than an in-process timing's
     :func:`model_opt.measure.timing_budget`, for the pipes between the processes)."""
     import torch
 
-    from .measure import timing_budget
-
     budget_s = timing_budget() * 4 / 3 if budget_s is None else budget_s
-
-    timings = {name: Timings() for name in candidates}
     workers: dict[str, Worker] = {}
     with tempfile.TemporaryDirectory(prefix="model-opt-timing-") as tmp:
         example_file = Path(tmp) / "example.pt"
@@ -112,20 +102,11 @@ def time_deployed(candidates: dict[str, Deployed], example: Any, device: str = "
         try:
             for name, deployed in candidates.items():
                 workers[name] = Worker(deployed, example_file, device, torch.get_num_threads())
-            names = list(candidates)
-            started = time.perf_counter()
-            index = 0
-            while index < rounds and (index < min_rounds or time.perf_counter() - started < budget_s):
-                shift = index % len(names)
-                for name in names[shift:] + names[:shift]:
-                    block = workers[name].block(block_s)
-                    timings[name].samples += block
-                    timings[name].rounds_ms.append(statistics.median(block))
-                index += 1
+            return rotating_rounds({name: (lambda w=worker: w.block(BLOCK_S)) for name, worker in workers.items()},
+                                   rounds=rounds, min_rounds=min_rounds, budget_s=budget_s)
         finally:
             for worker in workers.values():
                 worker.close()
-    return timings
 
 
 def runtime_of(model: Any) -> str:
@@ -146,8 +127,6 @@ def timing_choice() -> str:
     """MODEL_OPT_TIMING: ``inline``, ``process``, or unset (""); anything else is a one-line error."""
     choice = os.environ.get("MODEL_OPT_TIMING", "").strip().lower()
     if choice not in ("", "inline", "process"):
-        from .errors import UsageError
-
         raise UsageError(f"MODEL_OPT_TIMING={choice[:20]!r} is not inline or process",
                          "set MODEL_OPT_TIMING=inline (time in this process) or process (each model in its own), or "
                          "unset it")
@@ -160,8 +139,7 @@ def open_deployed(spec: dict[str, Any]) -> tuple[Any, Any]:
     spec's device."""
     import torch
 
-    from .job import open_model
-    from .measure import compile_model
+    from .modelio import open_model
     from .testscript import TestScript
 
     torch.set_num_threads(int(spec["threads"]))
@@ -182,30 +160,18 @@ def _serve(spec: dict[str, Any]) -> None:
     """The worker: open the model, warm it up, then answer each block request on stdin."""
     import torch
 
-    from .measure import call_model
-
     sync = torch.cuda.synchronize if str(spec["device"]).startswith("cuda") else None
     model, example = open_deployed(spec)
 
     def call() -> None:
         call_model(model, example)
-        if sync:
-            sync()
 
     with torch.inference_mode():
         for _ in range(3):
             call()
         print(PREFIX + json.dumps("ready"), flush=True)
-        for line in sys.stdin:
-            block_s = float(line)
-            call()  # the first call after waiting wakes this runtime's threads: not timed
-            times: list[float] = []
-            started = time.perf_counter()
-            while len(times) < 3 or time.perf_counter() - started < block_s:
-                t0 = time.perf_counter()
-                call()
-                times.append((time.perf_counter() - t0) * 1000)
-            print(PREFIX + json.dumps(times), flush=True)
+        for line in sys.stdin:  # (the machine idled while the other candidates ran their blocks)
+            print(PREFIX + json.dumps(timed_block(call, sync, float(line))), flush=True)
 
 
 def failure(stderr: str) -> str:
@@ -224,7 +190,7 @@ def worker_command(module: str) -> list[str]:
 def run_worker(serve: Any) -> None:
     """A worker process's entry point: ``serve`` the JSON spec of its argument; a failure ends it with one line
     on stderr, which the parent shows. The working directory is not importable while models load here."""
-    from .modelio import isolate_from_working_directory
+    from .sources import isolate_from_working_directory
 
     isolate_from_working_directory()
     try:

@@ -41,7 +41,7 @@ def register_techniques(register: Any) -> None:
 
 
 @hookimpl
-def prune(model: Any, technique: Technique, options: dict[str, Any], context: Any) -> Any:
+def prune(model: Any, options: dict[str, Any]) -> Any:
     import torch
     from torch.nn.utils import prune as torch_prune
 
@@ -82,6 +82,6 @@ def prune(model: Any, technique: Technique, options: dict[str, Any], context: An
 
 
 @hookimpl
-def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any], context: Any) -> Any:
+def restore(model: Any) -> Any:
     """Zeroed weights keep every shape: the architecture is the original one, and the weights carry the zeros."""
     return model

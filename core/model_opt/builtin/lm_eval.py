@@ -207,7 +207,7 @@ def _time_decode(model: Any, prompt: torch.Tensor, cache: str | None = "static")
     stamps: list[float] = []
 
     class Stamp(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        def __call__(self, input_ids: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:  # (scores: not read)
             stamps.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 

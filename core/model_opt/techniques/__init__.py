@@ -23,23 +23,27 @@ def run_technique(kind: str, model: Any, *, backend: str | None = None, method: 
     model, so that :func:`model_opt.save` writes an artifact that :func:`model_opt.load` replays on the
     original architecture (``model_opt.load(path, model=base)``).
     """
+    from model_opt.artifact.format import STEPS_ATTR
     from model_opt.context import TechniqueContext
-    from model_opt.job import apply_step
-    from model_opt.modelio import STEPS_ATTR
     from model_opt.modules import device_of
     from model_opt.plugins import get_plugin_manager
+    from model_opt.recommend import detect_family
+    from model_opt.steps import Step, apply_step, check, plan
 
     unknown = sorted(set(inputs) - {"example_input", "calibration_data", "train", "device", "compile"})
     if unknown:
         raise TypeError(f"run_technique() got an unexpected keyword argument {unknown[0]!r}")
     manager = get_plugin_manager()
-    technique = manager.registry.find(kind, backend, method)
-    resolved = technique.resolve_options({k: v for k, v in (options or {}).items() if v is not None})
+    planned = plan([Step(kind, backend, method, {k: v for k, v in (options or {}).items() if v is not None})],
+                   manager)
     data = inputs.pop("calibration_data", None)
     batches = list(data) if data is not None else None  # a generator is read once
     context = TechniqueContext(**{**inputs, "device": inputs.get("device") or device_of(model)},
-                               calibration_data=(lambda: iter(batches)) if batches is not None else None)
+                               calibration_data=(lambda: iter(batches)) if batches is not None else None,
+                               family=detect_family(model)[0] if hasattr(model, "modules") else None)
+    check(model, planned, context)
     previous = list(getattr(model, STEPS_ATTR, []))
+    technique, resolved = planned[0]
     new_model, record = apply_step(model, technique, resolved, context, manager)
     with contextlib.suppress(AttributeError, TypeError):
         object.__setattr__(new_model, STEPS_ATTR, [*previous, record.to_dict()])

@@ -83,7 +83,7 @@ def test_the_former_name_ignored_layers_still_works_with_a_note() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
 def test_pruned_model_reloads_in_a_fresh_process_and_as_export(name: str, tmp_path: Path) -> None:
-    from model_opt.pipeline import export_program
+    from model_opt.pipeline import export_beside
 
     torch.manual_seed(0)
     kwargs = {"img_size": 64} if name.startswith("vit") else {}
@@ -94,7 +94,7 @@ def test_pruned_model_reloads_in_a_fresh_process_and_as_export(name: str, tmp_pa
         expected = pruned(x)
     model_opt.save(pruned, tmp_path / "pruned.pt")
     warnings: list[str] = []
-    assert export_program(pruned, x, tmp_path / "pruned.pt2", warnings) and not warnings
+    assert export_beside(pruned, x, tmp_path / "pruned.pt2", warnings) and not warnings
     torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
     code = f"""
 import sys, timm, torch, model_opt

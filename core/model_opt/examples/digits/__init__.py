@@ -31,7 +31,7 @@ def check_demo_folder(folder: str | Path) -> None:
             raise UsageError(f"--folder {folder} already holds {', '.join(clashes)}, which the demo would replace",
                              "pass a new or empty folder, e.g. --folder model-opt-demo")
     if folder.is_dir():  # the optimized model and the files beside it, checked before training
-        from model_opt.job import check_output
+        from model_opt.outputs import check_output
 
         check_output(folder / "model.optimized.pt", [folder / "data"], flag="--folder")
 

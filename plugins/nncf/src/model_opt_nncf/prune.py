@@ -10,7 +10,6 @@ therefore pruned inside a thin holder module and taken out of it afterwards.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any
@@ -20,6 +19,8 @@ from model_opt.errors import TechniqueError
 from model_opt.measure import call_model
 from model_opt.result import TechniqueResult
 from torch import nn
+
+from .scope import ignored_scope
 
 HOLDER = "inner"
 
@@ -79,15 +80,6 @@ def mask_optimizer(holder: nn.Module, lr: float) -> Iterator[None]:
             handle.remove()
 
 
-def _ignored_scope(exclude: list[str]) -> Any:
-    import nncf
-
-    if not exclude:
-        return None
-    patterns = [rf"^{re.escape(HOLDER)}\.{re.escape(name)}(\.|/|$).*" for name in exclude]
-    return nncf.IgnoredScope(patterns=patterns, validate=False)
-
-
 def _unwrap(holder: _Holder) -> nn.Module:
     """Burn the masks into the weights and remove NNCF's wrapping; return the user's model."""
     from nncf.torch.function_hook.strip import apply_compression_in_place
@@ -137,8 +129,8 @@ def prune_unstructured(model: nn.Module, method: str, options: dict[str, Any], c
     if method == "unstructured":
         mode = (nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_GLOBAL if options["scope"] == "global"
                 else nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_LOCAL)
-        holder = nncf.prune(holder, mode=mode, ratio=options["amount"], ignored_scope=_ignored_scope(
-            options["exclude"]), examples_inputs=inputs)
+        holder = nncf.prune(holder, mode=mode, ratio=options["amount"], ignored_scope=ignored_scope(
+            options["exclude"], f"{HOLDER}."), examples_inputs=inputs)
     else:
         if context.train is None:
             raise TechniqueError("nncf regularization trains its pruning masks, and the test script defines no "
@@ -147,7 +139,7 @@ def prune_unstructured(model: nn.Module, method: str, options: dict[str, Any], c
         from nncf.torch.function_hook.pruning.rb.losses import RBLoss
 
         holder = nncf.prune(holder, mode=nncf.PruneMode.UNSTRUCTURED_REGULARIZATION_BASED,
-                            ignored_scope=_ignored_scope(options["exclude"]), examples_inputs=inputs)
+                            ignored_scope=ignored_scope(options["exclude"], f"{HOLDER}."), examples_inputs=inputs)
         rb_loss = RBLoss(holder, target_ratio=options["amount"], p=options["p"])
         object.__setattr__(holder, "extra_loss", rb_loss)  # not a submodule: RBLoss holds the model itself
         context.progress(f"nncf regularization: training the pruning masks for {options['train_steps']} steps")

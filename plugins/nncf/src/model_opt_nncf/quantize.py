@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ from model_opt.result import TechniqueResult
 from torch import nn
 
 from .openvino_module import OpenVINOModule, output_spec, ov_call, to_numpy
+from .scope import ignored_scope
 
 
 def convert(model: nn.Module, example: Any) -> Any:
@@ -47,9 +47,7 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
         "fast_bias_correction": options["fast_bias_correction"],
         "preset": getattr(nncf.QuantizationPreset, options["preset"].upper()),
     }
-    from model_opt.recommend import detect_family
-
-    family = detect_family(model)[0]
+    family = context.family
     model_type = options["model_type"]
     if model_type == "auto":  # NNCF's transformer rules keep attention accurate (benchmarks/RESULTS.md: MiniLM)
         model_type = "transformer" if family in ("transformer", "vit", "hybrid", "causal-lm") else "default"
@@ -73,9 +71,8 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
     else:
         context.progress("converting to OpenVINO")
         ov_model = convert(model, example)
-        if options["exclude"]:  # OpenVINO names a converted module's ops "__module.<name>/aten::..."
-            patterns = [rf"^__module\.{re.escape(name)}(\.|/).*" for name in options["exclude"]]
-            kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
+        if options["exclude"]:
+            kwargs["ignored_scope"] = ignored_scope(options["exclude"], openvino=True)
         dataset = nncf.Dataset(calibration)
         context.progress(f"NNCF int8 calibration on {len(calibration)} batches")
         quantized = nncf.quantize(ov_model, dataset, **kwargs)
@@ -141,9 +138,7 @@ def quantization_aware(model: nn.Module, options: dict[str, Any], kwargs: dict[s
     import nncf
 
     if options["exclude"]:
-        from .weights import torch_scope
-
-        kwargs["ignored_scope"] = torch_scope(options["exclude"])
+        kwargs["ignored_scope"] = ignored_scope(options["exclude"])
     # NNCF compiles its fake-quantize C++ extension on first use (minutes on a small machine); its default
     # 60 s limit would fail the run half-way.
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
@@ -194,8 +189,13 @@ def _within_budget(nncf: Any, ov_model: Any, quantized: Any, dataset: Any, kwarg
         return sign * context.evaluate(_CompiledModule(compiled_model))
 
     context.progress("NNCF accuracy control: keeping layers in float until the drop fits")
+    # (nncf.quantize takes the transformer rules as advanced_parameters; accuracy control names them
+    # advanced_quantization_parameters)
+    controlled_kwargs = {("advanced_quantization_parameters" if k == "advanced_parameters" else k): v
+                         for k, v in kwargs.items()}
     controlled = nncf.quantize_with_accuracy_control(
-        ov_model, dataset, nncf.Dataset([0]), validate, max_drop=budget, drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+        ov_model, dataset, nncf.Dataset([0]), validate, max_drop=budget, drop_type=nncf.DropType.ABSOLUTE,
+        **controlled_kwargs)
     controlled_drop = sign * (baseline - context.evaluate(OpenVINOModule(
         controlled, compile_config=outputs_of(model, context.example_input))))
     info["accuracy_control"]["controlled_drop"] = round(controlled_drop, 6)

@@ -6,7 +6,6 @@ the core loads the saved tensors into it (no pickle)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -14,18 +13,10 @@ from model_opt.errors import TechniqueError
 from model_opt.result import TechniqueResult
 from torch import nn
 
+from .scope import ignored_scope
+
 DECOMPRESSORS = ("INT8AsymmetricWeightsDecompressor", "INT8SymmetricWeightsDecompressor",
                  "INT4AsymmetricWeightsDecompressor", "INT4SymmetricWeightsDecompressor")
-
-
-def torch_scope(names: list[str]) -> Any:
-    """NNCF's IgnoredScope for module names of a torch model: NNCF names an op "<module path with />/<fn>/<n>"
-    and a weight "<module path with .>.weight"."""
-    import nncf
-
-    patterns = [rf"^{re.escape(name.replace('.', '/'))}(\.|/).*" for name in names]
-    patterns += [rf"^{re.escape(name)}\..*" for name in names]
-    return nncf.IgnoredScope(patterns=patterns, validate=False)
 
 
 def compress(model: nn.Module, options: dict[str, Any], context: Any) -> TechniqueResult:
@@ -41,12 +32,11 @@ def compress(model: nn.Module, options: dict[str, Any], context: Any) -> Techniq
                       advanced_parameters=AdvancedCompressionParameters(
                           group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
     if options["runtime"] == "openvino":
-        if options["exclude"]:  # OpenVINO names the wrapped model's ops "__module.lm.<name>/aten::..."
-            patterns = [rf"^__module\.lm\.{re.escape(name)}(\.|/).*" for name in options["exclude"]]
-            kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=patterns, validate=False)
+        if options["exclude"]:  # (the converted model is wrapped as "lm")
+            kwargs["ignored_scope"] = ignored_scope(options["exclude"], "lm.", openvino=True)
         return compress_openvino(model, kwargs, example, context)
     if options["exclude"]:
-        kwargs["ignored_scope"] = torch_scope(options["exclude"])
+        kwargs["ignored_scope"] = ignored_scope(options["exclude"])
     items = list(context.calibration_inputs()) if context.calibration_data is not None else [example]
     context.progress(f"NNCF weight compression ({options['mode']})")
     try:
