@@ -229,3 +229,20 @@ def test_a_folder_output_never_holds_an_input_or_replaces_a_users_folder(cli, be
     assert (mine / "notes.txt").read_text() == "mine"
     result = cli(*args, f"{work}/")
     assert result.exit_code == 2 and "an input, and the output folder is replaced whole" in result.stderr
+
+
+@pytest.mark.slow
+def test_nncf_accuracy_control_on_a_transformer_keeps_its_transformer_rules(cli, bert: Path, tmp_path: Path) -> None:
+    """A transformer is quantized with NNCF's transformer rules (SmoothQuant first); when plain int8 misses the
+    budget, accuracy control runs with the same rules (it names them advanced_quantization_parameters: passing
+    nncf.quantize's name failed with a TypeError)."""
+    pytest.importorskip("nncf")
+    work = bert.parent
+    result = cli("optimize", bert, "--test-dataset", work / "data", "--test-script", work / "eval.py", "--quantize",
+                 "--quant-backend", "nncf", "--quant-method", "int8_static", "--max-accuracy-drop", "0.00001",
+                 "--output", f"{tmp_path / 'int8'}/", "--json", "-q")
+    assert "unexpected keyword" not in result.stderr and "TypeError" not in result.stderr, result.stderr
+    report = json.loads(result.stdout)
+    info = report["steps"][0]["info"]
+    assert info["model_type"] == "transformer"
+    assert info["accuracy_control"]["plain_int8_drop"] > 0.00001 and "controlled_drop" in info["accuracy_control"]
