@@ -6,7 +6,6 @@ side by side, interleaved round by round so that drifts hit every candidate alik
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -48,17 +47,20 @@ def _fmt(value: Any) -> str:
 
 
 def machine() -> str:
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"{os.cpu_count()} CPUs, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+    """The machine every figure comes from: model-opt's device profile (CPU model, instruction sets, cores,
+    memory, GPUs) and torch's threads."""
+    from model_opt.device import device_profile
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"{device_profile().describe(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def int8_capability() -> str:
-    """The CPU's int8 instructions (what decides whether int8 matmuls beat float), from /proc/cpuinfo."""
-    from pathlib import Path
+    """Whether int8 matmuls can beat float on this CPU (its int8 dot-product instructions)."""
+    from model_opt.device import device_profile
 
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = [f for f in ("amx_int8", "avx512_vnni", "avx_vnni") if f in flags]
-    return ", ".join(found) if found else "no VNNI/AMX (int8 matmuls slower than float)"
+    fast = device_profile().has("int8 dot products")
+    return "int8 dot products (VNNI/AMX)" if fast else "no VNNI/AMX (int8 matmuls slower than float)"
 
 
 def params(model: torch.nn.Module) -> int:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import compiled, machine, table, time_models  # noqa: E402
+from common import compiled, int8_capability, machine, table, time_models  # noqa: E402
 
 
 def main() -> None:
@@ -38,9 +38,7 @@ def main() -> None:
         times = time_models(models, x, rounds=40)
         rows += [{"runtime": runtime, "candidate": name, "time / torchao direct": t / times["torchao direct"]}
                  for name, t in times.items()]
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    vnni = "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
-    print(f"{machine()}; CPU int8: {'VNNI/AMX' if vnni else 'no VNNI/AMX'}\n")
+    print(f"{machine()}; CPU int8: {int8_capability()}\n")
     print(table("4x Linear(1024,1024) b32, int8_dynamic: model-opt vs torchao direct", rows))
 
 

@@ -241,6 +241,7 @@ def demo(
 def print_recommendation(model: Path, test_script: Path | None, test_dataset: str, device: str,
                          trust_model: bool) -> list[Any]:
     """Print the model's family and the recommendations for it (with the command for each); return them."""
+    from model_opt.device import device_profile
     from model_opt.modelio import open_model
     from model_opt.recommend import recommend
     from model_opt.testscript import TestScript
@@ -248,13 +249,14 @@ def print_recommendation(model: Path, test_script: Path | None, test_dataset: st
     loaded = open_model(model, TestScript(test_script, model_path=model) if test_script else None, trust_model)
     family, evidence, recommendations = recommend(loaded, device)
     typer.echo(f"{model}: {family} ({evidence})")
+    typer.echo(f"device: {device} — {device_profile().describe(device)}")
     # a causal LM without a test script gets the built-in evaluation
     script_arg = f" --test-script {test_script or 'eval.py'}" if test_script or family != "causal-lm" else ""
     for recommended in recommendations:
         technique = recommended.technique
         line = f"- {technique.kind} {technique.backend}:{technique.method}: {recommended.why}"
         if recommended.available:
-            typer.echo(line)
+            typer.echo(f"{line} [{recommended.slow}]" if recommended.slow else line)
             typer.echo(f"    model-opt optimize {model} --test-dataset {test_dataset}{script_arg} "
                        f"{command_flags(technique, recommended.options)}")
         else:
@@ -304,6 +306,9 @@ def autotune_command(
                                                      "(with the test script's train(); 0: never).")] = 100,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for other workers' running trials "
                                                           "once this worker's share is done.")] = False,
+    include_slow: Annotated[bool, typer.Option("--include-slow", help="Also search techniques declared slow on this "
+                                                                      "device (e.g. int8 matmuls on a CPU without "
+                                                                      "int8 dot products).")] = False,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Where to save the best model (a path "
                                                                      "ending in / is a folder).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -328,7 +333,7 @@ def autotune_command(
                               objective=objective, study=study, storage=storage, output=output, device=device,
                               trust_model=trust_model, input_shape=parse_shape(input_shape),
                               backends=[b.strip() for b in backends.split(",")] if backends else None,
-                              recovery_steps=recovery_steps, wait=not no_wait,
+                              recovery_steps=recovery_steps, wait=not no_wait, include_slow=include_slow,
                               progress=progress)
     except AccuracyBudgetExceeded as err:
         if err.report is not None:

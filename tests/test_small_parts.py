@@ -60,3 +60,50 @@ def test_a_hub_id_opens_from_the_local_cache_and_says_how_to_fetch_it_when_missi
         check_readable("acme/missing", allow_folder=True)
     with pytest.raises(ModelLoadError, match="model file not found: nested/dir/model.pt"):
         check_readable("nested/dir/model.pt")
+
+
+def _timed(median: float, runtime: str) -> object:
+    from model_opt.measure import Latency
+
+    return Latency(median, median * 1.1, 30, runtime, 0.1, True, [median] * 4)
+
+
+def test_the_headline_says_where_the_speed_came_from() -> None:
+    """Over the original as run today (eager), split into the runtime's part (float compiled) and the technique's
+    (both compiled); when the technique adds under 5%, the report says the gain is the runtime's and how to get it
+    without the technique."""
+    from model_opt.report import Measurement, Report, speed_warnings
+
+    def report(technique_ms: float) -> Report:
+        before = Measurement({"accuracy": 0.9}, "accuracy", 10, 10, 100, _timed(10.0, "eager"))
+        after = Measurement({"accuracy": 0.9}, "accuracy", 10, 10, 50, _timed(technique_ms, "compiled"))
+        return Report("m.pt", "cpu", 2, True, before, after, runtime_latency=_timed(5.0, "compiled"))
+
+    gain = report(2.5)
+    assert gain.summary()["speedup"] == pytest.approx(4.0)
+    assert gain.summary()["speedup_runtime"] == pytest.approx(2.0)
+    assert gain.summary()["speedup_technique"] == pytest.approx(2.0)
+    text = gain.render()
+    assert "headline: 4.00x faster than the original as run today (eager): 2.00x from the runtime (float " \
+           "compiled), 2.00x from the technique" in text
+    assert "of which the runtime (eager -> float compiled)" in text and "of which the technique (compiled both)" in text
+    assert not any("the runtime's" in w for w in speed_warnings(gain, []))
+    runtime_only = report(4.9)
+    warning = next(w for w in speed_warnings(runtime_only, []) if "the runtime's" in w)
+    assert warning == ("the speed-up is the runtime's, not the technique's: float compiled runs 2.00x the original, "
+                       "and the technique adds 1.02x; compile the float model (torch.compile with inductor freezing) "
+                       "for the same gain without it")
+
+
+def test_a_causal_lms_headline_is_its_decode_rate() -> None:
+    from model_opt.report import Measurement, Report
+
+    before = Measurement({"perplexity": 20.0, "decode_tokens_per_s": 50.0}, "perplexity", 10, 10, 100,
+                         _timed(10.0, "eager"))
+    after = Measurement({"perplexity": 20.2, "decode_tokens_per_s": 125.0}, "perplexity", 10, 10, 40,
+                        _timed(8.0, "openvino"))
+    summary = Report("lm", "cpu", 2, False, before, after).summary()
+    assert summary["speedup"] == summary["decode_speedup"] == pytest.approx(2.5)
+    assert summary["prefill_speedup"] == pytest.approx(1.25)
+    assert "headline: decode 2.50x faster (50.0 -> 125.0 tokens/s, decode_tokens_per_s); prefill 1.25x faster" in \
+        Report("lm", "cpu", 2, False, before, after).render()

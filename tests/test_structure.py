@@ -120,7 +120,7 @@ def test_in_process_and_per_process_timing_take_their_rounds_from_the_one_timer(
     from measure.rotating_rounds (the per-process path asks its workers for the blocks)."""
     import model_opt.measure as measure
     import model_opt.timing as timing
-    from model_opt.compare import time_pair
+    from model_opt.compare import time_models
 
     calls = []
     real = measure.rotating_rounds
@@ -134,7 +134,8 @@ def test_in_process_and_per_process_timing_take_their_rounds_from_the_one_timer(
     monkeypatch.setattr(timing, "rotating_rounds", spy)
     small, big = torch.nn.Linear(8, 8).eval(), torch.nn.Sequential(torch.nn.Linear(8, 512), torch.nn.Linear(512, 8))
     x = torch.randn(4, 8)
-    before, after = time_pair(small, big.eval(), x, "cpu")
+    timed_here = time_models({"before": (small, "eager"), "after": (big.eval(), "eager")}, x, "cpu")
+    before, after = timed_here["before"], timed_here["after"]
     for name, model in (("small", small), ("big", big)):
         torch.jit.save(torch.jit.script(model.eval()), tmp_path / f"{name}.pt")
     timed = timing.time_deployed({name: timing.Deployed(str(tmp_path / f"{name}.pt")) for name in ("small", "big")},

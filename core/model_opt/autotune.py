@@ -37,8 +37,10 @@ from .tuning_trials import (
 
 
 def searchable(manager: PluginManager, device: str, has_calibration: bool,
-               backends: Sequence[str] | None, family: str | None = None) -> dict[str, list[Technique]]:
-    """Techniques with a search space that can run here and apply to the model's family, by kind."""
+               backends: Sequence[str] | None, family: str | None = None,
+               include_slow: bool = False) -> dict[str, list[Technique]]:
+    """Techniques with a search space that can run here, apply to the model's family and (unless ``include_slow``)
+    are not slow on this device, by kind."""
     by_kind: dict[str, list[Technique]] = {kind: [] for kind in KINDS}
     for technique in manager.registry.techniques.values():
         if technique.search_space is None or technique.missing_packages():
@@ -50,6 +52,8 @@ def searchable(manager: PluginManager, device: str, has_calibration: bool,
         if "cuda" in technique.needs and not device.startswith("cuda"):
             continue
         if "calibration_data" in technique.needs and not has_calibration:
+            continue
+        if not include_slow and technique.slow_here(device):
             continue
         by_kind[technique.kind].append(technique)
     return {kind: sorted(items, key=lambda t: t.name) for kind, items in by_kind.items() if items}
@@ -120,7 +124,12 @@ def check_space(job: Job, tune: TuneSettings, family: str | None) -> dict[str, l
     for backend in tune.backends or []:
         if backend not in known:
             raise choose_one_of("--backends name", backend, known)
-    space = searchable(job.manager, job.device, job.script.has("calibration_data"), tune.backends, family)
+    space = searchable(job.manager, job.device, job.script.has("calibration_data"), tune.backends, family,
+                       tune.include_slow)
+    slow = sorted({t.label for t in job.manager.registry.techniques.values() if t.search_space is not None
+                   and t.slow_here(job.device) and (not tune.backends or t.backend in tune.backends)})
+    if slow and not tune.include_slow and family is not None:
+        job.progress(f"not searched, slow on this device: {', '.join(slow)} (--include-slow searches them too)")
     if any(t.speeds_up or t.speeds_up_compiled or t.speeds_up_with for items in space.values() for t in items):
         return space
     if family is None:

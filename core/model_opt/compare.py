@@ -9,11 +9,12 @@ import dataclasses
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ModelOptError
-from .measure import Latency, call_model, paired_latency, timing_budget
+from .measure import Latency, call_model, compile_model, timed_blocks, timing_budget
 from .memory import peak_memory
 from .report import UNSTABLE_SPREAD, Report, StepRecord
 from .timing import Deployed, in_processes, runtime_of, time_deployed
@@ -22,16 +23,27 @@ if TYPE_CHECKING:
     from .job import Job
 
 
-def time_pair(original: Any, optimized: Any, example: Any, device: str, compiled: Any = None,
-              runtimes: tuple[str, str] | None = None) -> tuple[Latency, Latency]:
-    """Latency of the original (eager, or as ``runtimes`` names it) and the optimized model (compiled when
-    given), interleaved."""
+@dataclass
+class Timed:
+    """One before/after timing, every model in the same rounds: the original as the user runs it today, the float
+    model in the result's runtime when the result runs in another one (``runtime``: compiled, OpenVINO), and the
+    result. ``note`` says when deployed timing was not possible (timed in this process instead)."""
+
+    before: Latency | None = None
+    after: Latency | None = None
+    runtime: Latency | None = None
+    note: str | None = None
+
+    @property
+    def spread(self) -> float:
+        return max(t.spread for t in (self.before, self.after, self.runtime) if t is not None)
+
+
+def time_models(models: dict[str, tuple[Any, str]], example: Any, device: str) -> dict[str, Latency]:
+    """Each named ``(model, runtime)`` timed in this process, in the same rotating rounds."""
     import torch
 
-    if example is None:
-        return None, None
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
-    after = compiled if compiled is not None else optimized
 
     def run(model: Any) -> Callable[[], None]:
         def call() -> None:
@@ -39,73 +51,95 @@ def time_pair(original: Any, optimized: Any, example: Any, device: str, compiled
                 call_model(model, example)
         return call
 
-    return paired_latency(run(original), run(after), sync=sync,
-                          runtimes=runtimes or ("eager", "compiled" if compiled is not None else "eager"))
+    timed = timed_blocks({name: run(model) for name, (model, _) in models.items()}, sync=sync)
+    return {name: timed[name].latency(runtime) for name, (_, runtime) in models.items()}
 
 
-def steadiest(time_once: Callable[[], tuple[Any, Any]], progress: Callable[[str], None], attempts: int = 3,
-              cap_s: float | None = None) -> tuple[Any, Any]:
-    """A before/after latency pair, timed again (up to ``attempts`` times, ``cap_s`` seconds: five timing budgets
-    by default) while the timings are unstable; the steadiest is kept (the report shows a range if none was
-    steady)."""
+def steadiest(time_once: Callable[[], Timed], progress: Callable[[str], None], attempts: int = 3,
+              cap_s: float | None = None) -> Timed:
+    """A timing, done again (up to ``attempts`` times, ``cap_s`` seconds: five timing budgets by default) while it
+    is unstable; the steadiest is kept (the report shows a range if none was steady)."""
     cap_s = 5 * timing_budget() if cap_s is None else cap_s
-
-    def spread(pair: tuple[Any, Any]) -> float:
-        return max(pair[0].spread, pair[1].spread)
-
     started = time.perf_counter()
     best = time_once()
     for _ in range(attempts - 1):
-        if spread(best) <= UNSTABLE_SPREAD or time.perf_counter() - started > cap_s:
+        if best.spread <= UNSTABLE_SPREAD or time.perf_counter() - started > cap_s:
             break
-        progress(f"the timings spread {spread(best):.0%} (the machine is busy): timing again")
+        progress(f"the timings spread {best.spread:.0%} (the machine is busy): timing again")
         again = time_once()
-        if spread(again) < spread(best):
+        if again.spread < best.spread:
             best = again
     return best
 
 
+def float_counterpart(model: Any) -> tuple[Any, str] | None:
+    """The float model in ``model``'s own runtime, when ``model`` runs in another runtime than torch and offers one
+    (``float_counterpart()``: an OpenVINO result's float IR), with that runtime's name; else None."""
+    counterpart = getattr(model, "float_counterpart", None)
+    built = counterpart() if callable(counterpart) else None
+    return (built, runtime_of(model)) if built is not None else None
+
+
 def time_against_original(job: Job, original: Any, model: Any, records: Sequence[Any], compiled: Any = None,
-                          progress: Callable[[str], None] | None = None, saved: dict[str, Any] | None = None
-                          ) -> tuple[Any, Any, str | None]:
+                          progress: Callable[[str], None] | None = None, saved: dict[str, Any] | None = None,
+                          split: bool = False) -> Timed:
     """The original's and ``model``'s latency, as every command reports them: each in a process of its own,
     reopened from a temporary artifact as a user reopens it (``saved``, when the caller has saved it already),
-    when the two run in different runtimes (which slow each other in one process); else interleaved in this
-    process. Re-timed while unstable. The note says when deployed timing was not possible (timed in this
-    process instead)."""
+    when the two run in different runtimes (which slow each other in one process); else in this process, in the
+    same rounds. With ``split``, the float model in the result's runtime (the original compiled, for a compiled
+    result; an OpenVINO result's float IR) is timed in the same rounds too, which splits the speed-up into the
+    runtime's part and the technique's. Timed again while unstable."""
     progress = progress or job.progress
     if job.example is None:  # nothing to time with: the report says why (Report.latency_note)
-        return None, None, None
+        return Timed()
+    own = runtime_of(model)
+    runtime = "compiled" if compiled is not None else ("eager" if own == "torch" else own)
+    note = None
     if in_processes(original, model):
-        own = runtime_of(model)
-        runtime = "compiled" if compiled is not None else ("eager" if own == "torch" else own)
-
-        def time_once(saved: dict[str, Any]) -> tuple[Any, Any]:
+        def time_once(saved: dict[str, Any]) -> Timed:
             timed = time_deployed(saved, job.example, job.device)
-            return timed["original"].latency("eager"), timed["after"].latency(runtime)
+            return Timed(timed["original"].latency("eager"), timed["after"].latency(runtime),
+                         timed["runtime"].latency(runtime) if "runtime" in timed else None)
 
         progress("timing the original and the optimized model, each in its own process, interleaved")
         try:
-            candidates = contextlib.nullcontext(saved) if saved is not None else \
-                saved_candidates(job, {"after": (model, records, compiled is not None)})
-            with candidates as deployed:
-                return (*steadiest(lambda: time_once(deployed), progress), None)
+            with contextlib.ExitStack() as stack:
+                deployed = dict(saved) if saved is not None else stack.enter_context(
+                    saved_candidates(job, {"after": (model, records, compiled is not None)}))
+                counterpart = float_counterpart(model) if split and compiled is None else None
+                if split and compiled is not None:  # the original's own file, compiled in its process
+                    deployed["runtime"] = dataclasses.replace(deployed["original"], compile=True)
+                elif counterpart is not None:  # reopened in its runtime by the result's own steps
+                    deployed.update(stack.enter_context(saved_candidates(job, {"runtime": (
+                        counterpart[0], records, False)}, original=False)))
+                return steadiest(lambda: time_once(deployed), progress)
         except ModelOptError as exc:
             note = f"timed in this process, not each as deployed ({exc.problem})"
-    else:
-        note = None
-        progress("timing the original and the optimized model, interleaved")
-    return (*steadiest(lambda: time_pair(original, model, job.example, job.device, compiled), progress), note)
+    progress("timing the original and the optimized model, interleaved")
+    models = {"original": (original, "eager"), "after": (compiled if compiled is not None else model, runtime)}
+    if split:
+        counterpart = (compile_model(original, job.example)[0], "compiled") if compiled is not None else \
+            float_counterpart(model)
+        if counterpart is not None:
+            models["runtime"] = counterpart
+
+    def in_process() -> Timed:
+        timed = time_models(models, job.example, job.device)
+        return Timed(timed["original"], timed["after"], timed.get("runtime"), note)
+
+    return steadiest(in_process, progress)
 
 
 @contextlib.contextmanager
-def saved_candidates(job: Job, candidates: dict[str, tuple[Any, Sequence[StepRecord], bool]]) -> Iterator[dict]:
+def saved_candidates(job: Job, candidates: dict[str, tuple[Any, Sequence[StepRecord], bool]],
+                     original: bool = True) -> Iterator[dict]:
     """Each candidate ``(model, records, compiled)`` saved to a temporary artifact, as a timing or memory process
-    reopens it (our own file, so trusted), beside the original opened from its file as ``job`` did."""
+    reopens it (our own file, so trusted), beside (unless not ``original``) the original opened from its file as
+    ``job`` did."""
     with tempfile.TemporaryDirectory(prefix="model-opt-candidates-") as tmp:
         hooks = {"model_path": str(job.model_path.resolve()), "run_compiled": job.compile}
         saved = {"original": Deployed(str(job.model_path.resolve()), str(job.script.path), job.trust_model,
-                                      **hooks)}
+                                      **hooks)} if original else {}
         for name, (model, records, compiled) in candidates.items():
             path = job.save(model, records, path=Path(tmp) / f"{name}.pt")
             saved[name] = Deployed(str(path), str(job.script.path), trust_model=True, compile=compiled, **hooks)

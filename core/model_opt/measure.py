@@ -301,15 +301,6 @@ def interleaved_ms(candidates: dict[str, Callable[[], Any]], rounds: int = 7, wa
     return {name: statistics.median(t.samples) for name, t in timings.items()}
 
 
-def paired_latency(before: Callable[[], Any], after: Callable[[], Any], *, runtimes: tuple[str, str] = ("eager",
-                   "eager"), sync: Callable[[], None] | None = None, rounds: int = 9, budget_s: float | None = None,
-                   warmup: int = 3) -> tuple[Latency, Latency]:
-    """Time ``before`` and ``after`` with :func:`timed_blocks` (each as deployed, in rotating rounds)."""
-    timed = timed_blocks({"before": before, "after": after}, rounds=rounds, budget_s=budget_s, warmup=warmup,
-                         sync=sync)
-    return timed["before"].latency(runtimes[0]), timed["after"].latency(runtimes[1])
-
-
 def model_latency(model: Any, example_input: Any, device: str, runtime: str = "eager") -> Latency:
     import torch
 

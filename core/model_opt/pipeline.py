@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomic
-from .compare import peak_memory_of, saved_candidates, steadiest, time_against_original, time_pair
+from .compare import peak_memory_of, saved_candidates, time_against_original
+from .device import device_profile
 from .errors import AccuracyBudgetExceeded, ModelOptError, UsageError
 from .export import export_model
 from .hf import copyable_files, transformers_note
@@ -23,7 +24,6 @@ from .plugins import PluginManager
 from .report import Measurement, Report, speed_warnings
 from .steps import Step, apply_with_recovery, check, plan, split_for_recovery
 from .testscript import TestScript
-from .timing import in_processes
 
 #: Why latency was not measured, by test-script contract (a program-mode script is never imported, so it cannot
 #: give an example input).
@@ -100,7 +100,7 @@ def measure_before(job: Job) -> tuple[Report, Any]:
     original, example = job.model, job.example
     report = Report(model=str(job.model_path), device=job.device, threads=torch.get_num_threads(),
                     higher_is_better=job.script.higher_is_better, before=None,  # type: ignore[arg-type]
-                    max_accuracy_drop=job.max_accuracy_drop)
+                    max_accuracy_drop=job.max_accuracy_drop, profile=device_profile())
     if job.script.path == BUILTIN_LM:
         from .builtin.lm_eval import settings
 
@@ -134,18 +134,12 @@ def measure_after(job: Job, original: Any, model: Any, report: Report) -> None:
                                                                                  compiled is not None)}))
                 except ModelOptError as exc:
                     report.warnings.append(f"peak memory not measured: {exc.problem}")
-            report.before.latency, report.after.latency, note = time_against_original(
-                job, original, model, report.steps, compiled, saved=saved)
-            report.latency_note = note or report.latency_note
+            timed = time_against_original(job, original, model, report.steps, compiled, saved=saved, split=True)
+            report.before.latency, report.after.latency, report.runtime_latency = \
+                timed.before, timed.after, timed.runtime
+            report.latency_note = timed.note or report.latency_note
             if saved is not None:
                 peak_memory_of(job, saved, report)
-        if compiled is not None and not in_processes(original, model):
-            # what the technique adds over compiling the float model alone
-            progress("compiling the original too, and timing both compiled, interleaved")
-            original_compiled, _ = compile_model(original, example)
-            report.compiled_baseline = steadiest(
-                lambda: time_pair(original_compiled, model, example, device, compiled, runtimes=("compiled",) * 2),
-                progress)
     elif example is not None:
         report.after.latency = model_latency(compiled if compiled is not None else model, example, device,
                                              runtime="compiled" if compiled is not None else "eager")

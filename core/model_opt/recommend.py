@@ -48,7 +48,8 @@ def detect_family(model: Any) -> tuple[str, str]:
 def recommend(model: Any, device: str = "cpu",
               manager: PluginManager | None = None) -> tuple[str, str, list[Recommended]]:
     """The family, the evidence, and the recommendations for it (the installed techniques' own, in rank order),
-    each marked available or not (and why not)."""
+    each marked available or not (and why not) and slow here or not (and why): those fast on this device first,
+    then those slow here, then those that cannot run here."""
     manager = manager or get_plugin_manager()
     family, evidence = detect_family(model)
     declared = sorted(((r.rank, t, r) for t in manager.registry.techniques.values() for r in t.recommended
@@ -62,14 +63,16 @@ def recommend(model: Any, device: str = "cpu",
         elif "cuda" in technique.needs and not device.startswith("cuda"):
             missing = "needs a CUDA GPU"
         recommendations.append(replace(recommended, options=copy.deepcopy(recommended.options), technique=technique,
-                                       available=not missing, missing=missing))
+                                       available=not missing, missing=missing,
+                                       slow=technique.slow_here(device) or ""))
+    recommendations.sort(key=lambda r: (not r.available, bool(r.slow)))  # (stable: rank order within each)
     return family, evidence, recommendations
 
 
 def first_fast_here(recommendations: list[Recommended], device: str = "cpu") -> Recommended | None:
-    """The first recommendation that can run here and speeds the model up on ``device`` (else the first that can
-    run; None when none can)."""
+    """The first recommendation that can run here, is not slow here, and speeds the model up on ``device`` (else the
+    first that can run; None when none can)."""
     available = [r for r in recommendations if r.available and r.technique is not None]
     kind = device.split(":")[0]
-    return next((r for r in available if kind in r.technique.speeds_up_on(r.options)),
+    return next((r for r in available if not r.slow and kind in r.technique.speeds_up_on(r.options)),
                 available[0] if available else None)

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .device import CAPABILITIES, slow_here
 from .errors import BackendNotInstalled, UsageError
 
 #: The kinds of technique, in pipeline order; each has its hook (model_opt.hookspecs).
@@ -63,6 +64,8 @@ class Recommended:
     technique: Technique | None = field(default=None, hash=False, compare=False)
     available: bool = True
     missing: str = ""
+    #: Why it is slow on this device (a capability its technique needs to be fast and this device lacks), or "".
+    slow: str = ""
 
 
 def step_name(step: Mapping[str, Any]) -> str:
@@ -190,10 +193,22 @@ class Technique:
     recommended: tuple[Recommended, ...] = field(default=(), hash=False, compare=False)
     #: What the autotuner may try: option name -> candidate values ({} = defaults only; None = never tuned).
     search_space: dict[str, tuple[Any, ...]] | None = field(default=None, hash=False, compare=False)
+    #: What it needs to be fast, capability -> why (one of :data:`model_opt.device.CAPABILITIES`, e.g.
+    #: ``{"int8 dot products": "int8 matmuls run slower than float without them"}``): on a device that lacks one,
+    #: recommend marks it slow, autotune leaves it out, and the report says why.
+    fast_needs: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"technique kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        unknown = sorted(set(self.fast_needs) - set(CAPABILITIES))
+        if unknown:
+            raise ValueError(f"{self.backend} {self.method}: fast_needs names {unknown[0]!r}; choose from "
+                             f"{', '.join(CAPABILITIES)}")
+
+    def slow_here(self, device: str = "cpu") -> str | None:
+        """Why it is slow on ``device`` of this machine (a capability of :attr:`fast_needs` it lacks); else None."""
+        return slow_here(self.fast_needs, device)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -278,6 +293,7 @@ class Technique:
             "families": list(self.families),
             "search_space": {k: list(v) for k, v in self.search_space.items()} if self.search_space is not None
             else None,
+            "fast_needs": dict(self.fast_needs),
         }
 
 

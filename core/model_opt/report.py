@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .device import DeviceProfile
 from .measure import Latency
 
 
@@ -74,13 +75,15 @@ class Report:
     exported: str | None = None
     compile_seconds: float | None = None
     native_files: list[str] = field(default_factory=list)
-    #: With --compile: the original compiled and the optimized compiled, timed together (what the technique adds
-    #: over compiling alone).
-    compiled_baseline: tuple[Any, Any] | None = None
+    #: The float model in the result's runtime (the original compiled, for a compiled result; an OpenVINO result's
+    #: float IR), timed in the same rounds as before and after: what the runtime gives without the technique.
+    runtime_latency: Latency | None = None
     #: What each model ran in its own process when its peak memory was measured.
     memory_workload: str = ""
     #: The settings of the built-in evaluation (a causal LM's window, windows, prompt and generated lengths).
     evaluation: dict[str, Any] | None = None
+    #: The machine the figures come from (CPU model, instruction sets, cores, memory, GPUs).
+    profile: DeviceProfile | None = None
 
     @property
     def metric_drop(self) -> float | None:
@@ -99,8 +102,42 @@ class Report:
     @property
     def stable(self) -> bool:
         """Whether the timings were steady enough for a headline ratio."""
-        b, a = self.before.latency, self.after.latency if self.after else None
-        return not (b and a and max(b.spread, a.spread) > UNSTABLE_SPREAD)
+        timed = [t for t in (self.before.latency, self.after.latency if self.after else None, self.runtime_latency)
+                 if t is not None]
+        return not (timed and max(t.spread for t in timed) > UNSTABLE_SPREAD)
+
+    @property
+    def speedup_runtime(self) -> float | None:
+        """The runtime's part of the speed-up: the float model in the result's runtime over the original as run
+        today (steady timings only)."""
+        if not (self.runtime_latency and self.before.latency and self.stable):
+            return None
+        return self.before.latency.median_ms / self.runtime_latency.median_ms
+
+    @property
+    def speedup_technique(self) -> float | None:
+        """The technique's part: the result over the float model in the same runtime (steady timings only)."""
+        after = self.after.latency if self.after else None
+        if not (self.runtime_latency and after and self.stable):
+            return None
+        return self.runtime_latency.median_ms / after.median_ms
+
+    @property
+    def decode(self) -> tuple[str, float, float] | None:
+        """A causal LM's decode tokens/s before and after (the built-in evaluation's figure, compiled when the run
+        was), as ``(metric name, before, after)``; None for other models."""
+        after = self.after.metrics if self.after else {}
+        name = next((n for n in (DECODE, f"{DECODE}_compiled") if n in self.before.metrics and n in after), None)
+        return (name, self.before.metrics[name], after[name]) if name and self.before.metrics[name] else None
+
+    @property
+    def headline(self) -> float | None:
+        """The one speed-up a person reads first: a causal LM's decode tokens/s ratio; else the latency ratio over
+        the original as run today (None when unsteady)."""
+        if self.decode is not None:
+            _, before, after = self.decode
+            return after / before
+        return self.speedup if self.stable else None
 
     @property
     def speedup_range(self) -> tuple[float, float] | None:
@@ -122,8 +159,12 @@ class Report:
             "metric_after": after.metric if after else None,
             "metric_drop": self.metric_drop,
             "within_budget": self.within_budget,
-            "speedup": self.speedup if self.stable else None,
+            "speedup": self.headline,
+            **({"decode_speedup": self.headline, "prefill_speedup": self.speedup if self.stable else None}
+               if self.decode else {}),
             "speedup_range": self.speedup_range,
+            "speedup_runtime": self.speedup_runtime,
+            "speedup_technique": self.speedup_technique,
             "size_ratio": after.size_bytes / self.before.size_bytes if after and self.before.size_bytes else None,
             **({"peak_memory_ratio": after.peak_memory_bytes / self.before.peak_memory_bytes}
                if after and after.peak_memory_bytes and self.before.peak_memory_bytes else {}),
@@ -155,20 +196,26 @@ class Report:
             "exported": self.exported,
             "compile_seconds": self.compile_seconds,
             "native_files": self.native_files,
-            "compiled_baseline": self._compiled_baseline(),
+            "runtime_latency": self.runtime_latency.to_dict() if self.runtime_latency else None,
             "memory_workload": self.memory_workload or None,
             "evaluation": self.evaluation,
+            "device_profile": self.profile.to_dict() if self.profile else None,
             "details": {"replay_state": [s.state for s in self.steps]},
         }
 
-    def _compiled_baseline(self) -> dict[str, Any] | None:
-        if self.compiled_baseline is None:
+    def headline_text(self) -> str | None:
+        """The headline in words: how much faster than the original as run today, and where it came from."""
+        if self.decode is not None:
+            name, before, after = self.decode
+            prefill = f"; prefill {speed_text(self.speedup)}" if self.speedup and self.stable else ""
+            return f"decode {speed_text(after / before)} ({before:.1f} -> {after:.1f} tokens/s, {name}){prefill}"
+        if self.headline is None:
             return None
-        before, after = self.compiled_baseline
-        steady = max(before.spread, after.spread) <= UNSTABLE_SPREAD
-        return {"before": before.to_dict(), "after": after.to_dict(),
-                "speedup": before.median_ms / after.median_ms if steady else None,
-                "speedup_range": speedup_range(before, after)}
+        text = f"{speed_text(self.headline)} than the original as run today ({self.before.latency.runtime})"
+        if self.speedup_runtime is not None and self.speedup_technique is not None:
+            text += (f": {self.speedup_runtime:.2f}x from the runtime (float {self.runtime_latency.runtime}), "
+                     f"{self.speedup_technique:.2f}x from the technique")
+        return text
 
     def to_json(self) -> str:
         return dumps(self.to_dict())
@@ -196,11 +243,15 @@ class Report:
             rows.append(("latency p90 ms", f"{b.latency.p90_ms:.3f}", f"{la.p90_ms:.3f}" if la else "-",
                          speed_text(b.latency.p90_ms / la.p90_ms if la and la.p90_ms else None) if self.stable
                          else "-"))
-            if self.compiled_baseline is not None:
-                cb = self._compiled_baseline()
-                rows.append(("latency median ms (compiled -> compiled)", f"{cb['before']['median_ms']:.3f}",
-                             f"{cb['after']['median_ms']:.3f}", speed_text(cb["speedup"]) if cb["speedup"]
-                             else _unstable(cb["speedup_range"])))
+            rt = self.runtime_latency
+            if rt is not None and la is not None:
+                rows.append((f"  of which the runtime ({b.latency.runtime} -> float {rt.runtime})",
+                             f"{b.latency.median_ms:.3f}", f"{rt.median_ms:.3f}",
+                             speed_text(self.speedup_runtime) if self.stable else _unstable(
+                                 speedup_range(b.latency, rt))))
+                rows.append((f"  of which the technique ({rt.runtime} both)", f"{rt.median_ms:.3f}",
+                             f"{la.median_ms:.3f}", speed_text(self.speedup_technique) if self.stable else
+                             _unstable(speedup_range(rt, la))))
         else:
             rows.append(("latency", "n/a", "n/a", self.latency_note or "no example input"))
         rows.append(("parameters", f"{b.parameters:,}", f"{a.parameters:,}" if a else "-",
@@ -224,12 +275,17 @@ class Report:
         widths = [max(len(r[i]) for r in [("", "before", "after", "change"), *rows]) for i in range(4)]
         line = "  ".join("-" * w for w in widths)
         out = [f"model-opt report: {self.model} on {self.device} ({self.threads} threads)"]
+        if self.profile:
+            out.append(f"  device: {self.profile.describe(self.device)}")
         if self.evaluation:
             out.append("  evaluation: built-in, " + ", ".join(f"{k} {v}" for k, v in self.evaluation.items())
                        + " (tokens; MODEL_OPT_LM_*)")
         for step in self.steps:
             opts = ", ".join(f"{k}={v}" for k, v in step.options.items())
             out.append(f"  step: {step.kind} {step.backend}:{step.method} ({opts}) in {step.seconds:.1f}s")
+        headline = self.headline_text()
+        if headline:
+            out.append(f"  headline: {headline}")
         out.append(line)
         for row in [("", "before", "after", "change"), *rows]:
             out.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w)
@@ -251,6 +307,10 @@ class Report:
 
 #: Above this spread of the timings, the report says the measurement was unstable.
 UNSTABLE_SPREAD = 0.5
+#: The built-in causal-LM evaluation's decode figure (tokens/s), the headline of a causal LM's report.
+DECODE = "decode_tokens_per_s"
+#: Below this, a technique's own part of a speed-up is not a gain of its own (the runtime's is).
+TECHNIQUE_GAIN = 1.05
 
 
 def finite(value: Any) -> Any:
@@ -336,8 +396,12 @@ def speed_warnings(report: Report, planned: Sequence[tuple[Any, dict[str, Any]]]
     compiled = report.after is not None and report.after.latency is not None and \
         report.after.latency.runtime == "compiled"
     for technique, options in planned:
+        slow = technique.slow_here(report.device)
         speeds_up = technique.speeds_up_on(options)
-        if device in technique.speeds_up_compiled and device not in speeds_up and not compiled:
+        if slow:
+            warnings.append(f"{technique.backend} {technique.method} is {slow}; model-opt recommend lists what is "
+                            f"fast on this {'GPU' if device == 'cuda' else 'CPU'}")
+        elif device in technique.speeds_up_compiled and device not in speeds_up and not compiled:
             warnings.append(f"{technique.backend} {technique.method} speeds up on {device} only under "
                             "torch.compile with freezing: rerun with --compile")
         elif device not in speeds_up and device not in technique.speeds_up_compiled:
@@ -348,6 +412,14 @@ def speed_warnings(report: Report, planned: Sequence[tuple[Any, dict[str, Any]]]
         warnings.append(f"the latency measurement was unstable (timings spread {max(before.spread, after.spread):.0%} "
                         "around the median: the CPU was busy), so no single speed-up is shown: rerun on an idle "
                         "machine before trusting one")
+    technique = report.speedup_technique
+    if technique is not None and technique < TECHNIQUE_GAIN and (report.speedup_runtime or 0) > 1:
+        runtime = report.runtime_latency.runtime
+        how = ("compile the float model (torch.compile with inductor freezing)" if runtime == "compiled" else
+               f"convert the float model to {runtime} (model-opt export MODEL --format {runtime})")
+        warnings.append(f"the speed-up is the runtime's, not the technique's: float {runtime} runs "
+                        f"{report.speedup_runtime:.2f}x the original, and the technique adds {technique:.2f}x; "
+                        f"{how} for the same gain without it")
     speedup = report.speedup if report.stable else None
     if speedup is not None:
         if speedup < 0.95:

@@ -10,6 +10,7 @@ from typing import Any
 from .atomic import atomic_path, write_text_atomic
 from .compare import time_against_original
 from .context import TechniqueContext
+from .device import DeviceProfile, device_profile
 from .errors import AccuracyBudgetExceeded
 from .job import Job
 from .outputs import output_lock, report_path, side_path
@@ -30,6 +31,8 @@ class TuneResult:
     plot: str | None = None
     warnings: list[str] = field(default_factory=list)
     objective: str = "latency"
+    device: str = "cpu"
+    profile: DeviceProfile = field(default_factory=device_profile)
 
     def to_dict(self) -> dict[str, Any]:
         """The summary (the best candidate) first, then every trial."""
@@ -41,11 +44,13 @@ class TuneResult:
                    "output": self.output, "warnings": len(self.warnings)}
         return {"summary": summary, "study": self.study, "storage": self.storage, "baseline": self.baseline.__dict__,
                 "trials": self.trials, "pareto": self.pareto, "best": self.best, "output": self.output,
-                "plot": self.plot, "warnings": self.warnings}
+                "plot": self.plot, "warnings": self.warnings, "device": self.device,
+                "device_profile": self.profile.to_dict()}
 
     def render(self) -> str:
         lines = [f"autotune study {self.study!r}: {len(self.trials)} trials, baseline metric "
-                 f"{self.baseline.metric:.4f}, latency {self.baseline.latency_ms:.3f} ms"]
+                 f"{self.baseline.metric:.4f}, latency {self.baseline.latency_ms:.3f} ms",
+                 f"device: {self.device} — {self.profile.describe(self.device)}"]
         lines.append("Pareto front within budget (metric vs latency vs size; * the best, re-measured):")
         header = f"  {'trial':>6}  {'metric':>8}  {'drop':>8}  {'speed-up':>8}  {'size':>6}  techniques"
         lines.append(header)
@@ -117,7 +122,8 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, job: Jo
     rows = trial_rows(study, budget)
     measured = [r for r in rows if "metric" in r]
     feasible = [r for r in measured if r["within_budget"]]
-    result = TuneResult(study.study_name, storage, baseline, rows, pareto_front(feasible), None, objective=objective)
+    result = TuneResult(study.study_name, storage, baseline, rows, pareto_front(feasible), None, objective=objective,
+                        device=job.device)
     if not feasible:
         closest = min(measured, key=lambda r: r["drop"]) if measured else None
         detail = (f"; the closest was trial {closest['number']} ({closest['description']}) with a drop of "
@@ -142,10 +148,9 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, job: Jo
     else:  # each against the original with the routine optimize and the trials use
         for row in finalists:
             model, records, runnable = built[row["number"]]
-            before, after, _ = time_against_original(job, job.model, model, records,
-                                                     runnable if runnable is not model else None,
-                                                     progress=lambda message: None)
-            row["remeasured_speedup"] = before.median_ms / after.median_ms
+            timed = time_against_original(job, job.model, model, records, runnable if runnable is not model else None,
+                                          progress=lambda message: None)
+            row["remeasured_speedup"] = timed.before.median_ms / timed.after.median_ms
     if objective != "size":
         finalists.sort(key=lambda r: (-r["remeasured_speedup"] / (r["size_ratio"] if objective == "both" else 1),
                                       r["drop"]))

@@ -54,6 +54,7 @@ class TuneSettings:
     backends: Sequence[str] | None = None
     recovery_steps: int = 100
     wait: bool = True
+    include_slow: bool = False
 
     def check(self) -> TuneSettings:
         if self.objective not in OBJECTIVES:
@@ -195,9 +196,8 @@ class Objective:
             return metric, tokens / (self.baseline.decode_tokens_per_s or tokens)
         metric = job.script.evaluate(candidate, job.dataset, job.device).value
         compiled = runnable if runtime == "compiled" else None
-        before, after, _ = time_against_original(job, job.model, candidate, records, compiled,
-                                                 progress=lambda message: None)
-        return metric, before.median_ms / after.median_ms
+        timed = time_against_original(job, job.model, candidate, records, compiled, progress=lambda message: None)
+        return metric, timed.before.median_ms / timed.after.median_ms
 
     def record(self, trial: Any, metric: float, speedup: float, size: int) -> Any:
         """Store the trial's measurements; return Optuna's objective value(s)."""

@@ -87,7 +87,8 @@ def as_original_output(outputs: Any, spec: dict[str, Any] | None) -> Any:
     return kind(**dict(zip(spec["keys"], values, strict=True)))
 
 
-def _serialize(ov_model: Any) -> tuple[bytes, bytes]:
+def serialize(ov_model: Any) -> tuple[bytes, bytes]:
+    """An OpenVINO model's IR as bytes: (xml, bin)."""
     import openvino as ov
 
     with tempfile.TemporaryDirectory(prefix="model-opt-ov-") as tmp:
@@ -120,7 +121,7 @@ class OpenVINOModule(nn.Module):
         self.ov_device = device
         self.compile_config = dict(compile_config or {})
         if ov_model is not None:
-            self._xml, self._bin = _serialize(ov_model)
+            self._xml, self._bin = serialize(ov_model)
             self._compile()
 
     def _compile(self) -> None:
@@ -140,6 +141,23 @@ class OpenVINOModule(nn.Module):
             static.reshape({key: ov.PartialShape(list(shape)) for key, shape in keyed})
             self.compiled_static = core.compile_model(static, self.ov_device, config)
             self._static_shapes = shapes
+
+    def keep_float(self, ir: tuple[bytes, bytes]) -> OpenVINOModule:
+        """Keep the float IR this model was compressed or quantized from (``serialize``d before NNCF ran), for
+        :meth:`float_counterpart`; it is not saved with the model."""
+        self._float_ir = ir
+        return self
+
+    def float_counterpart(self) -> OpenVINOModule | None:
+        """The float model in the same runtime, compiled the same way (what OpenVINO gives without the technique);
+        None when this one was not made here (a reopened result)."""
+        ir = getattr(self, "_float_ir", None)
+        if ir is None:
+            return None
+        twin = type(self)(compile_config=self.compile_config)
+        twin._xml, twin._bin = ir
+        twin._compile()
+        return twin
 
     def describe_compile(self) -> str:
         """How the IR is compiled, for the report."""
@@ -224,6 +242,7 @@ class OpenVINOModule(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
+        state.pop("_float_ir", None)  # (only the run that made it times it)
         state.pop("ov_model", None)
         state.pop("compiled", None)
         state.pop("compiled_static", None)

@@ -10,7 +10,7 @@ from model_opt.modelinfo import describe_input, run_checked
 from model_opt.result import TechniqueResult
 from torch import nn
 
-from .openvino_module import OpenVINOModule, output_spec, ov_call, to_numpy
+from .openvino_module import OpenVINOModule, output_spec, ov_call, serialize, to_numpy
 from .scope import ignored_scope
 
 
@@ -71,6 +71,7 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
     else:
         context.progress("converting to OpenVINO")
         ov_model = convert(model, example)
+        float_ir = serialize(ov_model)  # (before NNCF runs): the float model in OpenVINO, for the report
         if options["exclude"]:
             kwargs["ignored_scope"] = ignored_scope(options["exclude"], openvino=True)
         dataset = nncf.Dataset(calibration)
@@ -80,6 +81,8 @@ def quantize_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tu
             quantized = _within_budget(nncf, ov_model, quantized, dataset, kwargs, model, context, info)
     config = {**compile_config(options, example), **outputs_of(model, example)}
     module = OpenVINOModule(quantized, compile_config=config)
+    if not options["qat_steps"]:
+        module.keep_float(float_ir)
     fq_layers, float_layers = quantized_layers(quantized)
     info.update({"runtime": "OpenVINO CPU", "compiled_with": module.describe_compile(),
                  "quantized_layers": len(fq_layers), "float_layers": float_layers,
@@ -103,6 +106,7 @@ def quantize_causal_lm(model: nn.Module, kwargs: dict[str, Any], example: Any, c
                              "has no input_ids tensor", "give the example input as {'input_ids': ...}")
     context.progress("converting the causal LM to OpenVINO with its KV cache as inputs and outputs")
     ov_model, layout = convert_causal_lm(model, ids)
+    float_ir = serialize(ov_model)
     float_lm = OpenVINOCausalLM(ov_model, compile_config={"kv": layout})
     items = []
     for batch in context.calibration_inputs():
@@ -119,7 +123,7 @@ def quantize_causal_lm(model: nn.Module, kwargs: dict[str, Any], example: Any, c
     context.progress(f"NNCF int8 calibration on {len(items)} prompts and decode steps")
     quantized = nncf.quantize(ov_model, nncf.Dataset(items), **{**kwargs, "subset_size": min(kwargs["subset_size"],
                                                                                              len(items))})
-    module = OpenVINOCausalLM(quantized, compile_config={"kv": layout})
+    module = OpenVINOCausalLM(quantized, compile_config={"kv": layout}).keep_float(float_ir)
     fq_layers, float_layers = quantized_layers(quantized)
     info.update({"calibration_items": len(items), "runtime": "OpenVINO CPU", "kv_cache": layout,
                  "compiled_with": module.describe_compile(), "quantized_layers": len(fq_layers),

@@ -13,6 +13,7 @@ from model_opt.errors import TechniqueError
 from model_opt.result import TechniqueResult
 from torch import nn
 
+from .openvino_module import serialize
 from .scope import ignored_scope
 
 DECOMPRESSORS = ("INT8AsymmetricWeightsDecompressor", "INT8SymmetricWeightsDecompressor",
@@ -71,9 +72,10 @@ def compress_openvino(model: nn.Module, kwargs: dict[str, Any], example: Any, co
                              "generates, with input_ids)", "use runtime=torch for this model")
     context.progress("converting the causal LM to OpenVINO with its KV cache as inputs and outputs")
     ov_model, layout = convert_causal_lm(model, ids)
+    float_ir = serialize(ov_model)  # (before NNCF changes it): the float model in OpenVINO, for the report
     context.progress(f"NNCF weight compression on the OpenVINO model ({kwargs['mode'].value})")
     compressed = nncf.compress_weights(ov_model, **kwargs)
-    module = OpenVINOCausalLM(compressed, compile_config={"kv": layout})
+    module = OpenVINOCausalLM(compressed, compile_config={"kv": layout}).keep_float(float_ir)
     info = {"mode": kwargs["mode"].value, "runtime": "OpenVINO CPU", "kv_cache": layout,
             "compiled_with": module.describe_compile()}
     return TechniqueResult(module, info, {"compile": module.compile_config}, standalone=True)

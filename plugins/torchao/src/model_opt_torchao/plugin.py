@@ -26,13 +26,16 @@ def _technique(method: str, summary: str, *, options: tuple = (), compiled: tupl
                      families=("vit", "hybrid", "transformer", "diffusion", "causal-lm"), **fields)
 
 
+#: int8 matmuls: faster than float only where the CPU has int8 dot products (measured: benchmarks/RESULTS.md)
+INT8_FAST = {"int8 dot products": "without them int8 matmuls run slower than float, even compiled"}
+
 QAT = Option("qat_steps", int, 0, flag="--qat-steps", help="quantization-aware training: steps of your train() "
              "with int8 simulated (torchao QATConfig) before the weights are quantized (0: post-training only)",
              minimum=0)
 
 TECHNIQUES = (
     _technique("int8_weight_only", "int8 weights, float activations (torchao Int8WeightOnlyConfig).", search={},
-               options=(QAT,),
+               options=(QAT,), fast_needs=INT8_FAST,
                recommended=(Recommended("causal-lm", "decode reads every weight once per token, so it is bound by "
                                         "memory: int8 weights read a quarter of the float32 bytes (run the decode "
                                         "compiled: --compile)", {"skip_head": False}, rank=5),
@@ -40,7 +43,7 @@ TECHNIQUES = (
                                         "under --compile on CPU)", rank=10),
                             Recommended("diffusion", "int8 weights shrink the UNet", rank=10))),
     _technique("int8_dynamic", "int8 weights and dynamically quantized int8 activations "
-               "(torchao Int8DynamicActivationInt8WeightConfig).", search={}, options=(QAT,),
+               "(torchao Int8DynamicActivationInt8WeightConfig).", search={}, options=(QAT,), fast_needs=INT8_FAST,
                recommended=(Recommended("hybrid", "int8 activations and weights for the Linear layers", rank=10),
                             Recommended("transformer", "int8 GEMMs for Linear-heavy models (fast under --compile on "
                                         "CPUs with VNNI/AMX)", rank=20))),
@@ -49,7 +52,8 @@ TECHNIQUES = (
                needs=("cuda",), compiled=("cuda",), note="runs only on CUDA"),
     _technique("float8_dynamic", "float8 weights and activations on CUDA compute capability 8.9+ "
                "(torchao Float8DynamicActivationFloat8WeightConfig).", needs=("cuda",), compiled=("cuda",),
-               note="runs only on CUDA GPUs of compute capability 8.9 or newer"),
+               note="runs only on CUDA GPUs of compute capability 8.9 or newer",
+               fast_needs={"cuda 8.9": "float8 matmuls need its float8 tensor cores"}),
     _technique("autoquant", "Per layer shape, time float, int8 weight-only, int8 dynamic (and the CUDA kernels "
                "where available) under the runtime you will use, and keep the fastest within a tolerance.",
                options=(Option("tolerance", float, 0.05, "largest relative output error accepted per layer",

@@ -46,23 +46,6 @@ def check_device(method: str, device: str) -> None:
                               f"is {major}.{minor}", "use int8_dynamic or int8_weight_only here")
 
 
-def cpu_int8_warning(device: str) -> str | None:
-    """A warning when this CPU lacks the int8 dot-product instructions (VNNI, AMX) fast int8 GEMMs need."""
-    if not device.startswith("cpu"):
-        return None
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return None
-    if any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8")):
-        return None
-    return ("this CPU has no VNNI/AMX int8 instructions, so int8 matmuls run slower than float here even "
-            "compiled (measured in benchmarks/RESULTS.md); static int8 convolutions (nncf int8_static, or "
-            "neural-compressor int8_static with --compile) are fast here, and so are structured pruning, token "
-            "merging and SVD")
-
-
 def _device(model: nn.Module) -> str:
     for tensor in model.parameters():
         return str(tensor.device)
@@ -115,9 +98,6 @@ def quantize_method(model: nn.Module, method: str, options: dict[str, Any], cont
     apply_config(model, method, chosen, options)
     info = {"method": method, "quantized": chosen, "skipped": skipped,
             "runtime_note": "fast on CPU only under torch.compile with freezing"}
-    warning = cpu_int8_warning(device) if method == "int8_dynamic" else None
-    if warning:
-        info["warning"] = warning
     if options.get("qat_steps"):
         info["quantization_aware_training"] = {"steps": options["qat_steps"]}
     return model, info
