@@ -155,6 +155,55 @@ def optimize(
 without_technique_flags(optimize)
 
 
+@app.command("sensitivity")
+def sensitivity_command(
+    model: Annotated[Path, typer.Argument(help="Model file or folder (as for optimize).")],
+    test_dataset: Annotated[Path, typer.Option("--test-dataset", help="Dataset path passed to the test script.")],
+    test_script: Annotated[Path | None, typer.Option("--test-script", help="The test script (see optimize; "
+                                                                           "optional for causal LMs).")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Where to write the JSON (default: "
+                                                                     "<model>.sensitivity.json beside it); the "
+                                                                     "chart goes beside it (.png).")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="The budget, drawn on the chart.")] = None,
+    eval_fraction: Annotated[float | None, typer.Option(help="Evaluate on this share of the data (a test script "
+                                                             "whose evaluate() takes 'fraction'; the built-in LM "
+                                                             "evaluation).")] = None,
+    refine: Annotated[int, typer.Option(help="Measure the N most costly groups again, layer by layer.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    input_shape: Annotated[str | None, typer.Option(help="Random example input, e.g. 1,3,224,224.")] = None,
+    trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the measurement as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show backends' own output.")] = False,
+    **technique_flags: Any,
+) -> None:
+    """Which layers cost accuracy: apply ONE technique (its usual flags) to one group of layers at a time (a
+    transformer block, a conv stage, the embedding, the head) and rank the groups by the drop of your metric."""
+    from model_opt.plugins import get_plugin_manager
+    from model_opt.redaction import redact
+    from model_opt.sensitivity import sensitivity
+
+    try:
+        steps = build_steps(technique_flags, get_plugin_manager().registry)
+        if len(steps) != 1:
+            raise UsageError(f"sensitivity measures one technique, and {len(steps) or 'no'} were asked for",
+                             "pass the flags of one technique, e.g. --quantize --quant-backend torchao")
+        log = Path(output or model).with_suffix(".log") if output else model.with_name(f"{model.stem}.sensitivity.log")
+        with console(log, quiet, verbose) as progress:
+            result = sensitivity(model, test_script=test_script, dataset=test_dataset, step=steps[0], output=output,
+                                 max_accuracy_drop=max_accuracy_drop, eval_fraction=eval_fraction, refine=refine,
+                                 device=device, trust_model=trust_model, input_shape=parse_shape(input_shape),
+                                 progress=progress)
+    except ModelOptError as err:
+        raise fail(err) from None
+    except KeyboardInterrupt as interrupt:
+        raise interrupted(interrupt) from None
+    typer.echo(redact(json.dumps(result.to_dict(), indent=2) if as_json else result.render()))
+
+
+without_technique_flags(sensitivity_command)
+
+
 @app.command()
 def plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """List installed plugins: version, techniques, status and install hints."""
@@ -414,6 +463,7 @@ def with_plugins(manager: Any = None) -> typer.Typer:
 
     manager = manager or get_plugin_manager()
     with_technique_flags(optimize, manager.registry)
+    with_technique_flags(sensitivity_command, manager.registry)
     if manager not in _commands_from:  # once per plugin manager
         _commands_from.append(manager)
         manager.register_commands(app)

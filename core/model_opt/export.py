@@ -20,11 +20,10 @@ from typing import Any
 
 from .atomic import atomic_path, written_together
 from .errors import BackendNotInstalled, TechniqueError, UsageError, describe
-from .job import check_input_shape, example_input
 from .measure import call_model, split_input
 from .modelio import open_model
 from .outputs import EXPORT_SUFFIXES, check_export_output, export_target
-from .testscript import TestScript
+from .testscript import TestScript, check_input_shape, example_input
 
 FORMATS = tuple(EXPORT_SUFFIXES)
 #: What a format needs installed, and how to get it.

@@ -20,24 +20,25 @@ from .artifact.write import save, save_folder
 from .backend_output import claim_log
 from .context import TechniqueContext
 from .errors import DeviceError, UsageError
-from .hf import is_causal_lm
 from .measure import timing_budget, to_device
 from .modelinfo import run_checked
 from .modelio import check_readable, open_model, search_paths
 from .modules import linear_from_conv1d
-from .outputs import check_output, inputs_of, output_target, side_path
+from .outputs import (
+    check_output,
+    check_sensitivity_output,
+    inputs_of,
+    output_target,
+    sensitivity_target,
+    side_path,
+)
 from .plugins import PluginManager, get_plugin_manager
 from .recommend import detect_family
 from .registry import choose_one_of
 from .report import StepRecord
 from .sources import read_config, resolve_model_path
-from .testscript import BUILTIN_FOLDER, TestScript
+from .testscript import TestScript, builtin_script, check_input_shape, example_input
 from .timing import timing_choice
-
-#: The most elements a random --input-shape may have (about 1 GiB of float32).
-MAX_INPUT_ELEMENTS = 2**28
-#: The built-in evaluation of causal language models.
-BUILTIN_LM = BUILTIN_FOLDER / "lm_eval.py"
 
 
 def check_device(device: str) -> str:
@@ -55,45 +56,6 @@ def check_finite(value: float | None, flag: str) -> None:
         raise UsageError(f"{flag} is {value}, not a finite number", f"pass a number, e.g. {flag} 0.01")
 
 
-def check_input_shape(shape: Sequence[int] | None) -> None:
-    if shape and math.prod(shape) > MAX_INPUT_ELEMENTS:
-        raise UsageError(f"--input-shape {','.join(map(str, shape))} has {math.prod(shape):,} elements, too many "
-                         "for a random example input", "pass the shape of one real batch, e.g. 1,3,224,224")
-
-
-def example_input(script: TestScript | None, dataset: str | None, input_shape: Sequence[int] | None) -> Any:
-    """The example input every command times, traces and exports with: the test script's ``example_input``, else a
-    random one of ``input_shape``, else the first calibration item; None when there is none."""
-    import torch
-
-    if script is not None and script.has("example_input"):
-        if dataset is None:
-            raise UsageError("the test script's example_input() needs --test-dataset", "pass --test-dataset")
-        return script.call("example_input", dataset)
-    if input_shape:
-        check_input_shape(input_shape)
-        return torch.randn(*input_shape)
-    if script is not None and script.has("calibration_data") and dataset is not None:
-        return next(iter(script.call("calibration_data", dataset)), None)
-    return None
-
-
-def builtin_script(model_path: str | os.PathLike[str], dataset: str | os.PathLike[str],
-                   compiled: bool = False) -> TestScript:
-    """The built-in evaluation when no test script is given: for a causal LM folder and a folder of text files."""
-    from .builtin.lm_eval import settings, text_files
-
-    folder = Path(model_path)
-    config = read_config(folder) if folder.is_dir() else None
-    if not (config is not None and is_causal_lm(config)):
-        raise UsageError("--test-script is required for this model (model-opt evaluates causal language models "
-                         "itself, and this is not one)", "pass --test-script eval.py (see README: the test script)")
-    if Path(dataset).exists():  # (a missing dataset is said by the caller)
-        text_files(dataset)
-    settings()
-    return TestScript(BUILTIN_LM, model_path=model_path, compiled=compiled)
-
-
 @dataclass(frozen=True)
 class Settings:
     """How a job runs, checked once by :meth:`check` (the budget, the shape, the device) for every command."""
@@ -107,6 +69,8 @@ class Settings:
     export: bool = False
     finetune_steps: int = 0
     output_flag: str = "--output"
+    #: What the job writes: a model (and its report), or a sensitivity measurement (JSON and chart).
+    writes: str = "model"
 
     @classmethod
     def of(cls, given: dict[str, Any], entry: str) -> Settings:
@@ -164,9 +128,12 @@ class Job:
         if settings.finetune_steps and not script.has("train"):
             raise UsageError(f"--finetune-steps needs a training hook, and {script.path.name} defines no "
                              "train(model, dataset_path, steps)", "add train() to the test script (see README)")
-        out, folder_output = output_target(given, settings.output)
         protected = [*inputs_of(path), script.path, Path(dataset)]
-        out = check_output(out, protected, flag=settings.output_flag, folder=folder_output)
+        if settings.writes == "sensitivity":
+            out, folder_output = check_sensitivity_output(sensitivity_target(path, settings.output), protected), False
+        else:
+            out, folder_output = output_target(given, settings.output)
+            out = check_output(out, protected, flag=settings.output_flag, folder=folder_output)
         return cls(path, script, dataset, out, settings, progress or (lambda message: None),
                    manager or get_plugin_manager(), folder_output)
 

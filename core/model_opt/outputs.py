@@ -222,3 +222,46 @@ def check_export_output(out: Path, model_path: Path, fmt: str) -> Path:
             raise UsageError(f"{target} already exists", "choose another --output, or remove the file yourself")
     check_writable_folder(out.parent)
     return out
+
+
+#: What a sensitivity measurement writes: its JSON (which says it is one) and the chart beside it.
+SENSITIVITY_FORMAT = "model-opt-sensitivity"
+
+
+def sensitivity_target(model_path: Path, output: str | None) -> Path:
+    """Where ``model-opt sensitivity`` writes its JSON: ``output``, else ``<model>.sensitivity.json`` beside the
+    model (the chart beside it, ``.png``)."""
+    if output:
+        return Path(output)
+    name = model_path.name if model_path.is_dir() else model_path.stem
+    return model_path.with_name(f"{name}.sensitivity.json")
+
+
+def check_sensitivity_output(out: Path, protected: Sequence[Path]) -> Path:
+    """The JSON (named ``.json``) and its chart (``.png``) may not be an input or a user's file: each may replace
+    only what an earlier sensitivity measurement wrote there."""
+    import json
+
+    if out.suffix != ".json":
+        raise UsageError(f"--output {out.name} does not end in .json", f"name it like {out.with_suffix('.json')}")
+    owned: list[str] = []
+    if out.exists() or out.is_symlink():
+        try:
+            earlier = json.loads(out.read_text()) if out.is_file() and not out.is_symlink() else None
+        except (OSError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and earlier.get("format") == SENSITIVITY_FORMAT):
+            raise UsageError(f"--output {out} exists and is not a sensitivity measurement of model-opt's",
+                             "choose another --output, or remove the file yourself")
+        owned = [f for f in earlier.get("files", []) if isinstance(f, str)]
+    for path in (out, out.with_suffix(".png")):
+        if any(_same(path, p) for p in protected) or any(p.is_dir() and p.resolve() in path.resolve().parents
+                                                          for p in protected):
+            raise UsageError(f"--output {out} would write {path.name} over or inside an input",
+                             "choose an --output outside the model and dataset")
+    chart = out.with_suffix(".png")
+    if (chart.exists() or chart.is_symlink()) and chart.name not in owned:
+        raise UsageError(f"--output {out} would replace {chart.name} beside it, which model-opt did not write for "
+                         "this output", f"choose another --output, or move {chart.name} away yourself")
+    check_writable_folder(out.parent)
+    return out

@@ -17,13 +17,14 @@ from .device import device_profile
 from .errors import AccuracyBudgetExceeded, ModelOptError, UsageError
 from .export import export_model
 from .hf import copyable_files, transformers_note
-from .job import BUILTIN_LM, Job, Settings
+from .job import Job, Settings
 from .measure import Latency, compile_model, count_flops, count_parameters, model_latency, state_dict_bytes
 from .outputs import output_lock, report_path, side_path
 from .plugins import PluginManager
 from .report import Measurement, Report, speed_warnings
+from .sensitivity import mix_for_budget
 from .steps import Step, apply_with_recovery, check, plan, split_for_recovery
-from .testscript import TestScript
+from .testscript import BUILTIN_LM, TestScript
 
 #: Why latency was not measured, by test-script contract (a program-mode script is never imported, so it cannot
 #: give an example input).
@@ -79,6 +80,10 @@ def optimize(model_path: str | os.PathLike[str], *, test_script: str | os.PathLi
 
     model, report.steps = apply_with_recovery(model, split, context, job.manager, train_steps, before_recovery)
     measure_after(job, original, model, report)
+    mixed = mix_for_budget(job, original, planned, context, report)
+    if mixed is not None:  # the most sensitive layers kept unchanged: measured again as the result
+        model, report.steps = mixed
+        measure_after(job, original, model, report)
     report.warnings += speed_warnings(report, planned)  # (after those measuring added)
 
     # 4. Keep the input untouched; write nothing when the budget is exceeded.

@@ -84,6 +84,10 @@ class Report:
     evaluation: dict[str, Any] | None = None
     #: The machine the figures come from (CPU model, instruction sets, cores, memory, GPUs).
     profile: DeviceProfile | None = None
+    #: The most costly layer groups (each one's drop alone), when the drop was over half the budget.
+    sensitive: list[dict[str, Any]] = field(default_factory=list)
+    #: The layer groups kept unchanged to meet the budget, most sensitive first (``--max-accuracy-drop``).
+    kept_unchanged: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def metric_drop(self) -> float | None:
@@ -200,6 +204,8 @@ class Report:
             "memory_workload": self.memory_workload or None,
             "evaluation": self.evaluation,
             "device_profile": self.profile.to_dict() if self.profile else None,
+            "sensitive_groups": self.sensitive,
+            "kept_unchanged": self.kept_unchanged,
             "details": {"replay_state": [s.state for s in self.steps]},
         }
 
@@ -294,6 +300,12 @@ class Report:
         if self.compile_seconds is not None:
             out.append(f"latency after: torch.compile with freezing (one-time compile cost "
                        f"{self.compile_seconds:.1f}s); before: eager; metrics: eager")
+        if self.kept_unchanged:
+            out.append("kept unchanged to meet --max-accuracy-drop (most sensitive first): " + ", ".join(
+                f"{g['group']} ({len(g['layers'])} layers, drop alone {g['drop']:+.4f})" for g in self.kept_unchanged))
+        for group in self.sensitive:
+            out.append(f"sensitive: {group['group']} costs {group['drop']:+.4f} of {self.before.primary} changed "
+                       f"alone ({len(group['layers'])} layers)")
         for warning in self.warnings:
             out.append(f"warning: {warning}")
         if self.output:

@@ -25,16 +25,18 @@ import subprocess
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import ModelOptError, TestScriptError
+from .errors import ModelOptError, TestScriptError, UsageError
 
 #: The folder of model-opt's built-in evaluations (used when no test script is given).
 BUILTIN_FOLDER = Path(__file__).resolve().parent / "builtin"
+#: The built-in evaluation of causal language models.
+BUILTIN_LM = BUILTIN_FOLDER / "lm_eval.py"
 METRIC_LINE = re.compile(r"^\s*([A-Za-z_][\w.\-/@ ]*?)\s*[=:]\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*%?\s*$")
 
 
@@ -133,6 +135,9 @@ class TestScript:
         self.model_path: str | None = os.fspath(model_path) if model_path is not None else None
         #: Whether the run measures compiled (--compile), passed to the functions that take ``compiled``.
         self.compiled = compiled
+        #: The share of its data evaluate() may use (``sensitivity --eval-fraction``), passed when it takes
+        #: ``fraction`` (and to a program as MODEL_OPT_EVAL_FRACTION); None: all of it.
+        self.fraction: float | None = None
 
     @property
     def folder(self) -> Path:
@@ -192,7 +197,7 @@ class TestScript:
         function = getattr(self.module, hook, None)
         if function is None:
             raise TestScriptError(f"{self.path.name} defines no {hook}()", f"add {hook} to the script")
-        offered = {"model_path": self.model_path, "compiled": self.compiled}
+        offered = {"model_path": self.model_path, "compiled": self.compiled, "fraction": self.fraction}
         kwargs = {name: value for name, value in offered.items() if value is not None and takes(function, name)}
         try:
             with no_hard_exit():
@@ -257,7 +262,8 @@ class TestScript:
             torch.save(model, model_file)
             env = {**os.environ, "MODEL_OPT_MODEL": str(model_file), "MODEL_OPT_DATASET": str(dataset),
                    "MODEL_OPT_DEVICE": device, **({"MODEL_OPT_MODEL_PATH": self.model_path} if self.model_path
-                                                   else {})}
+                                                   else {}),
+                   **({"MODEL_OPT_EVAL_FRACTION": str(self.fraction)} if self.fraction is not None else {})}
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.folder), env.get("PYTHONPATH", "")]))
             proc = subprocess.run([sys.executable, str(self.path)], env=env, capture_output=True, text=True,
                                   preexec_fn=_die_with_parent)
@@ -288,3 +294,48 @@ def takes(function: Any, name: str) -> bool:
         return False
     return parameter is not None and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                          inspect.Parameter.KEYWORD_ONLY)
+
+
+#: The most elements a random --input-shape may have (about 1 GiB of float32).
+MAX_INPUT_ELEMENTS = 2**28
+
+
+def check_input_shape(shape: Sequence[int] | None) -> None:
+    if shape and math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise UsageError(f"--input-shape {','.join(map(str, shape))} has {math.prod(shape):,} elements, too many "
+                         "for a random example input", "pass the shape of one real batch, e.g. 1,3,224,224")
+
+
+def example_input(script: TestScript | None, dataset: str | None, input_shape: Sequence[int] | None) -> Any:
+    """The example input every command times, traces and exports with: the test script's ``example_input``, else a
+    random one of ``input_shape``, else the first calibration item; None when there is none."""
+    import torch
+
+    if script is not None and script.has("example_input"):
+        if dataset is None:
+            raise UsageError("the test script's example_input() needs --test-dataset", "pass --test-dataset")
+        return script.call("example_input", dataset)
+    if input_shape:
+        check_input_shape(input_shape)
+        return torch.randn(*input_shape)
+    if script is not None and script.has("calibration_data") and dataset is not None:
+        return next(iter(script.call("calibration_data", dataset)), None)
+    return None
+
+
+def builtin_script(model_path: str | os.PathLike[str], dataset: str | os.PathLike[str],
+                   compiled: bool = False) -> TestScript:
+    """The built-in evaluation when no test script is given: for a causal LM folder and a folder of text files."""
+    from .builtin.lm_eval import settings, text_files
+    from .hf import is_causal_lm
+    from .sources import read_config
+
+    folder = Path(model_path)
+    config = read_config(folder) if folder.is_dir() else None
+    if not (config is not None and is_causal_lm(config)):
+        raise UsageError("--test-script is required for this model (model-opt evaluates causal language models "
+                         "itself, and this is not one)", "pass --test-script eval.py (see README: the test script)")
+    if Path(dataset).exists():  # (a missing dataset is said by the caller)
+        text_files(dataset)
+    settings()
+    return TestScript(BUILTIN_LM, model_path=model_path, compiled=compiled)

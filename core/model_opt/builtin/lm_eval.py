@@ -148,19 +148,26 @@ def _reference(dataset_path: str, model_path: str) -> torch.Tensor:
     return _CACHE[key]
 
 
-def evaluate(model: Any, dataset_path: str, model_path: str, compiled: bool = False) -> dict[str, float]:
+def evaluate(model: Any, dataset_path: str, model_path: str, compiled: bool = False,
+             fraction: float | None = None) -> dict[str, float]:
+    """Perplexity and next-token agreement over the windows, then prefill and decode timing; with ``fraction``
+    (``sensitivity --eval-fraction``), the first share of the windows and no timing."""
     ids = _tokens(dataset_path, model_path)
+    if fraction is not None:
+        ids = ids[: max(1, math.ceil(ids.shape[0] * fraction))]
     losses, agree, predicted = [], 0, []
     with torch.inference_mode():
         for row in ids:
             logits = _logits(model, row[None]).float()
             losses.append(torch.nn.functional.cross_entropy(logits[0, :-1], row[1:], reduction="sum").item())
             predicted.append(logits.argmax(-1))
-        reference = _reference(dataset_path, model_path)
+        reference = _reference(dataset_path, model_path)[: ids.shape[0]]
         agree = (torch.cat(predicted) == reference).float().mean().item()
     lengths = settings()
     metrics = {"perplexity": math.exp(sum(losses) / (ids.shape[0] * (ids.shape[1] - 1))),
                "next_token_agreement": agree}
+    if fraction is not None:  # (a sensitivity measurement reads only the metric)
+        return metrics
     prompt = ids[:1, :lengths["prompt"]]
     metrics["prefill_ms"] = _prefill_ms(model, prompt)
     if callable(getattr(model, "generate", None)):
