@@ -67,39 +67,71 @@ def _tokenizer_files(folder: Path) -> None:
             shutil.copy(source / name, folder / name)
 
 
-@pytest.fixture(scope="session")
-def lm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny GPT-2 trained on TEXT, a tiny Llama (random), the text and the same words shuffled."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+class TinyLMs(dict):
+    """The tiny causal LMs and their text, each made when a test first asks for it: ``gpt2`` (trained on TEXT for a
+    few seconds, so that its perplexity means something), ``llama`` (random), ``text`` and ``shuffled`` (the same
+    words shuffled)."""
 
-    root = tmp_path_factory.mktemp("lm")
-    gpt2, llama = root / "tiny-gpt2", root / "tiny-llama"
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=256, vocab_size=30522))
-    gpt2.mkdir()
-    _tokenizer_files(gpt2)
-    ids = AutoTokenizer.from_pretrained(gpt2)(TEXT, return_tensors="pt")["input_ids"][0]
-    windows = ids[: len(ids) // 64 * 64].reshape(-1, 64)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(60):
-        loss = model(input_ids=windows, labels=windows).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval().save_pretrained(gpt2)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=30522, max_position_embeddings=256)
-                     ).eval().save_pretrained(llama)
-    _tokenizer_files(llama)
-    (root / "text").mkdir()
-    (root / "text" / "train.txt").write_text(TEXT)
-    words = TEXT.split()
-    random.Random(0).shuffle(words)
-    (root / "shuffled").mkdir()
-    (root / "shuffled" / "train.txt").write_text(" ".join(words))
-    return {"gpt2": gpt2, "llama": llama, "text": root / "text", "shuffled": root / "shuffled"}
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, key: str) -> Path:
+        make = {"gpt2": self._gpt2, "llama": self._llama, "text": self._text, "shuffled": self._shuffled}.get(key)
+        if make is None:
+            raise KeyError(key)
+        self[key] = make()
+        return self[key]
+
+    def _text(self) -> Path:
+        (self.root / "text").mkdir()
+        (self.root / "text" / "train.txt").write_text(TEXT)
+        return self.root / "text"
+
+    def _shuffled(self) -> Path:
+        words = TEXT.split()
+        random.Random(0).shuffle(words)
+        (self.root / "shuffled").mkdir()
+        (self.root / "shuffled" / "train.txt").write_text(" ".join(words))
+        return self.root / "shuffled"
+
+    def _llama(self) -> Path:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        llama = self.root / "tiny-llama"
+        LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=30522,
+                                     max_position_embeddings=256)).eval().save_pretrained(llama)
+        _tokenizer_files(llama)
+        return llama
+
+    def _gpt2(self) -> Path:
+        import torch
+        from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+        gpt2 = self.root / "tiny-gpt2"
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=256, vocab_size=30522))
+        gpt2.mkdir()
+        _tokenizer_files(gpt2)
+        ids = AutoTokenizer.from_pretrained(gpt2)(TEXT, return_tensors="pt")["input_ids"][0]
+        windows = ids[: len(ids) // 64 * 64].reshape(-1, 64)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(60):
+            loss = model(input_ids=windows, labels=windows).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval().save_pretrained(gpt2)
+        return gpt2
+
+
+@pytest.fixture(scope="session")
+def lm(tmp_path_factory: pytest.TempPathFactory) -> TinyLMs:
+    """The tiny causal LMs and their text (:class:`TinyLMs`), made once per session, each when first asked for."""
+    pytest.importorskip("transformers")
+    return TinyLMs(tmp_path_factory.mktemp("lm"))
 
 
 @pytest.fixture()

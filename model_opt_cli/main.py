@@ -187,7 +187,7 @@ def sensitivity_command(
         steps = build_steps(technique_flags, get_plugin_manager().registry)
         if len(steps) != 1:
             raise UsageError(f"sensitivity measures one technique, and {len(steps) or 'no'} were asked for",
-                             "pass the flags of one technique, e.g. --quantize --quant-backend torchao")
+                             "pass the flags of one technique, e.g. --quantize --quant-method int8_static")
         log = Path(output or model).with_suffix(".log") if output else model.with_name(f"{model.stem}.sensitivity.log")
         with console(log, quiet, verbose) as progress:
             result = sensitivity(model, test_script=test_script, dataset=test_dataset, step=steps[0], output=output,

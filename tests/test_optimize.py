@@ -88,7 +88,8 @@ def test_max_accuracy_drop_fails_and_writes_nothing(cli, digits, tmp_path: Path)
     result = cli(*args(digits, "--prune", "--prune-amount", "0.95", "--output", str(out),
                        "--max-accuracy-drop", "0.0001", "-q"))
     assert result.exit_code == 1
-    assert "more than --max-accuracy-drop 0.0001; nothing was written" in result.stderr
+    # (no mix of pruned and unpruned layer groups meets it either: see tests/test_sensitivity.py)
+    assert "--max-accuracy-drop 0.0001" in result.stderr and "nothing was written" in result.stderr
     assert "accuracy (primary)" in result.stdout
     assert not out.exists() and not (tmp_path / "never.report.json").exists()
     assert os.listdir(tmp_path) == []

@@ -43,6 +43,7 @@ def test_groups_are_blocks_then_what_lies_outside_them() -> None:
     assert [g.name for g in layer_groups(small)] == ["0", "2"]  # a small model: layer by layer
 
 
+@pytest.mark.slow
 def test_the_ranking_is_written_as_json_and_a_chart_and_cached(cli, work: Path) -> None:
     script = work / "fidelity" / "eval.py"
     args = ("sensitivity", work / "fidelity" / "model.pth", "--test-dataset", work / "data", "--test-script", script,

@@ -114,6 +114,7 @@ def test_contributing_maps_every_core_file() -> None:
         assert f"`{path.name}`" in text, f"CONTRIBUTING's map of the core does not name {path.name}"
 
 
+@pytest.mark.slow
 def test_in_process_and_per_process_timing_take_their_rounds_from_the_one_timer(tmp_path: Path,
                                                                                  monkeypatch) -> None:
     """Two models timed in this process and each in a process of its own, on the same input: both get their rounds

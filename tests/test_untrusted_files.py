@@ -120,6 +120,7 @@ def test_a_pipe_inside_a_model_folder_is_refused(cli, llama, lm, short_lm_window
     assert "notes.txt in tiny-llama is not a regular file" in line
 
 
+@pytest.mark.slow
 def test_links_out_of_the_folder_are_not_copied_and_the_report_states_the_lm_lengths(optimized_llama) -> None:
     out, report, _ = optimized_llama
     assert not (out / "README.md").exists() and (out / "vocab.txt").is_file()
@@ -176,6 +177,7 @@ def test_a_hub_id_writes_its_output_in_the_working_directory(cli, lm, tmp_path: 
 # -- recipes and IR that were tampered with -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_recipe_asking_for_far_more_layers_than_its_weights_hold_is_refused(optimized_llama,
                                                                               tmp_path: Path) -> None:
     out = tmp_path / "out"

@@ -158,6 +158,7 @@ def test_int4_weight_only_on_cuda() -> None:
         assert cosine(quantized(x).float(), expected.float()) > 0.99
 
 
+@pytest.mark.slow
 def test_a_quantized_artifact_reopens_in_a_process_that_has_not_imported_torchao(tmp_path: Path) -> None:
     """torchao's tensor types are safe for weights-only loading once torchao is imported: the reopening imports
     the recorded steps' backends before it reads the weights (a timing or memory process starts with none)."""
