@@ -183,7 +183,7 @@ def test_autotune_for_decode_tokens_per_second(cli, lm, tmp_path: Path) -> None:
     """--objective tokens-per-second ranks candidates by decode tokens/s over the float model's (built-in
     evaluation), the decode compiled where the candidate runs compiled."""
     result = cli("autotune", lm["llama"], "--test-dataset", lm["text"], "--objective", "tokens-per-second",
-                 "--backends", "torchao", "--trials", "1", "--max-accuracy-drop", "20",
+                 "--backends", "torchao", "--include-slow", "--trials", "1", "--max-accuracy-drop", "20",
                  "--output", f"{tmp_path / 'tuned'}/", "--json", "-q")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)

@@ -113,3 +113,17 @@ def test_recommend_prints_the_device_and_marks_torchao_int8_by_this_cpu(cli, lm,
     assert lines[1].startswith("device: cpu — ")
     int8 = next(line for line in lines if line.startswith("- quantize torchao:int8_weight_only"))
     assert ("[slow on this CPU: it needs int8 dot-product instructions" in int8) is (cpu == "avx2")
+
+
+def test_autotune_says_when_everything_it_could_search_is_slow_here(cli, lm, monkeypatch) -> None:
+    """Only torchao asked for, on a CPU without int8 dot products: the error names the slow techniques and
+    --include-slow, not a missing plugin."""
+    pytest.importorskip("torchao")
+    import model_opt.device
+
+    monkeypatch.setattr(model_opt.device, "_cpu", lambda: AVX2)
+    result = cli("autotune", lm["llama"], "--test-dataset", lm["text"], "--backends", "torchao", "--trials", "1",
+                 "--max-accuracy-drop", "20")
+    assert result.exit_code == 2
+    assert "every technique the tuner could search here is slow on this device: torchao int8" in result.stderr
+    assert "rerun with --include-slow" in result.stderr and "not installed" not in result.stderr

@@ -132,6 +132,10 @@ def check_space(job: Job, tune: TuneSettings, family: str | None) -> dict[str, l
         job.progress(f"not searched, slow on this device: {', '.join(slow)} (--include-slow searches them too)")
     if any(t.speeds_up or t.speeds_up_compiled or t.speeds_up_with for items in space.values() for t in items):
         return space
+    if slow and not tune.include_slow:
+        raise UsageError(f"every technique the tuner could search here is slow on this device: {', '.join(slow)}",
+                         "rerun with --include-slow to search them anyway, or on a machine they are fast on "
+                         "(see model-opt recommend)")
     if family is None:
         raise UsageError("no technique plugin is installed for the tuner to search that can make a model faster "
                          "(see 'speeds up on' in model-opt techniques)", 'pip install "model-opt[all]"')

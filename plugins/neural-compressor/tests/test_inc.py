@@ -76,3 +76,19 @@ def test_autotune_within_budget_and_refusal_when_none_fits(cli, digits, tmp_path
     assert "autotune found no config within the allowed drop of 1e-06" in result.stderr
     assert "best tried" in result.stderr
     assert not out.exists()
+
+
+def test_nothing_is_written_in_the_working_directory(tmp_path: Path) -> None:
+    """INC's default workspace is ./nc_workspace/<time>/, made when RTN asks for it: it goes to a temporary folder
+    instead, removed when the process ends."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from torch import nn; from model_opt.techniques import Quantizer\n"
+            "m = nn.Sequential(nn.Linear(64, 64)).eval()\n"
+            "Quantizer().quantize(m, method='weight_only', backend='neural-compressor', bits=4, group_size=32)\n"
+            "from neural_compressor.common import options; print(options.workspace)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert not Path(done.stdout.strip().splitlines()[-1]).exists()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
+import os
+import shutil
 import tempfile
 from itertools import islice
 from typing import Any
@@ -17,6 +20,19 @@ from model_opt.result import TechniqueResult
 from torch import nn
 
 logging.getLogger("neural_compressor").setLevel(logging.WARNING)
+
+
+def _workspace_outside_cwd() -> None:
+    """INC makes its workspace, ``./nc_workspace/<time>/``, in the user's working directory the first time an
+    algorithm asks for it (RTN does): point it at a temporary folder of this process, removed at exit."""
+    from neural_compressor.common import options
+
+    workspace = tempfile.mkdtemp(prefix="model-opt-inc-")
+    atexit.register(shutil.rmtree, workspace, True)
+    options.workspace = workspace + os.sep
+
+
+_workspace_outside_cwd()
 
 
 def export_for_quantization(model: nn.Module, example: Any) -> Any:

@@ -10,7 +10,7 @@ from model_opt.modelinfo import describe_input, run_checked
 from model_opt.result import TechniqueResult
 from torch import nn
 
-from .openvino_module import OpenVINOModule, output_spec, ov_call, serialize, to_numpy
+from .openvino_module import OpenVINOModule, as_original_output, output_spec, ov_call, serialize, to_numpy
 from .scope import ignored_scope
 
 
@@ -189,8 +189,10 @@ def _within_budget(nncf: Any, ov_model: Any, quantized: Any, dataset: Any, kwarg
         info["accuracy_control"]["used"] = "plain int8 (within the budget)"
         return quantized
 
+    spec = output_spec(model, context.example_input)
+
     def validate(compiled_model: Any, _items: Any) -> float:
-        return sign * context.evaluate(_CompiledModule(compiled_model))
+        return sign * context.evaluate(_CompiledModule(compiled_model, spec))
 
     context.progress("NNCF accuracy control: keeping layers in float until the drop fits")
     # (nncf.quantize takes the transformer rules as advanced_parameters; accuracy control names them
@@ -209,14 +211,16 @@ def _within_budget(nncf: Any, ov_model: Any, quantized: Any, dataset: Any, kwarg
 
 
 class _CompiledModule(nn.Module):
-    """Wrap an OpenVINO compiled model (as NNCF's validation_fn gets it) so the user's evaluate() runs it."""
+    """Wrap an OpenVINO compiled model (as NNCF's validation_fn gets it) so the user's evaluate() runs it, with
+    the original's output type (``spec``: :func:`output_spec`)."""
 
-    def __init__(self, compiled: Any) -> None:
+    def __init__(self, compiled: Any, spec: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.compiled = compiled
+        self.spec = spec
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
-        return ov_call(self.compiled, args, kwargs)
+        return as_original_output(ov_call(self.compiled, args, kwargs), self.spec)
 
     def parameters(self, recurse: bool = True):  # evaluate() may ask for the device
         yield torch.zeros(0)
