@@ -38,6 +38,23 @@ def corpus() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+def train_for(model: torch.nn.Module, ids: torch.Tensor, minutes: float) -> tuple[int, float]:
+    """Train ``model`` on random windows of 128 of ``ids`` (batches of 8) for ``minutes``; (steps, last loss)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    windows = ids[: len(ids) // 128 * 128].reshape(-1, 128)
+    started, step, loss = time.perf_counter(), 0, float("nan")
+    model.train()
+    while time.perf_counter() - started < minutes * 60:
+        batch = windows[torch.randint(0, len(windows), (8,))]
+        value = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        step, loss = step + 1, value.item()
+    model.eval()
+    return step, loss
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--train-minutes", type=float, default=3.0)
@@ -70,19 +87,8 @@ def main() -> None:
     print(f"model: Llama-shaped, hidden {args.hidden}, {args.layers} layers, 8 heads / 4 KV heads, vocabulary "
           f"{tokenizer.vocab_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; corpus "
           f"{len(ids):,} tokens ({len(held_out):,} held out)")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    windows = train[: len(train) // 128 * 128].reshape(-1, 128)
-    started, step = time.perf_counter(), 0
-    model.train()
-    while time.perf_counter() - started < args.train_minutes * 60:
-        batch = windows[torch.randint(0, len(windows), (8,))]
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        step += 1
-    model.eval()
-    print(f"trained {step} steps (batch 8 x 128 tokens) in {args.train_minutes:g} min; last loss {loss.item():.2f}")
+    step, loss = train_for(model, train, args.train_minutes)
+    print(f"trained {step} steps (batch 8 x 128 tokens) in {args.train_minutes:g} min; last loss {loss:.2f}")
 
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "model-opt-causal-lm-bench"
     (work / "model").mkdir(parents=True, exist_ok=True)

@@ -403,7 +403,8 @@ def autotune_command(
 def export_command(
     model: Annotated[Path, typer.Argument(help="Model file or folder (as for optimize; model-opt's own outputs "
                                                 "too).")],
-    format_: Annotated[str, typer.Option("--format", "-f", help="pt2, onnx or openvino.")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="pt2, onnx, openvino, or gguf (a causal LM for "
+                                                                 "llama.cpp, with its plugin).")],
     test_script: Annotated[Path | None, typer.Option("--test-script", help="Test script: its load_model builds "
                                                                            "the model, its example_input gives "
                                                                            "the input.")] = None,

@@ -7,6 +7,7 @@ its perplexity means something (lower on its own text than on the same words shu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -33,15 +34,23 @@ def test_the_folder_loads_with_its_lm_head_and_recommend_plans_weight_only(cli, 
     assert result.stdout.startswith(f"{lm['llama']}: causal-lm (LlamaForCausalLM, 2 decoder layers, vocabulary "
                                     "30522)")
     plan = [line for line in result.stdout.splitlines() if line.startswith("- ")]
-    assert plan[0].startswith("- quantize nncf:weight_only"), plan
-    command = result.stdout.splitlines()[result.stdout.splitlines().index(plan[0]) + 1]
+    # GGUF in llama.cpp first where its runtime is installed; else int4 in OpenVINO, and the GGUF lines (last) say
+    # what to install
+    gguf = [line for line in plan if line.startswith("- quantize llama-cpp:gguf")]
+    nncf = next(line for line in plan if line.startswith("- quantize nncf:weight_only"))
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert plan[:2] == gguf and plan[2] == nncf, plan
+    else:
+        assert plan[0] == nncf and plan[-2:] == gguf, plan
+        assert all('missing llama_cpp: pip install "model-opt[llama-cpp]"' in line for line in gguf), gguf
+    command = result.stdout.splitlines()[result.stdout.splitlines().index(nncf) + 1]
     assert "--quant-opt runtime=openvino" in command and "--test-script" not in command  # built-in evaluation
     int8 = next(line for line in plan if line.startswith("- quantize torchao:int8_weight_only: decode reads every "
                                                          "weight once per token"))
     from model_opt.device import device_profile
 
-    if device_profile().has("int8 dot products"):  # fast here: second; else after the fast ones, marked slow
-        assert plan[1] == int8
+    if device_profile().has("int8 dot products"):  # fast here: after OpenVINO; else after the fast ones, slow
+        assert plan.index(int8) == plan.index(nncf) + 1
     else:
         assert "[slow on this CPU" in int8 and plan.index(int8) > plan.index(next(p for p in plan if "slow" not in p))
 

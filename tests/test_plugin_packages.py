@@ -38,7 +38,8 @@ def test_plugin_distribution_is_installed_and_loads(folder: Path) -> None:
     assert record.distribution == project["name"]
     assert target.startswith(record.module.split(":")[0])
     root = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert root[folder.name] == [project["name"]]
+    # (an extra may add a backend runtime that its plugin leaves out: llama-cpp-python compiles when installed)
+    assert root[folder.name][0] == project["name"]
 
 
 def _code_strings_and_names(path: Path) -> list[tuple[int, str]]:

@@ -43,6 +43,9 @@ class TechniqueContext:
     #: The model's architecture family as the core detected it (cnn, vit, hybrid, diffusion, transformer,
     #: causal-lm; :func:`model_opt.recommend.detect_family`), for techniques whose settings depend on it.
     family: str | None = None
+    #: The model's own file or folder (the CLI's MODEL), for techniques that read files beside the weights (a
+    #: causal LM's tokenizer); None for a model given in Python.
+    model_path: str | None = None
 
     def require_example_input(self, technique: str | None = None) -> Any:
         technique = technique or self.technique

@@ -24,11 +24,14 @@ from .measure import call_model, split_input
 from .modelio import open_model
 from .outputs import EXPORT_SUFFIXES, check_export_output, export_target
 from .testscript import TestScript, check_input_shape, example_input
+from .timing import runtime_of
 
 FORMATS = tuple(EXPORT_SUFFIXES)
 #: What a format needs installed, and how to get it.
 NEEDS = {"onnx": (("onnx", "onnxscript"), 'pip install "model-opt[onnx]"'),
          "openvino": (("openvino",), "pip install openvino")}
+#: Formats a technique writes (:attr:`model_opt.registry.Technique.exports`) rather than an exporter of the core.
+BY_TECHNIQUE = ("gguf",)
 
 
 @dataclass
@@ -142,6 +145,10 @@ def export_file(model_path: str | os.PathLike[str], fmt: str, *, output: str | N
     check_input_shape(input_shape)  # (before the model is opened)
     script = TestScript(test_script, model_path=model_path) if test_script else None
     model = open_model(model_path, script, trust_model)
+    if fmt in BY_TECHNIQUE and runtime_of(model) == "torch":
+        model = _by_technique(model, fmt, model_path, progress)
+    if runtime_of(model) != "torch":  # another runtime's result: its own files, no example needed
+        return _export_native(model, runtime_of(model), fmt, out, progress)
     example = example_input(script, dataset, input_shape)
     if example is None:
         raise UsageError("an export needs an example input", "pass --test-script with example_input() (and "
@@ -158,7 +165,7 @@ def export_model(model: Any, example: Any, fmt: str, path: Path, static: bool = 
 
     check_format(fmt)
     rows = check_example(example)
-    runtime = str(getattr(model, "deployed_runtime", "torch"))
+    runtime = runtime_of(model)
     if runtime != "torch":  # an OpenVINO result: its own IR is the export, written as it is
         return _export_native(model, runtime, fmt, path, progress)
     if isinstance(model, ExportedModule):  # a .pt2 given back: export its graph, not the wrapper's *args
@@ -212,9 +219,10 @@ def _export_native(model: Any, runtime: str, fmt: str, path: Path, progress: Cal
     """A model that runs in another runtime (an OpenVINO result): its own files, as they are, when the format is
     that runtime's; any other format is a one-line error (there is no torch graph to export)."""
     save_native = getattr(model, "save_native", None)
-    if fmt != runtime or not callable(save_native):
+    if fmt != getattr(model, "native_format", runtime) or not callable(save_native):
+        own = getattr(model, "native_format", runtime)
         raise UsageError(f"this model runs in {runtime}, not torch, so it cannot be exported to {fmt}",
-                         f"use --format {runtime} (its own files, as they are), or export the torch model it was "
+                         f"use --format {own} (its own files, as they are), or export the torch model it was "
                          "made from")
     progress(f"writing the model's own {runtime} files")
     with tempfile.TemporaryDirectory(prefix="model-opt-export-") as tmp:
@@ -222,6 +230,25 @@ def _export_native(model: Any, runtime: str, fmt: str, path: Path, progress: Cal
         save_native(staged)
         result = ExportResult(fmt, _put_in_place(staged, fmt, path), {}, native=True)
     return result
+
+
+def _by_technique(model: Any, fmt: str, model_path: Path, progress: Callable[[str], None]) -> Any:
+    """The model made by the installed technique that writes ``fmt`` (applied with the options it declares for the
+    export); none installed is a one-line error with the install command."""
+    from .context import TechniqueContext
+    from .plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    found = [t for t in manager.registry.techniques.values() if fmt in t.exports]
+    if not found:
+        raise BackendNotInstalled(f"exporting to {fmt} needs the plugin that writes it, which is not installed",
+                                  'pip install "model-opt[all]" (model-opt techniques lists what is installed)')
+    technique = found[0]
+    technique.validate_environment()
+    options = technique.resolve_options(technique.exports[fmt])
+    progress(f"writing {fmt} with {technique.label} ({', '.join(f'{k}={v}' for k, v in options.items())})")
+    context = TechniqueContext(model_path=str(model_path), progress=progress, technique=technique.label)
+    return manager.apply(technique, model, options, context).model
 
 
 def check_example(example: Any) -> int:

@@ -186,7 +186,8 @@ class Job:
             train=(lambda m, d, n: script.call("train", m, d, n)) if script.has("train") else None,
             dataset_path=dataset, progress=self.progress,
             evaluate=lambda m: script.evaluate(m, dataset, self.device).value,
-            max_accuracy_drop=self.max_accuracy_drop, higher_is_better=script.higher_is_better)
+            max_accuracy_drop=self.max_accuracy_drop, higher_is_better=script.higher_is_better,
+            model_path=str(self.model_path))
 
     # -- saving ------------------------------------------------------------------------------
     def save(self, model: Any, records: Sequence[StepRecord], extra: dict[str, Any] | None = None,

@@ -21,9 +21,10 @@ from .errors import ModelOptError, UsageError
 from .sources import resolve_model_path
 
 #: Suffixes of the files model-opt writes beside an artifact, or reads as other formats.
-RESERVED_SUFFIXES = (".py", ".json", ".pt2", ".xml", ".bin", ".journal", ".png", ".log")
-#: Each export format's file suffix (OpenVINO also writes the .bin beside the .xml).
-EXPORT_SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "openvino": ".xml"}
+RESERVED_SUFFIXES = (".py", ".json", ".pt2", ".xml", ".bin", ".journal", ".png", ".log", ".gguf")
+#: Each export format's file suffix (OpenVINO also writes the .bin beside the .xml; GGUF is a llama.cpp result's
+#: own file).
+EXPORT_SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "openvino": ".xml", "gguf": ".gguf"}
 
 
 def default_output(model_path: Path) -> Path:
@@ -73,10 +74,10 @@ def report_path(output: Path, folder: bool = False) -> Path:
 
 def side_files(output: Path, folder: bool = False) -> list[Path]:
     """Every file a run may write beside its output: report, backend log, torch.export program, autotune plot,
-    and for a file output the OpenVINO IR (a folder output holds it inside). Each is checked like the output
-    itself before any work."""
+    and for a file output the runtime's own files (OpenVINO IR, GGUF; a folder output holds them inside). Each is
+    checked like the output itself before any work."""
     files = [side_path(output, suffix, folder) for suffix in (".report.json", ".log", ".pt2", ".pareto.png")]
-    return files if folder else [*files, output.with_suffix(".xml"), output.with_suffix(".bin")]
+    return files if folder else [*files, *(output.with_suffix(s) for s in (".xml", ".bin", ".gguf"))]
 
 
 def inputs_of(path: Path) -> list[Path]:

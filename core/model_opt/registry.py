@@ -27,8 +27,9 @@ def extras() -> set[str]:
 
 
 def plugin_extras() -> set[str]:
-    """The extras that install a first-party plugin (an extra whose requirement is exactly a model-opt-<name>
-    distribution), read from model-opt's metadata: no list kept by hand."""
+    """The extras that install a first-party plugin (an extra named <name> that requires the model-opt-<name>
+    distribution, and perhaps the backend's runtime beside it), read from model-opt's metadata: no list kept by
+    hand."""
     import re
     from importlib.metadata import PackageNotFoundError, requires
 
@@ -41,7 +42,7 @@ def plugin_extras() -> set[str]:
         match = re.match(r"^([A-Za-z0-9_.-]+).*;\s*extra\s*==\s*['\"]([^'\"]+)['\"]", line)
         if match:
             found.setdefault(match.group(2), set()).add(match.group(1).lower())
-    return {extra for extra, names in found.items() if names == {f"model-opt-{extra}"}}
+    return {extra for extra, names in found.items() if f"model-opt-{extra}" in names}
 
 
 def install_hint(name: str) -> str:
@@ -197,6 +198,9 @@ class Technique:
     #: ``{"int8 dot products": "int8 matmuls run slower than float without them"}``): on a device that lacks one,
     #: recommend marks it slow, autotune leaves it out, and the report says why.
     fast_needs: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    #: Export formats it writes, format -> the options it is applied with (``model-opt export --format gguf``
+    #: applies the llama-cpp plugin's technique with ``type=f16`` and writes its result's own file).
+    exports: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

