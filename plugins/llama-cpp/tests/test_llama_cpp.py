@@ -160,7 +160,7 @@ def test_refusals(lm, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_autotune_for_decode_tokens_per_second_searches_the_gguf_types(cli, lm, tmp_path: Path) -> None:
     result = cli("autotune", lm["gpt2"], "--test-dataset", lm["text"], "--objective", "tokens-per-second",
-                 "--backends", "llama-cpp", "--trials", "2", "--max-accuracy-drop", "5",
+                 "--backends", "llama-cpp", "--trials", "2", "--max-accuracy-drop", "0.5",
                  "--output", f"{tmp_path / 'tuned'}/", "--json", "-q")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)

@@ -7,7 +7,8 @@ from typing import Any
 from model_opt.hookspecs import hookimpl
 from model_opt.registry import Option, Recommended, Technique
 
-#: Kept in step with quantize.TYPES (this module must not import the backend).
+#: The types offered (llama.cpp's ``LLAMA_FTYPE_*`` names, lower case); those the installed llama.cpp lacks are
+#: refused when asked for.
 TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k")
 
 GGUF = Technique(

@@ -16,10 +16,7 @@ from torch import nn
 
 from .convert import architecture, write_gguf
 from .gguf_module import GGUFModule
-
-#: The types offered (llama.cpp's ``LLAMA_FTYPE_*`` names, lower case); those the installed llama.cpp lacks are
-#: refused when asked for.
-TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k")
+from .plugin import TYPES
 
 
 def ftype(name: str) -> int:
