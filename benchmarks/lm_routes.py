@@ -9,7 +9,8 @@ decodes; a process warms up, then decodes the same greedy tokens twice (batch 1,
 faster; the table gives each candidate's lowest and highest figure over the rounds and its ratio to float eager.
 
     python benchmarks/lm_routes.py --train-minutes 3                          # the 49M model, trained
-    python benchmarks/lm_routes.py --train-minutes 0 --hidden 1024 --layers 20   # a ~340M model, random weights
+    python benchmarks/lm_routes.py --train-minutes 0 --hidden 1024 --layers 22   # a 322M model, random weights
+    python benchmarks/lm_routes.py --against-report    # the report's Q4_0 figure on the last run's model, vs alone
 """
 
 from __future__ import annotations
@@ -137,6 +138,24 @@ def _alone(path: Path, prompt: list[int], generate: int) -> float:
     return best
 
 
+def against_report(work: Path, generate: int, processes: int = 3) -> None:
+    """The decode tok/s that ``model-opt optimize --quant-backend llama-cpp --quant-opt type=q4_0`` reports for the
+    last run's model, against llama-cpp-python's own generator on the file it wrote, in fresh processes."""
+    model, text, out = work / "model", work / "text", work / "q4_0-report"
+    command = [str(Path(sys.executable).parent / "model-opt"), "optimize", str(model), "--test-dataset", str(text),
+               "--quantize", "--quant-backend", "llama-cpp", "--quant-method", "gguf", "--quant-opt", "type=q4_0",
+               "--output", f"{out}/", "--json", "-q"]
+    report = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    ours = report["after"]["metrics"]["decode_tokens_per_s"]
+    spec = json.dumps({"kind": "alone", "folder": str(out), "model_path": str(model), "data": str(text)})
+    alone = [float(subprocess.run([sys.executable, __file__, "--worker", spec, "--generate", str(generate)],
+                                  capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+             for _ in range(processes)]
+    middle = sorted(alone)[len(alone) // 2]
+    print(f"report's decode tok/s {ours:.0f}; llama-cpp-python alone {', '.join(f'{a:.0f}' for a in alone)}; "
+          f"report / alone median {ours / middle:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--train-minutes", type=float, default=3.0)
@@ -145,6 +164,8 @@ def main() -> None:
     parser.add_argument("--generate", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reuse", action="store_true", help="the model (and text) the last run saved")
+    parser.add_argument("--against-report", action="store_true", help="the report's Q4_0 decode figure on the "
+                        "last run's model against llama-cpp-python alone (no table)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["MODEL_OPT_LM_GENERATE"] = str(args.generate)
@@ -156,6 +177,9 @@ def main() -> None:
         return
     print(machine())
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "model-opt-lm-routes-bench"
+    if args.against_report:
+        against_report(work, args.generate)
+        return
     specs = prepare(args, work)
     rates: dict[str, list[float]] = {name: [] for name in specs}
     for round_ in range(args.rounds):

@@ -22,6 +22,13 @@ from model_opt_cli.flags import (
     without_technique_flags,
 )
 
+#: Options several commands share, declared once.
+DeviceOption = Annotated[str, typer.Option(help="cpu or cuda.")]
+InputShapeOption = Annotated[str | None, typer.Option(help="Random example input, e.g. 1,3,224,224.")]
+TrustModelOption = Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show backends' own output.")]
+
 app = typer.Typer(
     name="model-opt",
     help="Make trained PyTorch models smaller and faster, and prove it: metric, latency and size before "
@@ -107,7 +114,7 @@ def optimize(
     output: Annotated[str | None, typer.Option("--output", "-o", help="Where to write the optimized model "
                                                                      "(default: beside the input; a path ending "
                                                                      "in / is a folder).")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOption = "cpu",
     max_accuracy_drop: Annotated[float | None, typer.Option(help="Fail, writing nothing, if the primary "
                                                                  "metric drops more than this.")] = None,
     input_shape: Annotated[str | None, typer.Option(help="Random example input for latency, e.g. "
@@ -122,7 +129,7 @@ def optimize(
     trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow loading a pickled nn.Module "
                                                                     "(runs code from the file).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")] = False,
+    quiet: QuietOption = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show backends' own warnings, logs and "
                                                                   "progress bars (else: a .log beside the "
                                                                   "output).")] = False,
@@ -169,12 +176,12 @@ def sensitivity_command(
                                                              "whose evaluate() takes 'fraction'; the built-in LM "
                                                              "evaluation).")] = None,
     refine: Annotated[int, typer.Option(help="Measure the N most costly groups again, layer by layer.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    input_shape: Annotated[str | None, typer.Option(help="Random example input, e.g. 1,3,224,224.")] = None,
-    trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")] = False,
+    device: DeviceOption = "cpu",
+    input_shape: InputShapeOption = None,
+    trust_model: TrustModelOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the measurement as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show backends' own output.")] = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
     **technique_flags: Any,
 ) -> None:
     """Which layers cost accuracy: apply ONE technique (its usual flags) to one group of layers at a time (a
@@ -322,8 +329,8 @@ def recommend_command(
                                                                            "builds the model.")] = None,
     test_dataset: Annotated[str, typer.Option("--test-dataset", help="Dataset path for the printed "
                                                                      "commands.")] = "data/",
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")] = False,
+    device: DeviceOption = "cpu",
+    trust_model: TrustModelOption = False,
 ) -> None:
     """Detect the architecture family and print the techniques that fit it, with the command for each."""
     from model_opt.job import check_device
@@ -360,12 +367,12 @@ def autotune_command(
                                                                       "int8 dot products).")] = False,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Where to save the best model (a path "
                                                                      "ending in / is a folder).")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    input_shape: Annotated[str | None, typer.Option(help="Random example input, e.g. 1,3,224,224.")] = None,
-    trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")] = False,
+    device: DeviceOption = "cpu",
+    input_shape: InputShapeOption = None,
+    trust_model: TrustModelOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show backends' own output.")] = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Search combinations of the installed techniques within an accuracy budget (Optuna)."""
     try:
@@ -417,7 +424,7 @@ def export_command(
     static_shapes: Annotated[bool, typer.Option("--static-shapes", help="Fix every shape to the example's "
                                                                         "(default: dynamic batch, and sequence "
                                                                         "for token inputs).")] = False,
-    trust_model: Annotated[bool, typer.Option("--trust-model", help="Allow a pickled nn.Module.")] = False,
+    trust_model: TrustModelOption = False,
 ) -> None:
     """Export a model as a torch.export program, ONNX or OpenVINO IR, checked against torch at two batch sizes."""
     from model_opt.export import export_file

@@ -25,7 +25,6 @@ from .report import Measurement, Report, speed_warnings
 from .sensitivity import mix_for_budget
 from .steps import Step, apply_with_recovery, check, plan, split_for_recovery
 from .testscript import BUILTIN_LM, TestScript
-from .timing import runtime_of
 
 #: Why latency was not measured, by test-script contract (a program-mode script is never imported, so it cannot
 #: give an example input).
@@ -126,10 +125,7 @@ def measure_after(job: Job, original: Any, model: Any, report: Report) -> None:
     """Compile when asked, measure the optimized model, and time it against the original as each is deployed."""
     example, device, progress = job.example, job.device, job.progress
     compiled = None
-    if job.compile and runtime_of(model) != "torch":  # (an OpenVINO or llama.cpp result)
-        report.warnings.append(f"--compile compiles torch models; the result runs in {runtime_of(model)}, so it was "
-                               "measured as it is")
-    elif job.compile:
+    if job.compile:
         progress("compiling the optimized model (torch.compile, inductor freezing)")
         compiled, report.compile_seconds = compile_model(model, example)
     progress("measuring the optimized model")

@@ -210,7 +210,7 @@ def _decode_tokens_per_s(model: Any, prompt: torch.Tensor, compiled: bool = Fals
 def _time_decode(model: Any, prompt: torch.Tensor, cache: str | None = "static", runs: int = 3) -> float:
     """Every call generates the same number of tokens, so the static cache keeps one shape (a compiled model is
     not recompiled); the decode rate comes from the time of each step after the first (the prompt's): the median
-    of ``runs`` timed generations after a warm-up (one run on this 2-core machine varied by 15%)."""
+    of ``runs`` timed generations after a warm-up (a single run is at the mercy of a busy machine)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     stamps: list[float] = []

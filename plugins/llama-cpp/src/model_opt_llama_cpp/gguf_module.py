@@ -45,11 +45,10 @@ class GGUFModule(nn.Module):
     #: ``model-opt export --format gguf`` writes the file as it is.
     native_format = "gguf"
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, settings: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         """``path=None`` makes an empty module that :meth:`load_native` or :meth:`load_state_dict` fills."""
         super().__init__()
         self.device_anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
-        self.settings = dict(settings or {})
         self._llm: Any = None
         self._path: Path | None = None
         if path is not None:
@@ -137,11 +136,7 @@ class GGUFModule(nn.Module):
     def float_counterpart(self) -> GGUFModule | None:
         """The float32 GGUF in llama.cpp (what llama.cpp gives without quantizing); None for a reopened result."""
         path = getattr(self, "_float_path", None)
-        return GGUFModule(path, {"type": "f32"}) if path is not None and Path(path).exists() else None
-
-    def describe_compile(self) -> str:
-        return f"GGUF {self.settings.get('type', '?')}, llama.cpp on {self._llm.n_threads if self._llm else '?'} " \
-               "threads"
+        return GGUFModule(path) if path is not None and Path(path).exists() else None
 
     def parameter_count(self) -> tuple[int, int]:
         """(weights, weights) of the GGUF's matrices, as model-opt reports them."""

@@ -51,7 +51,7 @@ def restore(model: Any, technique: Technique, options: dict[str, Any], state: di
     """The GGUF file is the whole model (the artifact's weights): an empty module takes it."""
     from .gguf_module import GGUFModule
 
-    return GGUFModule(settings={"type": state.get("type")})
+    return GGUFModule()
 
 
 @hookimpl
@@ -60,5 +60,5 @@ def load_model(path: Any) -> Any:
     if str(path).endswith(".gguf"):
         from .gguf_module import GGUFModule
 
-        return GGUFModule(path, {"type": "as given"})
+        return GGUFModule(path)
     return None

@@ -56,11 +56,11 @@ def quantize_gguf(model: nn.Module, options: dict[str, Any], context: Any) -> Te
         if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
             raise TechniqueError(f"llama.cpp could not quantize the model to {kind} (see the log beside the output)",
                                  "try another type, such as q8_0")
-    module = GGUFModule(target, {"type": kind}).keep_float(source)
+    module = GGUFModule(target).keep_float(source)
     weakref.finalize(module, shutil.rmtree, work, True)  # (the files go with the module)
     info.update({"type": kind, "runtime": "llama.cpp", "file_bytes": target.stat().st_size,
                  "threads": torch.get_num_threads()})
-    return TechniqueResult(module, info, {"type": kind}, standalone=True)
+    return TechniqueResult(module, info, {}, standalone=True)
 
 
 def _tokenizer_folder(model: nn.Module, context: Any) -> Path:
