@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -114,40 +115,45 @@ def worker(spec: dict, generate: int) -> None:
 
     prompt = lm_eval.example_input(spec["data"], spec["model_path"])["input_ids"]
     if spec["kind"] == "alone":
-        rate = _alone(Path(spec["folder"]) / "model.gguf", prompt[0].tolist(), generate)
+        rates = _alone(Path(spec["folder"]) / "model.gguf", prompt[0].tolist(), generate)
+        rate = sorted(rates)[len(rates) // 2] if spec.get("median") else max(rates)
     else:
         model = open_candidate(spec)
         rate = max(lm_eval._decode_tokens_per_s(model, prompt, spec.get("compiled", False)) for _ in range(2))
     print(json.dumps(rate))
 
 
-def _alone(path: Path, prompt: list[int], generate: int) -> float:
-    """llama-cpp-python's own greedy generator on the file, as its users run it: tokens/s after the first."""
+def _alone(path: Path, prompt: list[int], generate: int, runs: int = 3) -> list[float]:
+    """llama-cpp-python's own greedy generator on the file, as its users run it: tokens/s after the first, of each
+    of ``runs`` generations after a warm-up."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(),
                 n_threads_batch=torch.get_num_threads(), verbose=False)
-    best = 0.0
-    for _ in range(3):  # (the first warms up)
+    rates = []
+    for _ in range(runs + 1):  # (the first warms up)
         stamps = []
         for _token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, reset=True):
             stamps.append(time.perf_counter())
             if len(stamps) == generate:
                 break
-        best = max(best, (len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return best
+        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return rates[1:]
 
 
 def against_report(work: Path, generate: int, processes: int = 3) -> None:
     """The decode tok/s that ``model-opt optimize --quant-backend llama-cpp --quant-opt type=q4_0`` reports for the
     last run's model, against llama-cpp-python's own generator on the file it wrote, in fresh processes."""
     model, text, out = work / "model", work / "text", work / "q4_0-report"
+    for previous in work.glob("q4_0-report*"):  # (the last --against-report's, in the benchmark's own folder)
+        shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
     command = [str(Path(sys.executable).parent / "model-opt"), "optimize", str(model), "--test-dataset", str(text),
                "--quantize", "--quant-backend", "llama-cpp", "--quant-method", "gguf", "--quant-opt", "type=q4_0",
                "--output", f"{out}/", "--json", "-q"]
     report = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
     ours = report["after"]["metrics"]["decode_tokens_per_s"]
-    spec = json.dumps({"kind": "alone", "folder": str(out), "model_path": str(model), "data": str(text)})
+    spec = json.dumps({"kind": "alone", "folder": str(out), "model_path": str(model), "data": str(text),
+                       "median": True})  # (as the report takes its figure: the median of three generations)
     alone = [float(subprocess.run([sys.executable, __file__, "--worker", spec, "--generate", str(generate)],
                                   capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
              for _ in range(processes)]

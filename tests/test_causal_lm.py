@@ -74,6 +74,22 @@ def test_builtin_evaluation_is_consistent(lm) -> None:
 
 
 @pytest.mark.slow
+def test_decode_is_timed_in_a_process_of_each_model_own(lm, tmp_path: Path) -> None:
+    """Each candidate decodes in its own process, opened from its file: one rate per candidate (the median of
+    the rounds); a candidate that does not open is a one-line error naming the timing process."""
+    import torch
+    from model_opt.errors import ModelOptError
+    from model_opt.timing import Deployed, decode_deployed
+
+    example = {"input_ids": torch.arange(1, 17)[None]}
+    rates = decode_deployed({"a": Deployed(str(lm["llama"])), "b": Deployed(str(lm["gpt2"]))}, example, rounds=2)
+    assert set(rates) == {"a", "b"} and all(0 < rate < float("inf") for rate in rates.values()), rates
+    (tmp_path / "broken.pt").write_bytes(b"not a model")
+    with pytest.raises(ModelOptError, match="the timing process failed"):
+        decode_deployed({"broken": Deployed(str(tmp_path / "broken.pt"))}, example)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "backend", "method", "extra", "tolerance"), [
     ("gpt2", "torchao", "int8_dynamic", [], 0.05),
     ("llama", "torchao", "int8_weight_only", ["--compile"], 0.05),  # decode timed compiled (static cache)
@@ -104,6 +120,9 @@ def test_quantizing_a_causal_lm_without_a_test_script_reopens(cli, lm, tmp_path:
     assert report["summary"]["peak_memory_ratio"] == pytest.approx(after["peak_memory_bytes"]
                                                                    / before["peak_memory_bytes"])
     assert "greedy decode" in report["memory_workload"]
+    # decode of a result in another runtime than torch: each model timed in its own process, as deployed
+    other_runtime = after["latency"]["runtime"] not in ("eager", "compiled")
+    assert (report["decode_workload"] is not None) is other_runtime, report["decode_workload"]
     info = report["steps"][0]["info"]
     if backend == "torchao" and name == "gpt2":  # Conv1D as Linear: every block projection, not only lm_head
         assert "transformer.h.0.attn.c_attn" in info["quantized"], info

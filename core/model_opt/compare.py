@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import ModelOptError
 from .measure import Latency, call_model, compile_model, timed_blocks, timing_budget
 from .memory import peak_memory
-from .report import UNSTABLE_SPREAD, Report, StepRecord
-from .timing import Deployed, in_processes, runtime_of, time_deployed
+from .report import DECODE, UNSTABLE_SPREAD, Report, StepRecord
+from .timing import Deployed, decode_deployed, in_processes, runtime_of, time_deployed
 
 if TYPE_CHECKING:
     from .job import Job
@@ -144,6 +144,23 @@ def saved_candidates(job: Job, candidates: dict[str, tuple[Any, Sequence[StepRec
             path = job.save(model, records, path=Path(tmp) / f"{name}.pt")
             saved[name] = Deployed(str(path), str(job.script.path), trust_model=True, compile=compiled, **hooks)
         yield saved
+
+
+def decode_as_deployed(job: Job, saved: dict[str, Any], report: Report) -> None:
+    """A causal LM's decode tokens/s, before and after, each model in its own process (``saved`` as
+    :func:`saved_candidates` gives them), in place of the evaluation's figures from this process, which holds
+    both runtimes at once; a failure is a warning and the evaluation's figures stay."""
+    if DECODE not in report.before.metrics or report.after is None or DECODE not in report.after.metrics:
+        return
+    job.progress("timing decode: the original and the optimized model, each in its own process, interleaved")
+    candidates = {name: saved[name] for name in ("original", "after")}
+    try:
+        rates = decode_deployed(candidates, job.example, job.device)
+    except ModelOptError as exc:
+        report.warnings.append(f"decode timed in this process, not each as deployed: {exc.problem}")
+        return
+    report.before.metrics[DECODE], report.after.metrics[DECODE] = rates["original"], rates["after"]
+    report.decode_workload = "each model in its own process, the median of 3 interleaved rounds"
 
 
 def peak_memory_of(job: Job, saved: dict[str, Any], report: Report) -> None:

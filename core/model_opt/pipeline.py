@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomic
-from .compare import peak_memory_of, saved_candidates, time_against_original
+from .compare import decode_as_deployed, peak_memory_of, saved_candidates, time_against_original
 from .device import device_profile
 from .errors import AccuracyBudgetExceeded, ModelOptError, UsageError
 from .export import export_model
@@ -25,6 +25,7 @@ from .report import Measurement, Report, speed_warnings
 from .sensitivity import mix_for_budget
 from .steps import Step, apply_with_recovery, check, plan, split_for_recovery
 from .testscript import BUILTIN_LM, TestScript
+from .timing import in_processes
 
 #: Why latency was not measured, by test-script contract (a program-mode script is never imported, so it cannot
 #: give an example input).
@@ -144,6 +145,8 @@ def measure_after(job: Job, original: Any, model: Any, report: Report) -> None:
                 timed.before, timed.after, timed.runtime
             report.latency_note = timed.note or report.latency_note
             if saved is not None:
+                if compiled is None and in_processes(original, model):
+                    decode_as_deployed(job, saved, report)
                 peak_memory_of(job, saved, report)
     elif example is not None:
         report.after.latency = model_latency(compiled if compiled is not None else model, example, device,

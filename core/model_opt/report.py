@@ -80,6 +80,8 @@ class Report:
     runtime_latency: Latency | None = None
     #: What each model ran in its own process when its peak memory was measured.
     memory_workload: str = ""
+    #: How a causal LM's decode tokens/s were timed, when not in the evaluation's process.
+    decode_workload: str = ""
     #: The settings of the built-in evaluation (a causal LM's window, windows, prompt and generated lengths).
     evaluation: dict[str, Any] | None = None
     #: The machine the figures come from (CPU model, instruction sets, cores, memory, GPUs).
@@ -202,6 +204,7 @@ class Report:
             "native_files": self.native_files,
             "runtime_latency": self.runtime_latency.to_dict() if self.runtime_latency else None,
             "memory_workload": self.memory_workload or None,
+            "decode_workload": self.decode_workload or None,
             "evaluation": self.evaluation,
             "device_profile": self.profile.to_dict() if self.profile else None,
             "sensitive_groups": self.sensitive,
@@ -214,7 +217,9 @@ class Report:
         if self.decode is not None:
             name, before, after = self.decode
             prefill = f"; prefill {speed_text(self.speedup)}" if self.speedup and self.stable else ""
-            return f"decode {speed_text(after / before)} ({before:.1f} -> {after:.1f} tokens/s, {name}){prefill}"
+            how = f"; {self.decode_workload}" if self.decode_workload else ""
+            return (f"decode {speed_text(after / before)} ({before:.1f} -> {after:.1f} tokens/s, {name}{how})"
+                    f"{prefill}")
         if self.headline is None:
             return None
         text = f"{speed_text(self.headline)} than the original as run today ({self.before.latency.runtime})"

@@ -10,6 +10,7 @@ machine hits every candidate alike) while the others wait on a pipe, idle.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,6 +24,8 @@ from .errors import ModelOptError, UsageError, describe
 from .measure import BLOCK_S, Timings, call_model, compile_model, rotating_rounds, timed_block, timing_budget
 
 PREFIX = "MODEL_OPT_TIMING "
+#: The request a worker answers with one timed greedy generation (tokens/s) instead of a block of calls.
+DECODE_REQUEST = "decode"
 
 
 @dataclass
@@ -68,8 +71,15 @@ class Worker:
                             "set MODEL_OPT_TIMING=inline to time in this process")
 
     def block(self, block_s: float) -> list[float]:
+        return self.ask(str(block_s))
+
+    def decode(self) -> float:
+        """One timed greedy generation of the built-in evaluation's length: tokens/s (a causal LM)."""
+        return self.ask(DECODE_REQUEST)
+
+    def ask(self, request: str) -> Any:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{block_s}\n")
+        self.proc.stdin.write(f"{request}\n")
         self.proc.stdin.flush()
         return self.read()
 
@@ -107,6 +117,31 @@ def time_deployed(candidates: dict[str, Deployed], example: Any, device: str = "
         finally:
             for worker in workers.values():
                 worker.close()
+
+
+def decode_deployed(candidates: dict[str, Deployed], example: Any, device: str = "cpu", *, rounds: int = 3
+                    ) -> dict[str, float]:
+    """Decode tokens/s of each causal LM candidate (eager), each opened in its own process as :func:`time_deployed`
+    opens them: one greedy generation per candidate per round, the order rotating, the median of the rounds."""
+    import torch
+
+    workers: dict[str, Worker] = {}
+    rates: dict[str, list[float]] = {name: [] for name in candidates}
+    with tempfile.TemporaryDirectory(prefix="model-opt-timing-") as tmp:
+        example_file = Path(tmp) / "example.pt"
+        torch.save(example, example_file)
+        try:
+            for name, deployed in candidates.items():
+                workers[name] = Worker(dataclasses.replace(deployed, compile=False), example_file, device,
+                                       torch.get_num_threads())
+            names = list(workers)
+            for round_ in range(rounds):
+                for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                    rates[name].append(float(workers[name].decode()))
+        finally:
+            for worker in workers.values():
+                worker.close()
+    return {name: sorted(found)[len(found) // 2] for name, found in rates.items()}
 
 
 def runtime_of(model: Any) -> str:
@@ -170,8 +205,16 @@ def _serve(spec: dict[str, Any]) -> None:
         for _ in range(3):
             call()
         print(PREFIX + json.dumps("ready"), flush=True)
+        warmed = False
         for line in sys.stdin:  # (the machine idled while the other candidates ran their blocks)
-            print(PREFIX + json.dumps(timed_block(call, sync, float(line))), flush=True)
+            if line.strip() == DECODE_REQUEST:
+                from .builtin.lm_eval import _time_decode
+
+                answer: Any = _time_decode(model, example["input_ids"], runs=1, warm_up=not warmed)
+                warmed = True
+            else:
+                answer = timed_block(call, sync, float(line))
+            print(PREFIX + json.dumps(answer), flush=True)
 
 
 def failure(stderr: str) -> str:

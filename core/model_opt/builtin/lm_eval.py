@@ -207,7 +207,8 @@ def _decode_tokens_per_s(model: Any, prompt: torch.Tensor, compiled: bool = Fals
             del model.forward
 
 
-def _time_decode(model: Any, prompt: torch.Tensor, cache: str | None = "static", runs: int = 3) -> float:
+def _time_decode(model: Any, prompt: torch.Tensor, cache: str | None = "static", runs: int = 3,
+                 warm_up: bool = True) -> float:
     """Every call generates the same number of tokens, so the static cache keeps one shape (a compiled model is
     not recompiled); the decode rate comes from the time of each step after the first (the prompt's): the median
     of ``runs`` timed generations after a warm-up (a single run is at the mercy of a busy machine)."""
@@ -226,7 +227,8 @@ def _time_decode(model: Any, prompt: torch.Tensor, cache: str | None = "static",
               **({"cache_implementation": cache} if cache else {})}
     rates = []
     with torch.inference_mode():
-        model.generate(prompt, **kwargs)  # warm up (compiles, when compiled)
+        if warm_up:
+            model.generate(prompt, **kwargs)  # (compiles, when compiled)
         for _ in range(runs):
             stamps.clear()
             model.generate(prompt, **kwargs)

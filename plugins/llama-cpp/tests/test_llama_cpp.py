@@ -84,6 +84,7 @@ def test_q8_0_folder_keeps_perplexity_opens_alone_and_reopens_in_a_fresh_process
     before, after = report["before"]["metrics"], report["after"]["metrics"]
     assert after["perplexity"] == pytest.approx(before["perplexity"], rel=0.01)
     assert after["next_token_agreement"] > 0.95 and after["decode_tokens_per_s"] > 0
+    assert "own process" in report["decode_workload"]  # (llama.cpp and torch apart, as each is deployed)
     assert report["after"]["latency"]["runtime"] == "llama.cpp"
     assert report["runtime_latency"]["runtime"] == "llama.cpp"  # the float32 GGUF, timed in the same rounds
     assert report["before"]["peak_memory_bytes"] and report["after"]["peak_memory_bytes"]
