@@ -140,11 +140,12 @@ def main() -> None:
             if name in failed:
                 continue
             try:
-                rates[name].append(lm_eval._decode_tokens_per_s(m, prompt, compiled))
+                rates[name].append(lm_eval._decode_tokens_per_s(m, prompt, compiled).tokens_per_s)
             except Exception as exc:  # e.g. a candidate torch.compile cannot compile: say so in the table
                 failed[name] = " ".join(str(exc).split())[:100]
     # why compiling the float decode step can be slower than eager: a growing (dynamic) KV cache
-    growing = [lm_eval._decode_tokens_per_s(model, prompt, compiled, cache=None) for compiled in (False, True)]
+    growing = [lm_eval._decode_tokens_per_s(model, prompt, compiled, cache=None).tokens_per_s
+               for compiled in (False, True)]
     print(f"growing (dynamic) KV cache: eager {growing[0]:.1f} tok/s, compiled {growing[1]:.1f} tok/s "
           f"({growing[1] / growing[0]:.2f}x of eager)")
     quality = {name: lm_eval.evaluate(m, data, model_path) for name, (m, _) in candidates.items()

@@ -1,7 +1,10 @@
 """Causal LM decode on CPU, each route as deployed: torch float (eager, compiled), model-opt's OpenVINO routes
 (float, NNCF int8/int4 weights, KV cache as inputs/outputs) and the llama-cpp plugin's GGUF types in llama.cpp
 (F16, Q8_0, Q4_0, Q4_K_M), plus llama-cpp-python timing the Q4_0 file alone with its own generator (the check that
-model-opt's figure for a GGUF result is llama.cpp's). Perplexity on held-out text when the model is trained.
+model-opt's figure for a GGUF result is llama.cpp's), and with ``--optimum-python`` optimum-intel's
+OVModelForCausalLM (f32, int8, int4) run from an environment of its own. Perplexity on held-out text when the model
+is trained. Each route's table row also splits a token's time between the runtime's call and the decode loop's own
+work (model-opt's candidates: the built-in evaluation's split).
 
 Each candidate is prepared once (files under $TMPDIR/model-opt-lm-routes-bench), then timed in a fresh process of
 its own (``--worker``), in rounds whose order alternates, so that no runtime's thread pool spins while another
@@ -11,11 +14,16 @@ faster; the table gives each candidate's lowest and highest figure over the roun
     python benchmarks/lm_routes.py --train-minutes 3                          # the 49M model, trained
     python benchmarks/lm_routes.py --train-minutes 0 --hidden 1024 --layers 22   # a 322M model, random weights
     python benchmarks/lm_routes.py --against-report    # the report's Q4_0 figure on the last run's model, vs alone
+
+optimum-intel's environment (about 6 minutes to install here):
+``python -m venv /tmp/oi && /tmp/oi/bin/pip install torch==2.14.1 "optimum-intel[openvino,nncf]" "transformers<5.6"``,
+then add ``--optimum-python /tmp/oi/bin/python``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -31,6 +39,7 @@ from common import machine, table  # noqa: E402
 
 GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
 OPENVINO = {"OpenVINO float": None, "nncf int8_asym OpenVINO": "int8_asym", "nncf int4_sym OpenVINO": "int4_sym"}
+OPTIMUM = {"optimum-intel f32": 32, "optimum-intel int8": 8, "optimum-intel int4_sym": 4}
 
 
 def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
@@ -85,9 +94,59 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
         module.save_native(folder)
         specs[f"llama.cpp {kind.upper()} (model-opt)"] = {"kind": "gguf", "folder": str(folder)}
     specs["llama.cpp Q4_0 (llama-cpp-python alone)"] = {"kind": "alone", "folder": str(work / "gguf-q4_0")}
+    if args.optimum_python:  # optimum-intel in its own environment (it needs an older transformers)
+        for name, bits in OPTIMUM.items():
+            folder = work / f"optimum-{bits}"
+            if not (args.reuse and folder.is_dir()):
+                subprocess.run([args.optimum_python, __file__, "--optimum-export", json.dumps(
+                    {"model": model_path, "folder": str(folder), "bits": bits})], check=True)
+            specs[name] = {"kind": "optimum", "folder": str(folder), "python": args.optimum_python,
+                           "prompt": example["input_ids"][0].tolist()}
     for spec in specs.values():
         spec.update(model_path=model_path, data=data)
     return specs
+
+
+def optimum_export(spec: dict) -> None:
+    """In optimum-intel's environment: the model exported by OVModelForCausalLM (stateful IR, KV cache inside),
+    its weights compressed as optimum-intel's users ask for it (``bits``: 32 none, 8, or 4 symmetric, group 64)."""
+    from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
+
+    bits = spec["bits"]
+    config = None if bits == 32 else OVWeightQuantizationConfig(bits=bits, sym=bits == 4,
+                                                                group_size=64 if bits == 4 else None)
+    kwargs = {"quantization_config": config} if config else {"load_in_8bit": False}
+    model = OVModelForCausalLM.from_pretrained(spec["model"], export=True, compile=False, **kwargs)
+    model.save_pretrained(spec["folder"])
+
+
+def _optimum_decode(spec: dict, generate: int) -> float:
+    """In optimum-intel's environment: greedy decode of the prompt with OVModelForCausalLM.generate, tokens/s after
+    the first new token; the faster of two medians of three timed generations after a warm-up."""
+    from optimum.intel import OVModelForCausalLM
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model = OVModelForCausalLM.from_pretrained(spec["folder"])
+    stamps: list[float] = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids, *_, **__):
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    prompt = torch.tensor([spec["prompt"]])
+    kwargs = {"do_sample": False, "max_new_tokens": generate, "min_new_tokens": generate, "pad_token_id": 0,
+              "stopping_criteria": StoppingCriteriaList([Stamp()])}
+    medians = []
+    for _ in range(2):
+        model.generate(prompt, **kwargs)
+        rates = []
+        for _ in range(3):
+            stamps.clear()
+            model.generate(prompt, **kwargs)
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        medians.append(sorted(rates)[1])
+    return max(medians)
 
 
 def open_candidate(spec: dict) -> object:
@@ -110,17 +169,21 @@ def open_candidate(spec: dict) -> object:
 
 
 def worker(spec: dict, generate: int) -> None:
-    """In a fresh process: the candidate's decode tokens/s (the faster of two timed runs after a warm-up)."""
+    """In a fresh process: the candidate's decode (tokens/s, and each token's ms inside the runtime and outside it)
+    of the faster of two timed runs after a warm-up."""
+    if spec["kind"] == "optimum":
+        print(json.dumps({"tokens_per_s": _optimum_decode(spec, generate)}))
+        return
     from model_opt.builtin import lm_eval
 
     prompt = lm_eval.example_input(spec["data"], spec["model_path"])["input_ids"]
     if spec["kind"] == "alone":
         rates = _alone(Path(spec["folder"]) / "model.gguf", prompt[0].tolist(), generate)
-        rate = sorted(rates)[len(rates) // 2] if spec.get("median") else max(rates)
-    else:
-        model = open_candidate(spec)
-        rate = max(lm_eval._decode_tokens_per_s(model, prompt, spec.get("compiled", False)) for _ in range(2))
-    print(json.dumps(rate))
+        print(json.dumps({"tokens_per_s": sorted(rates)[len(rates) // 2] if spec.get("median") else max(rates)}))
+        return
+    model = open_candidate(spec)
+    runs = [lm_eval._decode_tokens_per_s(model, prompt, spec.get("compiled", False)) for _ in range(2)]
+    print(json.dumps(dataclasses.asdict(max(runs, key=lambda d: d.tokens_per_s))))
 
 
 def _alone(path: Path, prompt: list[int], generate: int, runs: int = 3) -> list[float]:
@@ -154,12 +217,21 @@ def against_report(work: Path, generate: int, processes: int = 3) -> None:
     ours = report["after"]["metrics"]["decode_tokens_per_s"]
     spec = json.dumps({"kind": "alone", "folder": str(out), "model_path": str(model), "data": str(text),
                        "median": True})  # (as the report takes its figure: the median of three generations)
-    alone = [float(subprocess.run([sys.executable, __file__, "--worker", spec, "--generate", str(generate)],
-                                  capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-             for _ in range(processes)]
+    alone = [json.loads(subprocess.run([sys.executable, __file__, "--worker", spec, "--generate", str(generate)],
+                                       capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+             ["tokens_per_s"] for _ in range(processes)]
     middle = sorted(alone)[len(alone) // 2]
     print(f"report's decode tok/s {ours:.0f}; llama-cpp-python alone {', '.join(f'{a:.0f}' for a in alone)}; "
           f"report / alone median {ours / middle:.2f}")
+
+
+def _split(found: list[tuple]) -> str:
+    """The median round's milliseconds per token inside the runtime and outside it (the decode loop's own)."""
+    found = sorted(f for f in found if f[0] is not None)
+    if not found:
+        return "-"
+    runtime, outside = found[len(found) // 2]
+    return f"{runtime:.2f} + {outside:.2f} ({outside / (runtime + outside):.0%} outside)"
 
 
 def main() -> None:
@@ -172,7 +244,10 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="the model (and text) the last run saved")
     parser.add_argument("--against-report", action="store_true", help="the report's Q4_0 decode figure on the "
                         "last run's model against llama-cpp-python alone (no table)")
+    parser.add_argument("--optimum-python", help="the Python of an environment with optimum-intel[openvino] (it "
+                        "needs transformers<5.6): its OVModelForCausalLM routes join the table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--optimum-export", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["MODEL_OPT_LM_GENERATE"] = str(args.generate)
     os.environ["MODEL_OPT_LM_WINDOW"] = "128"
@@ -181,6 +256,9 @@ def main() -> None:
     if args.worker:
         worker(json.loads(args.worker), args.generate)
         return
+    if args.optimum_export:
+        optimum_export(json.loads(args.optimum_export))
+        return
     print(machine())
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "model-opt-lm-routes-bench"
     if args.against_report:
@@ -188,15 +266,19 @@ def main() -> None:
         return
     specs = prepare(args, work)
     rates: dict[str, list[float]] = {name: [] for name in specs}
+    splits: dict[str, list[tuple]] = {name: [] for name in specs}  # (ms/token in the runtime, outside it)
     for round_ in range(args.rounds):
         for name in (list(specs) if round_ % 2 == 0 else list(reversed(specs))):
-            done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(specs[name]), "--generate",
+            done = subprocess.run([specs[name].get("python", sys.executable), __file__, "--worker",
+                                   json.dumps(specs[name]), "--generate",
                                    str(args.generate)], capture_output=True, text=True)
             if done.returncode:
                 rates[name].append(float("nan"))
                 print(f"{name} failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
                 continue
-            rates[name].append(float(done.stdout.strip().splitlines()[-1]))
+            found = json.loads(done.stdout.strip().splitlines()[-1])
+            rates[name].append(found["tokens_per_s"])
+            splits[name].append((found.get("runtime_ms"), found.get("overhead_ms")))
     quality = {}
     if args.train_minutes:
         from model_opt.builtin import lm_eval
@@ -208,7 +290,8 @@ def main() -> None:
     rows = []
     for name, found in rates.items():
         row = {"candidate": name, "decode tok/s (low-high)": f"{min(found):.0f}-{max(found):.0f}",
-               "vs float eager": f"{min(found) / max(base):.2f}-{max(found) / min(base):.2f}x"}
+               "vs float eager": f"{min(found) / max(base):.2f}-{max(found) / min(base):.2f}x",
+               "ms/token in the runtime + outside": _split(splits[name])}
         if quality:
             q = quality.get(name)
             row["perplexity"] = q["perplexity"] if q else "-"

@@ -71,6 +71,38 @@ def test_builtin_evaluation_is_consistent(lm) -> None:
     assert list(own)[0] == "perplexity" and 1.0 < own["perplexity"] < shuffled["perplexity"]
     assert own["next_token_agreement"] == 1.0
     assert own["decode_tokens_per_s"] > 0 and own["prefill_ms"] > 0
+    # each token's time split between the model's forward and the rest of the decode loop: the two add up
+    runtime, outside = own["decode_runtime_ms_per_token"], own["decode_overhead_ms_per_token"]
+    assert runtime > 0 and outside > 0
+    assert runtime + outside == pytest.approx(1000 / own["decode_tokens_per_s"], rel=1e-6)
+    assert not model._forward_pre_hooks and not model._forward_hooks  # the timing's hooks are gone
+
+
+def test_a_module_with_its_own_runtime_counts_the_time_inside_it() -> None:
+    """A module that decodes in a runtime of its own reports the seconds spent in it (``runtime_seconds``); the
+    split takes them as they are, and the rest of each step is the loop's own."""
+    import time
+
+    import torch
+    from model_opt.builtin import lm_eval
+
+    class Counted(torch.nn.Module):
+        runtime_seconds = 0.0
+
+        def generate(self, input_ids, max_new_tokens, stopping_criteria, **_):
+            ids = input_ids
+            for _ in range(max_new_tokens):
+                started = time.perf_counter()
+                time.sleep(0.010)  # the runtime's part
+                self.runtime_seconds += time.perf_counter() - started
+                time.sleep(0.002)  # the loop's own part
+                ids = torch.cat([ids, ids[:, -1:]], 1)
+                stopping_criteria(ids, None)
+            return ids
+
+    decode = lm_eval._time_decode(Counted(), torch.zeros(1, 4, dtype=torch.long))
+    assert decode.runtime_ms >= 9.9 and decode.overhead_ms >= 1.9  # (a sleep never ends early)
+    assert decode.runtime_ms > decode.overhead_ms
 
 
 @pytest.mark.slow
@@ -111,8 +143,10 @@ def test_quantizing_a_causal_lm_without_a_test_script_reopens(cli, lm, tmp_path:
     before, after = report["before"], report["after"]
     assert before["primary_metric"] == "perplexity" and not report["higher_is_better"]
     decode = "decode_tokens_per_s_compiled" if "--compile" in extra else "decode_tokens_per_s"
-    assert set(before["metrics"]) == set(after["metrics"]) == {"perplexity", "next_token_agreement", "prefill_ms",
-                                                               decode}
+    suffix = "_compiled" if "--compile" in extra else ""
+    assert set(before["metrics"]) == set(after["metrics"]) == {
+        "perplexity", "next_token_agreement", "prefill_ms", decode, f"decode_runtime_ms_per_token{suffix}",
+        f"decode_overhead_ms_per_token{suffix}"}
     assert after["metrics"]["perplexity"] == pytest.approx(before["metrics"]["perplexity"], rel=tolerance)
     # peak memory: each model opened and decoding in its own process (runtime included)
     assert before["peak_memory_bytes"], report["warnings"]

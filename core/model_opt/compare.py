@@ -147,7 +147,7 @@ def saved_candidates(job: Job, candidates: dict[str, tuple[Any, Sequence[StepRec
 
 
 def decode_as_deployed(job: Job, saved: dict[str, Any], report: Report) -> None:
-    """A causal LM's decode tokens/s, before and after, each model in its own process (``saved`` as
+    """A causal LM's decode figures, before and after, each model in its own process (``saved`` as
     :func:`saved_candidates` gives them), in place of the evaluation's figures from this process, which holds
     both runtimes at once; a failure is a warning and the evaluation's figures stay."""
     if DECODE not in report.before.metrics or report.after is None or DECODE not in report.after.metrics:
@@ -159,7 +159,8 @@ def decode_as_deployed(job: Job, saved: dict[str, Any], report: Report) -> None:
     except ModelOptError as exc:
         report.warnings.append(f"decode timed in this process, not each as deployed: {exc.problem}")
         return
-    report.before.metrics[DECODE], report.after.metrics[DECODE] = rates["original"], rates["after"]
+    report.before.metrics.update(rates["original"].metrics())
+    report.after.metrics.update(rates["after"].metrics())
     report.decode_workload = "each model in its own process, the median of 3 interleaved rounds"
 
 

@@ -73,9 +73,12 @@ class Worker:
     def block(self, block_s: float) -> list[float]:
         return self.ask(str(block_s))
 
-    def decode(self) -> float:
-        """One timed greedy generation of the built-in evaluation's length: tokens/s (a causal LM)."""
-        return self.ask(DECODE_REQUEST)
+    def decode(self) -> Any:
+        """One timed greedy generation of the built-in evaluation's length (a causal LM): its
+        :class:`model_opt.builtin.lm_eval.Decode`."""
+        from .builtin.lm_eval import Decode
+
+        return Decode(**self.ask(DECODE_REQUEST))
 
     def ask(self, request: str) -> Any:
         assert self.proc.stdin is not None
@@ -120,13 +123,14 @@ def time_deployed(candidates: dict[str, Deployed], example: Any, device: str = "
 
 
 def decode_deployed(candidates: dict[str, Deployed], example: Any, device: str = "cpu", *, rounds: int = 3
-                    ) -> dict[str, float]:
-    """Decode tokens/s of each causal LM candidate (eager), each opened in its own process as :func:`time_deployed`
-    opens them: one greedy generation per candidate per round, the order rotating, the median of the rounds."""
+                    ) -> dict[str, Any]:
+    """The decode of each causal LM candidate (eager; :class:`model_opt.builtin.lm_eval.Decode`), each opened in
+    its own process as :func:`time_deployed` opens them: one greedy generation per candidate per round, the order
+    rotating; the round of median tokens/s."""
     import torch
 
     workers: dict[str, Worker] = {}
-    rates: dict[str, list[float]] = {name: [] for name in candidates}
+    rates: dict[str, list[Any]] = {name: [] for name in candidates}
     with tempfile.TemporaryDirectory(prefix="model-opt-timing-") as tmp:
         example_file = Path(tmp) / "example.pt"
         torch.save(example, example_file)
@@ -137,11 +141,11 @@ def decode_deployed(candidates: dict[str, Deployed], example: Any, device: str =
             names = list(workers)
             for round_ in range(rounds):
                 for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-                    rates[name].append(float(workers[name].decode()))
+                    rates[name].append(workers[name].decode())
         finally:
             for worker in workers.values():
                 worker.close()
-    return {name: sorted(found)[len(found) // 2] for name, found in rates.items()}
+    return {name: sorted(found, key=lambda d: d.tokens_per_s)[len(found) // 2] for name, found in rates.items()}
 
 
 def runtime_of(model: Any) -> str:
@@ -210,7 +214,8 @@ def _serve(spec: dict[str, Any]) -> None:
             if line.strip() == DECODE_REQUEST:
                 from .builtin.lm_eval import _time_decode
 
-                answer: Any = _time_decode(model, example["input_ids"], runs=1, warm_up=not warmed)
+                answer: Any = dataclasses.asdict(_time_decode(model, example["input_ids"], runs=1,
+                                                              warm_up=not warmed))
                 warmed = True
             else:
                 answer = timed_block(call, sync, float(line))

@@ -16,6 +16,11 @@ Metrics, perplexity first (the primary metric, lower is better):
   one graph for the prompt and one for every decode step, while a growing (dynamic) cache changes the shapes
   at every step (recompilations, then a dynamic-shape graph).
 
+- ``decode_runtime_ms_per_token`` and ``decode_overhead_ms_per_token``: where each decoded token's time went, in the
+  same generations: inside the model's runtime (its forward; for a module with a runtime of its own, such as an
+  OpenVINO or a llama.cpp result, the time it counts in ``runtime_seconds``) and outside it (the decode loop's own
+  work: picking the token, the cache's bookkeeping, Python). ``_compiled`` under ``--compile``, as above.
+
 The report's size row gives the weights' memory; ``optimize`` adds each model's peak memory, opened and decoding
 in a process of its own (:mod:`model_opt.memory`).
 
@@ -25,9 +30,12 @@ cache) reports no decode figure.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,9 +180,52 @@ def evaluate(model: Any, dataset_path: str, model_path: str, compiled: bool = Fa
     prompt = ids[:1, :lengths["prompt"]]
     metrics["prefill_ms"] = _prefill_ms(model, prompt)
     if callable(getattr(model, "generate", None)):
-        key = "decode_tokens_per_s_compiled" if compiled else "decode_tokens_per_s"
-        metrics[key] = _decode_tokens_per_s(model, prompt, compiled)
+        metrics.update(_decode_tokens_per_s(model, prompt, compiled).metrics(compiled))
     return metrics
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One decode measurement: tokens/s after the prompt, and each token's milliseconds inside the model's runtime
+    and outside it (None where the model is not a torch module and counts no ``runtime_seconds``)."""
+
+    tokens_per_s: float
+    runtime_ms: float | None = None
+    overhead_ms: float | None = None
+
+    def metrics(self, compiled: bool = False) -> dict[str, float]:
+        """The evaluation's decode metrics (``_compiled`` names for a compiled measurement)."""
+        suffix = "_compiled" if compiled else ""
+        values = {"decode_tokens_per_s": self.tokens_per_s, "decode_runtime_ms_per_token": self.runtime_ms,
+                  "decode_overhead_ms_per_token": self.overhead_ms}
+        return {f"{name}{suffix}": value for name, value in values.items() if value is not None}
+
+
+@contextlib.contextmanager
+def _runtime_clock(model: Any) -> Iterator[Callable[[], float] | None]:
+    """Seconds spent so far inside the model's runtime: a module with a runtime of its own counts them itself
+    (``runtime_seconds``); a torch module is timed from the start to the end of each forward (hooks, removed
+    afterwards); None for anything else."""
+    if hasattr(model, "runtime_seconds"):
+        yield lambda: float(model.runtime_seconds)
+        return
+    if not isinstance(model, torch.nn.Module):
+        yield None
+        return
+    spent, started = [0.0], [0.0]
+
+    def begin(*_: Any) -> None:
+        started[0] = time.perf_counter()
+
+    def end(*_: Any) -> None:
+        spent[0] += time.perf_counter() - started[0]
+
+    handles = [model.register_forward_pre_hook(begin), model.register_forward_hook(end)]
+    try:
+        yield lambda: spent[0]
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _prefill_ms(model: Any, prompt: torch.Tensor, calls: int = 5) -> float:
@@ -187,7 +238,7 @@ def _prefill_ms(model: Any, prompt: torch.Tensor, calls: int = 5) -> float:
 
 
 def _decode_tokens_per_s(model: Any, prompt: torch.Tensor, compiled: bool = False, cache: str | None = "static"
-                         ) -> float:
+                         ) -> Decode:
     """Greedy decode with a static KV cache (``cache=None``: transformers' growing one): tokens per second over
     the generated tokens (prefill excluded); ``compiled``: with the forward compiled for the time of the
     measurement (the model is left as it was)."""
@@ -208,32 +259,38 @@ def _decode_tokens_per_s(model: Any, prompt: torch.Tensor, compiled: bool = Fals
 
 
 def _time_decode(model: Any, prompt: torch.Tensor, cache: str | None = "static", runs: int = 3,
-                 warm_up: bool = True) -> float:
+                 warm_up: bool = True) -> Decode:
     """Every call generates the same number of tokens, so the static cache keeps one shape (a compiled model is
     not recompiled); the decode rate comes from the time of each step after the first (the prompt's): the median
-    of ``runs`` timed generations after a warm-up (a single run is at the mercy of a busy machine)."""
+    of ``runs`` timed generations after a warm-up (a single run is at the mercy of a busy machine), with that
+    generation's split of each token's time between the runtime and the rest (:func:`_runtime_clock`)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []  # (time, seconds in the runtime so far) after each new token
 
     class Stamp(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:  # (scores: not read)
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), clock() if clock is not None else 0.0))  # (clock: see below)
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     generate = settings()["generate"]
     kwargs = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": generate, "min_new_tokens": generate,
               "stopping_criteria": StoppingCriteriaList([Stamp()]),
               **({"cache_implementation": cache} if cache else {})}
-    rates = []
-    with torch.inference_mode():
+    found = []
+    with torch.inference_mode(), _runtime_clock(model) as clock:
         if warm_up:
             model.generate(prompt, **kwargs)  # (compiles, when compiled)
         for _ in range(runs):
             stamps.clear()
             model.generate(prompt, **kwargs)
-            rates.append((len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9))
-    return sorted(rates)[len(rates) // 2]
+            tokens = len(stamps) - 1
+            (first, first_runtime), (last, last_runtime) = stamps[0], stamps[-1]
+            runtime_ms = (last_runtime - first_runtime) / tokens * 1000 if clock is not None else None
+            per_token_ms = (last - first) / tokens * 1000
+            found.append(Decode(tokens / max(last - first, 1e-9), runtime_ms,
+                                per_token_ms - runtime_ms if runtime_ms is not None else None))
+    return sorted(found, key=lambda d: d.tokens_per_s)[len(found) // 2]
 
 
 def example_input(dataset_path: str, model_path: str) -> dict[str, torch.Tensor]:

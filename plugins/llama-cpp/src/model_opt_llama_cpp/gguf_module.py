@@ -9,6 +9,7 @@ import atexit
 import os
 import sys
 import tempfile
+import time
 import weakref
 from collections import OrderedDict
 from pathlib import Path
@@ -89,7 +90,7 @@ class GGUFModule(nn.Module):
         for row in input_ids:
             self._check_length(row.shape[0])
             self._llm.reset()
-            self._llm.eval(row.tolist())
+            self._eval(row.tolist())
             rows.append(np.array(self._llm.scores[: row.shape[0]]))
         return CausalLMOutput(logits=torch.from_numpy(np.stack(rows)))
 
@@ -108,7 +109,7 @@ class GGUFModule(nn.Module):
         llm._logits_all = False  # (llama-cpp-python reads it at every eval: only the last logits are computed)
         try:
             llm.reset()
-            llm.eval(tokens)
+            self._eval(tokens)
             for step in range(max_new_tokens):
                 logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
                 tokens.append(int(logits.argmax()))
@@ -117,10 +118,18 @@ class GGUFModule(nn.Module):
                         logits.copy())[None]).all()):
                     break
                 if step + 1 < max_new_tokens:
-                    llm.eval(tokens[-1:])
+                    self._eval(tokens[-1:])
         finally:
             llm._logits_all = True
         return torch.tensor([tokens])
+
+    #: Seconds spent inside llama.cpp's evaluation calls so far (the built-in evaluation splits decode time by it).
+    runtime_seconds = 0.0
+
+    def _eval(self, tokens: list[int]) -> None:
+        started = time.perf_counter()
+        self._llm.eval(tokens)
+        self.runtime_seconds += time.perf_counter() - started
 
     def _check_length(self, length: int) -> None:
         if length > self._llm.n_ctx():
