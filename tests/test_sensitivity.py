@@ -86,8 +86,8 @@ def test_a_technique_without_an_exclude_option_is_refused(cli, work: Path) -> No
     pytest.importorskip("neural_compressor")
     line = one_error(cli("sensitivity", work / "model.pth", "--test-dataset", work / "data", "--test-script",
                          work / "eval.py", "--quantize", "--quant-backend", "neural-compressor", "--quant-method",
-                         "int8_static"))
-    assert "neural-compressor int8_static has no exclude option" in line
+                         "autotune"))
+    assert "neural-compressor autotune has no exclude option" in line
 
 
 def test_a_users_json_or_chart_is_never_replaced(cli, work: Path) -> None:
@@ -164,3 +164,39 @@ def test_optimize_keeps_the_most_sensitive_layers_unchanged_to_meet_the_budget(c
     line = one_error(cli(*args, "--output", folder / "never.pt", "--max-accuracy-drop", "0"), exit_code=1)
     assert "no mix of changed and unchanged layer groups stays within --max-accuracy-drop 0" in line
     assert not (folder / "never.pt").exists()
+
+
+def test_autotune_proposes_mixes_that_keep_the_most_sensitive_groups_in_float(cli, work: Path) -> None:
+    """A quantizer with an exclude option is searched with 0, 1 or 2 of its most sensitive layer groups kept in
+    float: the groups ``model-opt sensitivity`` ranks first, not names drawn at random."""
+    from dataclasses import replace
+
+    import optuna
+    from model_opt.autotune import check_space, measure_baseline
+    from model_opt.job import Job, Settings
+    from model_opt.tuning_trials import Objective, TuneSettings
+
+    folder = work / "fidelity"
+    common = (folder / "model.pth", "--test-dataset", work / "data", "--test-script", folder / "eval.py")
+    ranked = cli("sensitivity", *common, *INT8, "--json", "-q")
+    assert ranked.exit_code == 0, ranked.stderr
+    groups = [g["layers"] for g in json.loads(ranked.stdout)["groups"]]
+    tune = TuneSettings(backends=["nncf"]).check()
+    job = Job.prepare(folder / "model.pth", test_script=folder / "eval.py", dataset=work / "data",
+                      settings=replace(Settings.of({}, "autotune"), max_accuracy_drop=0.5))
+    job.load()
+    space = check_space(job, tune, family=job.family)
+    objective = Objective(job, job.context(), space, measure_baseline(job), tune)
+
+    def proposed(keep: int) -> dict:
+        params = {kind: "none" for kind in space} | {"quantize": "quantize:nncf:int8_static", "runtime": "eager",
+                                                     "recovery_steps": 0, "quantize:nncf:int8_static.keep_float": keep}
+        steps, _, _ = objective.propose(optuna.trial.FixedTrial(params))
+        (step,) = steps
+        return step["options"]
+
+    assert "exclude" not in proposed(0)
+    first = proposed(1)
+    assert "exclude" in first, objective.rankings
+    assert first["exclude"] == sorted(groups[0])
+    assert proposed(2)["exclude"] == sorted({*groups[0], *groups[1]})

@@ -335,6 +335,19 @@ def sensitivity(model_path: str | os.PathLike[str], *, test_script: str | os.Pat
 LISTED = 5
 
 
+def ranking(job: Any, original: Any, technique: Technique, options: dict[str, Any], context: Any, baseline: float,
+            progress: Callable[[str], None]) -> list[Sensitivity]:
+    """The layer groups of ``job``'s model ranked by the drop ``technique`` causes in each alone, on the whole
+    data (measured once for the model, technique and options: kept in the cache)."""
+    def evaluate(model: Any) -> float:
+        return job.script.evaluate(model, job.dataset, job.device).value
+
+    groups = layer_groups(original)
+    return cached(cache_key(job.model_path, technique, options, groups, 1.0),
+                  lambda: measure(original, technique, options, groups, evaluate, baseline,
+                                  job.script.higher_is_better, context, progress, job.manager), progress)
+
+
 def mix_for_budget(job: Any, original: Any, planned: list, context: Any, report: Any) -> tuple[Any, list] | None:
     """``optimize --max-accuracy-drop`` for any technique with an ``exclude`` option, applied alone: when the drop
     is over half the budget, each group's own drop is measured (the report lists the most costly); when it is
@@ -357,12 +370,8 @@ def mix_for_budget(job: Any, original: Any, planned: list, context: Any, report:
     def evaluate(model: Any) -> float:
         return job.script.evaluate(model, job.dataset, job.device).value
 
-    groups = layer_groups(original)
-    job.progress(f"the drop ({drop:.4f}) is over half the budget: measuring which of {len(groups)} layer groups "
-                 "cost it")
-    ranked = cached(cache_key(job.model_path, technique, options, groups, 1.0),
-                    lambda: measure(original, technique, options, groups, evaluate, baseline,
-                                    job.script.higher_is_better, context, job.progress, job.manager), job.progress)
+    job.progress(f"the drop ({drop:.4f}) is over half the budget: measuring which layer groups cost it")
+    ranked = ranking(job, original, technique, options, context, baseline, job.progress)
     report.sensitive = [asdict(r) for r in ranked[:LISTED]]
     if drop <= budget:
         return None

@@ -6,6 +6,7 @@ trials and none running."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,9 @@ from .registry import KINDS, Technique, step_name
 from .report import speed_text
 from .steps import RECOVERABLE_KINDS, Step, apply_with_recovery, check, plan, split_for_recovery
 from .tuning_storage import check_study_name, expire_dead_trials, grace_s, heartbeat_s, lease, worker_id
+
+#: How many of the most sensitive layer groups a trial may keep in float (a quantizer with an ``exclude`` option).
+KEEP_FLOAT = (0, 1, 2)
 
 OBJECTIVES = ("latency", "size", "both", "tokens-per-second")
 #: What ``--objective tokens-per-second`` reads from the evaluation (the built-in causal-LM one reports it;
@@ -103,9 +107,16 @@ def describe(steps: list[dict[str, Any]], runtime: str = "eager", recovery: int 
     if not steps:
         return "(none)"
     text = " + ".join(f"{s['backend']}:{s['method']}" + (
-        f"({', '.join(f'{k}={v}' for k, v in s['options'].items())})" if s["options"] else "") for s in steps)
+        f"({', '.join(_option_text(k, v) for k, v in s['options'].items())})" if s["options"] else "") for s in steps)
     return text + (f" + {recovery} recovery steps" if recovery else "") + (" [compiled]" if runtime == "compiled"
                                                                           else "")
+
+
+def _option_text(name: str, value: Any) -> str:
+    """``name=value``; a long exclude list (the layers of sensitive groups kept in float) as its count."""
+    if name == "exclude" and isinstance(value, list) and len(value) > 2:
+        return f"exclude={len(value)} layers"
+    return f"{name}={value}"
 
 
 def build_candidate(original: Any, steps: list[dict[str, Any]], recovery: int, runtime: str, job: Job,
@@ -138,6 +149,7 @@ class Objective:
         self.compiled = {t.name for items in space.values() for t in items if kind in t.speeds_up_compiled}
         self.runtimes = ["eager", "compiled"] if self.compiled else ["eager"]
         self.recoveries = [0, tune.recovery_steps] if tune.recovery_steps and job.script.has("train") else [0]
+        self.rankings: dict[str, list[Any]] = {}  # technique and options -> layer groups, most sensitive first
 
     def propose(self, trial: Any) -> tuple[list[dict[str, Any]], str, int]:
         steps = []
@@ -149,6 +161,11 @@ class Objective:
             technique = next(t for t in techniques if t.name == choice)
             options = {name: trial.suggest_categorical(f"{technique.name}.{name}", list(values))
                        for name, values in (technique.search_space or {}).items()}
+            if kind == "quantize" and any(option.name == "exclude" for option in technique.options):
+                keep = trial.suggest_categorical(f"{technique.name}.keep_float", list(KEEP_FLOAT))
+                layers = self.most_sensitive(technique, options, keep) if keep else []
+                if layers:
+                    options["exclude"] = layers
             steps.append({"kind": kind, "backend": technique.backend, "method": technique.method, "options": options})
         runtime = trial.suggest_categorical("runtime", self.runtimes) if len(self.runtimes) > 1 else "eager"
         recovery = trial.suggest_categorical("recovery_steps", self.recoveries) if len(self.recoveries) > 1 else 0
@@ -157,6 +174,25 @@ class Objective:
         if not any(step_name(s) in self.compiled for s in steps):
             runtime = "eager"  # compiling helps only techniques that are fast compiled
         return steps, runtime, recovery
+
+    def most_sensitive(self, technique: Technique, options: dict[str, Any], count: int) -> list[str]:
+        """The layers of the ``count`` groups of the original where ``technique`` alone costs the most accuracy
+        (``model-opt sensitivity``'s ranking: measured once per technique and options, then cached); none when the
+        groups cannot be ranked (the trial then quantizes every layer)."""
+        from .sensitivity import ranking
+
+        key = json.dumps([technique.name, options], sort_keys=True, default=str)
+        if key not in self.rankings:
+            self.job.progress(f"ranking the layer groups by what {technique.label} costs in each, for mixes that "
+                              "keep the most sensitive in float")
+            try:
+                self.rankings[key] = ranking(self.job, self.job.model, technique, technique.resolve_options(options),
+                                             self.context, self.baseline.metric, self.job.progress)
+            except ModelOptError as exc:
+                self.job.progress(f"{technique.label}: no layer groups ranked ({exc.problem}); its trials quantize "
+                                  "every layer")
+                self.rankings[key] = []
+        return sorted({name for group in self.rankings[key][:count] for name in group.layers})
 
     def __call__(self, trial: Any) -> Any:
         import optuna
@@ -335,6 +371,8 @@ def seed_recommendations(study: Any, model: Any, device: str, space: dict[str, l
         for option, values in (technique.search_space or {}).items():
             wanted = recommended.options.get(option)
             params[f"{technique.name}.{option}"] = wanted if wanted in values else values[0]
+        if technique.kind == "quantize" and any(option.name == "exclude" for option in technique.options):
+            params[f"{technique.name}.keep_float"] = 0  # (the recommendation as it is: every layer)
         study.enqueue_trial(params, skip_if_exists=True)
 
 

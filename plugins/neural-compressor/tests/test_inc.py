@@ -58,6 +58,53 @@ def test_weight_only_rtn_packs_linear_weights() -> None:
     assert after.tell() < 0.4 * before.tell()
 
 
+def test_static_int8_keeps_excluded_modules_in_float(digits) -> None:
+    """exclude: the classifier's layers keep their float weights (the features' are int8), and fewer quantize ops
+    are left in the graph."""
+    model = model_opt.load(digits.whole_model, trust_model=True).eval()
+    x, _ = digits_tensors(digits)
+    calibration = [x[i:i + 32] for i in range(0, 128, 32)]
+
+    def quantize(exclude: list[str]) -> tuple[nn.Module, dict]:
+        return Quantizer().quantize(copy.deepcopy(model), method="int8_static", backend="neural-compressor",
+                                    example_input=x[:8], calibration_data=calibration, exclude=exclude)
+
+    def quantized_in(graph: nn.Module, prefix: str) -> int:
+        """The conv/linear nodes of the modules under ``prefix`` whose weight comes dequantized from int8."""
+        return sum(1 for node in graph.graph.nodes if str(node.target) in ("aten.linear.default", "aten.conv2d.default")
+                   and "dequantize" in str(getattr(node.args[1], "target", "")) and any(
+                       path == prefix or path.startswith(prefix + ".")
+                       for path, _ in node.meta.get("nn_module_stack", {}).values()))
+
+    whole, info = quantize([])
+    kept, kept_info = quantize(["classifier"])
+    assert quantized_in(whole.module_, "classifier") > 0 and quantized_in(kept.module_, "classifier") == 0
+    assert quantized_in(kept.module_, "features") > 0
+    assert kept_info["quantize_ops"] < info["quantize_ops"] and kept_info["kept_float"] == ["classifier"]
+
+
+def test_weight_only_keeps_excluded_linears_in_float(tmp_path: Path) -> None:
+    """exclude names a Linear: it stays an nn.Linear with its float weights, the others are packed; the saved
+    result reopens with the same layers packed."""
+    torch.manual_seed(0)
+
+    def architecture() -> nn.Module:
+        return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 64)).eval()
+
+    model = architecture()
+    float_weight = model[2].weight.detach().clone()
+    quantized, info = Quantizer().quantize(copy.deepcopy(model), method="weight_only", backend="neural-compressor",
+                                           bits=4, group_size=32, exclude=["2"])
+    assert info["packed_layers"] == 1 and type(quantized[2]) is nn.Linear
+    torch.testing.assert_close(quantized[2].weight, float_weight)
+    model_opt.save(quantized, tmp_path / "woq.pt")
+    x = torch.randn(4, 256)
+    reopened = model_opt.load(tmp_path / "woq.pt", model=architecture())
+    assert type(reopened[2]) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(reopened(x), quantized(x))
+
+
 @pytest.mark.slow
 def test_autotune_within_budget_and_refusal_when_none_fits(cli, digits, tmp_path: Path) -> None:
     base = ["optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,

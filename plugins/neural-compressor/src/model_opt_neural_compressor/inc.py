@@ -16,6 +16,7 @@ from model_opt.errors import AccuracyBudgetExceeded, TechniqueError, UsageError,
 from model_opt.exported import ExportedModule
 from model_opt.measure import call_model, export_program, split_input
 from model_opt.modelinfo import run_checked
+from model_opt.modules import excluded
 from model_opt.result import TechniqueResult
 from torch import nn
 
@@ -51,10 +52,16 @@ def export_for_quantization(model: nn.Module, example: Any) -> Any:
     return graph
 
 
-def _static(model: nn.Module, example: Any, batches: list[Any], act_sym: bool) -> nn.Module:
+def _static(model: nn.Module, example: Any, batches: list[Any], act_sym: bool, exclude: list[str]) -> nn.Module:
+    """Export, calibrate and convert; every module named in ``exclude`` (and whatever is inside it) stays float: INC
+    passes its local float config to the X86 inductor quantizer as "no config" for that module name, which the
+    quantizer matches against each node's module path, ancestors included."""
     from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
 
-    prepared = prepare(export_for_quantization(model, example), StaticQuantConfig(act_sym=act_sym))
+    config = StaticQuantConfig(act_sym=act_sym)
+    for name in exclude:
+        config.set_local(name, StaticQuantConfig(w_dtype="fp32", act_dtype="fp32"))
+    prepared = prepare(export_for_quantization(model, example), config)
     with torch.no_grad():
         for batch in batches:
             call_model(prepared, batch)
@@ -73,9 +80,10 @@ def static_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tupl
         raise TechniqueError("calibration_data(dataset_path) yielded nothing", "make it yield model inputs")
     run_checked(model, batches[0], what="calibration data")
     context.progress(f"INC static int8: export, calibrate on {len(batches)} batches, convert")
-    quantized = _static(model, example, batches, options["act_sym"])
+    quantized = _static(model, example, batches, options["act_sym"], options["exclude"])
     return TechniqueResult(ExportedModule(quantized, example), {
         "calibration_batches": len(batches), "quantize_ops": _quantized_ops(quantized),
+        **({"kept_float": options["exclude"]} if options["exclude"] else {}),
         "runtime_note": "run it under torch.compile with freezing for int8 kernels (--compile)"}, {"graph": "export"},
         standalone=True)
 
@@ -88,13 +96,15 @@ def weight_only(model: nn.Module, options: dict[str, Any], context: Any) -> tupl
         raise TechniqueError("the model has no Linear layer for weight-only quantization",
                              "weight-only quantization packs Linear weights; use int8_static for CNNs")
     common = {"bits": options["bits"], "group_size": options["group_size"], "use_sym": options["use_sym"]}
+    exclude = options["exclude"]
     if options["algorithm"] in ("gptq", "awq"):
         batches = list(islice(context.calibration_inputs(f"{context.technique} {options['algorithm']}"), 8))
         if options["algorithm"] == "gptq":
             # INC resolves GPTQ's model_path (else the model's name_or_path) even when it does not read layers
             # from it, and looks a name that is not a folder up on the Hub: "" for a model built from a config.
             # Any existing folder keeps it local; with use_layer_wise=False nothing is read from it.
-            prepared = prepare(model, GPTQConfig(**common, use_layer_wise=False, model_path=tempfile.gettempdir()))
+            prepared = prepare(model, _keep_float(GPTQConfig(**common, use_layer_wise=False,
+                                                             model_path=tempfile.gettempdir()), linears, exclude))
         else:  # AWQ traces the model on one input tensor to find where its scales can be absorbed
             if not any(type(m) is nn.ModuleList for m in model.modules()):
                 raise TechniqueError("algorithm=awq works block by block, and INC finds the blocks as the model's "
@@ -106,13 +116,14 @@ def weight_only(model: nn.Module, options: dict[str, Any], context: Any) -> tupl
                 what = "a dict without input_ids" if isinstance(example, dict) else f"a {type(example).__name__}"
                 raise TechniqueError(f"algorithm=awq traces the model on one input tensor, and the example input is "
                                      f"{what}", "use algorithm=gptq or rtn for this model")
-            prepared = prepare(model, AWQConfig(**common, use_layer_wise=False), example_inputs=ids)
+            prepared = prepare(model, _keep_float(AWQConfig(**common, use_layer_wise=False), linears, exclude),
+                               example_inputs=ids)
         with torch.no_grad():
             for batch in batches:
                 call_model(prepared, batch)
         quantized = convert(prepared)
     else:
-        quantized = convert(prepare(model, RTNConfig(**common, use_layer_wise=False)))
+        quantized = convert(prepare(model, _keep_float(RTNConfig(**common, use_layer_wise=False), linears, exclude)))
     packed = _packed(quantized)
     # AWQ multiplies the input of a layer whose scale no earlier layer absorbs (INC's MulLinear around the
     # packed layer): the replay wraps the same layers before packing them.
@@ -122,6 +133,14 @@ def weight_only(model: nn.Module, options: dict[str, Any], context: Any) -> tupl
                                        "input_scaled_layers": len(input_scaled)},
                            {"graph": "weight_only", "bits": options["bits"], "group_size": options["group_size"],
                             "use_sym": options["use_sym"], "packed": packed, "input_scaled": input_scaled})
+
+
+def _keep_float(config: Any, linears: list[str], exclude: list[str]) -> Any:
+    """``config`` with every Linear named by ``exclude`` (or inside a module it names) kept in float."""
+    for name in linears:
+        if excluded(name, exclude):
+            config.set_local(name, type(config)(dtype="fp32"))
+    return config
 
 
 def _packed(model: nn.Module) -> list[str]:

@@ -14,7 +14,8 @@ TECHNIQUES = (
         kind="quantize", backend="neural-compressor", method="int8_static",
         summary="INC static int8 through its export flow (X86 inductor quantizer), calibrated on your data.",
         options=(Option("calibration_batches", int, 10, "calibration batches to run", minimum=1),
-                 Option("act_sym", bool, False, "symmetric activations (default asymmetric uint8)")),
+                 Option("act_sym", bool, False, "symmetric activations (default asymmetric uint8)"),
+                 Option("exclude", list, [], "module names (or prefixes) to keep in float")),
         needs=("example_input", "calibration_data"), requires=REQUIRES, speeds_up=(), speeds_up_compiled=("cpu",),
         search_space={}, families=("cnn", "vit", "hybrid", "transformer"),
         speed_note="INC int8 graphs are fast only under torch.compile with freezing (--compile)",
@@ -26,7 +27,8 @@ TECHNIQUES = (
                  Option("group_size", int, 32, "weights per scale (-1: per channel)", minimum=-1),
                  Option("algorithm", str, "rtn", "rtn (round to nearest), gptq (needs calibration data) or awq "
                         "(activation-aware scales, needs calibration data)", choices=("rtn", "gptq", "awq")),
-                 Option("use_sym", bool, True, "symmetric weights")),
+                 Option("use_sym", bool, True, "symmetric weights"),
+                 Option("exclude", list, [], "module names (or prefixes) whose Linear layers stay in float")),
         requires=REQUIRES, speeds_up=(),
         recommended=(Recommended("causal-lm", "4-bit weights (RTN, or GPTQ/AWQ calibrated on your text) cut the "
                                               "model to about an eighth of float32 on disk and in memory", rank=15),),
