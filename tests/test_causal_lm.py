@@ -115,7 +115,8 @@ def test_decode_is_timed_in_a_process_of_each_model_own(lm, tmp_path: Path) -> N
 
     example = {"input_ids": torch.arange(1, 17)[None]}
     rates = decode_deployed({"a": Deployed(str(lm["llama"])), "b": Deployed(str(lm["gpt2"]))}, example, rounds=2)
-    assert set(rates) == {"a", "b"} and all(0 < rate < float("inf") for rate in rates.values()), rates
+    assert set(rates) == {"a", "b"} and all(0 < rate.tokens_per_s < float("inf") for rate in rates.values()), rates
+    assert all(rate.runtime_ms > 0 and rate.overhead_ms > 0 for rate in rates.values()), rates
     (tmp_path / "broken.pt").write_bytes(b"not a model")
     with pytest.raises(ModelOptError, match="the timing process failed"):
         decode_deployed({"broken": Deployed(str(tmp_path / "broken.pt"))}, example)

@@ -8,6 +8,7 @@ starts each layer by concatenating with an empty 1-D tensor, which OpenVINO's co
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -75,27 +76,86 @@ def convert_causal_lm(model: nn.Module, example_ids: torch.Tensor) -> tuple[Any,
     return ov_model, {"layers": len(layers), "heads": int(heads), "head_dim": int(head_dim)}
 
 
-class OpenVINOCausalLM(OpenVINOModule):
-    """An OpenVINO causal LM (IR from :func:`convert_causal_lm`): ``forward(input_ids)`` returns the logits of
-    the whole sequence (empty cache), ``generate`` decodes greedily, one token per step, with the KV cache."""
+def stateful(ov_model: Any) -> Any:
+    """A copy of the IR with its KV cache held inside OpenVINO, as optimum-intel lays it out: each past input
+    becomes a state (ReadValue/Assign) that starts as zeros of the batch's size, reordered by a ``beam_idx``
+    input. OpenVINO's CPU plugin fuses that layout with the attention into its own SDPA node with the KV cache,
+    and no cache tensor crosses into Python at a step."""
+    import openvino as ov
+    import openvino.opset13 as ops
+    from openvino._offline_transformations import apply_make_stateful_transformation
 
-    def _empty_past(self) -> list[np.ndarray]:
-        kv = self.compile_config["kv"]
-        return [np.zeros((1, kv["heads"], 0, kv["head_dim"]), np.float32) for _ in range(2 * kv["layers"])]
+    model = ov_model.clone()
+    past = [p for p in model.get_parameters() if p.get_output_tensor(0).get_any_name().startswith("past_key_values")]
+    beam = ops.parameter(ov.PartialShape([-1]), ov.Type.i32, name="beam_idx")
+    beam.output(0).get_tensor().set_names({"beam_idx"})
+    for parameter in past:
+        consumers = list(parameter.output(0).get_target_inputs())
+        reordered = ops.gather(parameter, beam, ops.constant(np.int64(0)))
+        for consumer in consumers:
+            consumer.replace_source_output(reordered.output(0))
+    model.add_parameters([beam])
+    pairs = {name: name.replace("past_key_values", "present")
+             for name in (p.get_output_tensor(0).get_any_name() for p in past)}
+    apply_make_stateful_transformation(model, pairs)
+    batch = ops.gather(ops.shape_of(model.input("input_ids"), output_type="i64"),
+                       ops.constant(np.array([0], np.int64)), ops.constant(np.int64(0)))
+    for op in model.get_ops():
+        if op.get_type_name() == "ReadValue":  # (zeros: batch x heads x 0 x head size)
+            dims = [dim.min_length for dim in op.get_output_partial_shape(0)]
+            shape = ops.concat([batch, *[ops.constant(np.array([d], np.int64)) for d in dims[1:]]], 0)
+            op.set_arguments([ops.broadcast(ops.constant(np.float32(0)), shape)])
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+def past_after(ov_model: Any) -> Callable[[np.ndarray, list[np.ndarray]], list[np.ndarray]]:
+    """The IR with explicit cache inputs and outputs, compiled once, as a function: the past keys and values after
+    tokens ``ids`` (1 x n) follow an empty ``past`` (what NNCF's calibration feeds the IR at a decode step)."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(ov_model, "CPU")
+
+    def after(ids: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
+        result = compiled([ids, np.ones(ids.shape, np.int64), *past])
+        return [result[i] for i in range(1, len(compiled.outputs))]
+
+    return after
+
+
+class OpenVINOCausalLM(OpenVINOModule):
+    """An OpenVINO causal LM (IR from :func:`convert_causal_lm`, run as :func:`stateful` makes it):
+    ``forward(input_ids)`` returns the logits of the whole sequence (the cache emptied first), ``generate`` decodes
+    greedily, one token per step, the KV cache kept inside OpenVINO between steps."""
 
     #: Seconds spent inside OpenVINO's inference calls so far (the built-in evaluation splits decode time by it).
     runtime_seconds = 0.0
 
-    def _step(self, ids: np.ndarray, length: int, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _runnable(self, ov_model: Any) -> Any:
+        return stateful(ov_model)
+
+    def _step(self, ids: np.ndarray, length: int, start: bool = False) -> np.ndarray:
+        """The logits after feeding ``ids`` (1 x n) to the cache (emptied first when ``start``); a view that the
+        next step overwrites."""
+        request = self.__dict__.get("_request")
+        if request is None:
+            request = self.__dict__["_request"] = self.compiled.create_infer_request()
+        if start:
+            request.reset_state()
         started = time.perf_counter()
-        result = self.compiled([ids, np.ones((1, length), np.int64), *past])
+        request.infer({"input_ids": ids, "attention_mask": np.ones((1, length), np.int64),
+                       "beam_idx": np.zeros(1, np.int32)}, share_inputs=True)
         self.runtime_seconds += time.perf_counter() - started
-        return result[0], [result[i] for i in range(1, len(past) + 1)]
+        return request.get_output_tensor(0).data
+
+    def _compile(self) -> None:
+        self.__dict__.pop("_request", None)  # (a request of the model compiled before)
+        super()._compile()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
         from transformers.modeling_outputs import CausalLMOutput
 
-        rows = [self._step(row[None].cpu().numpy().astype(np.int64), row.shape[0], self._empty_past())[0]
+        rows = [self._step(row[None].cpu().numpy().astype(np.int64), row.shape[0], start=True).copy()
                 for row in input_ids]
         return CausalLMOutput(logits=torch.from_numpy(np.concatenate(rows)))
 
@@ -106,15 +166,14 @@ class OpenVINOCausalLM(OpenVINOModule):
         if input_ids.shape[0] != 1:
             raise ValueError("OpenVINOCausalLM.generate decodes one sequence at a time")
         tokens = input_ids.cpu().numpy().astype(np.int64)
-        logits, past = self._step(tokens, tokens.shape[1], self._empty_past())
+        logits = self._step(tokens, tokens.shape[1], start=True)
         for _ in range(max_new_tokens):
             nxt = logits[:, -1:].argmax(-1).astype(np.int64)
             tokens = np.concatenate([tokens, nxt], axis=1)
-            sequence = torch.from_numpy(tokens)
-            if stopping_criteria is not None and bool(stopping_criteria(sequence, torch.from_numpy(logits[:, -1]))
-                                                      .all()):
+            if stopping_criteria is not None and bool(stopping_criteria(
+                    torch.from_numpy(tokens), torch.from_numpy(logits[:, -1].copy())).all()):
                 break
             if tokens.shape[1] - input_ids.shape[1] >= max_new_tokens:
                 break
-            logits, past = self._step(nxt, tokens.shape[1], past)
+            logits = self._step(nxt, tokens.shape[1])
         return torch.from_numpy(tokens)

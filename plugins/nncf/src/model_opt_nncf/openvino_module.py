@@ -132,7 +132,7 @@ class OpenVINOModule(nn.Module):
             np.frombuffer(self._bin, dtype="uint8").copy()))
         hint = self.compile_config.get("performance_hint")
         config = {"PERFORMANCE_HINT": hint} if hint else {}
-        self.compiled = core.compile_model(self.ov_model, self.ov_device, config)
+        self.compiled = core.compile_model(self._runnable(self.ov_model), self.ov_device, config)
         self.compiled_static = None
         shapes = self.compile_config.get("static_shapes")
         if shapes:  # a second compilation for the fixed shapes; calls with other shapes use the dynamic one
@@ -141,6 +141,11 @@ class OpenVINOModule(nn.Module):
             static.reshape({key: ov.PartialShape(list(shape)) for key, shape in keyed})
             self.compiled_static = core.compile_model(static, self.ov_device, config)
             self._static_shapes = shapes
+
+    def _runnable(self, ov_model: Any) -> Any:
+        """The model that is compiled and run: the IR as it is (a subclass may run a transformed copy; the IR
+        itself is what is saved)."""
+        return ov_model
 
     def keep_float(self, ir: tuple[bytes, bytes]) -> OpenVINOModule:
         """Keep the float IR this model was compressed or quantized from (``serialize``d before NNCF ran), for
@@ -246,6 +251,7 @@ class OpenVINOModule(nn.Module):
         state.pop("ov_model", None)
         state.pop("compiled", None)
         state.pop("compiled_static", None)
+        state.pop("_request", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

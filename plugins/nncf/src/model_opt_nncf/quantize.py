@@ -98,7 +98,7 @@ def quantize_causal_lm(model: nn.Module, kwargs: dict[str, Any], example: Any, c
     import nncf
     import numpy as np
 
-    from .openvino_lm import OpenVINOCausalLM, convert_causal_lm
+    from .openvino_lm import OpenVINOCausalLM, convert_causal_lm, past_after
 
     ids = example.get("input_ids") if isinstance(example, dict) else example
     if not isinstance(ids, torch.Tensor):
@@ -107,14 +107,15 @@ def quantize_causal_lm(model: nn.Module, kwargs: dict[str, Any], example: Any, c
     context.progress("converting the causal LM to OpenVINO with its KV cache as inputs and outputs")
     ov_model, layout = convert_causal_lm(model, ids)
     float_ir = serialize(ov_model)
-    float_lm = OpenVINOCausalLM(ov_model, compile_config={"kv": layout})
+    empty = [np.zeros((1, layout["heads"], 0, layout["head_dim"]), np.float32) for _ in range(2 * layout["layers"])]
+    after = past_after(ov_model)
     items = []
     for batch in context.calibration_inputs():
         rows = torch.as_tensor(batch.get("input_ids") if isinstance(batch, dict) else batch)
         for row in rows.reshape(-1, rows.shape[-1]).numpy().astype(np.int64):
             split = max(1, len(row) // 2)
-            prompt = [row[None, :split], np.ones((1, split), np.int64), *float_lm._empty_past()]
-            _, past = float_lm._step(row[None, :split], split, float_lm._empty_past())
+            prompt = [row[None, :split], np.ones((1, split), np.int64), *empty]
+            past = after(row[None, :split], empty)
             items.append(prompt)
             if split < len(row):
                 items.append([row[None, split:split + 1], np.ones((1, split + 1), np.int64), *past])
