@@ -166,6 +166,7 @@ def test_optimize_keeps_the_most_sensitive_layers_unchanged_to_meet_the_budget(c
     assert not (folder / "never.pt").exists()
 
 
+@pytest.mark.slow
 def test_autotune_proposes_mixes_that_keep_the_most_sensitive_groups_in_float(cli, work: Path) -> None:
     """A quantizer with an exclude option is searched with 0, 1 or 2 of its most sensitive layer groups kept in
     float: the groups ``model-opt sensitivity`` ranks first, not names drawn at random."""
