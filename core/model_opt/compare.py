@@ -17,7 +17,7 @@ from .errors import ModelOptError
 from .measure import Latency, call_model, compile_model, timed_blocks, timing_budget
 from .memory import peak_memory
 from .report import DECODE, UNSTABLE_SPREAD, Report, StepRecord
-from .timing import Deployed, decode_deployed, in_processes, runtime_of, time_deployed
+from .timing import DECODE_ROUNDS, Deployed, decode_deployed, in_processes, runtime_of, time_deployed
 
 if TYPE_CHECKING:
     from .job import Job
@@ -161,7 +161,7 @@ def decode_as_deployed(job: Job, saved: dict[str, Any], report: Report) -> None:
         return
     report.before.metrics.update(rates["original"].metrics())
     report.after.metrics.update(rates["after"].metrics())
-    report.decode_workload = "each model in its own process, the median of 3 interleaved rounds"
+    report.decode_workload = f"each model in its own process, the median of {DECODE_ROUNDS} interleaved rounds"
 
 
 def peak_memory_of(job: Job, saved: dict[str, Any], report: Report) -> None:

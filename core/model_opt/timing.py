@@ -26,6 +26,8 @@ from .measure import BLOCK_S, Timings, call_model, compile_model, rotating_round
 PREFIX = "MODEL_OPT_TIMING "
 #: The request a worker answers with one timed greedy generation (tokens/s) instead of a block of calls.
 DECODE_REQUEST = "decode"
+#: Rounds of :func:`decode_deployed` (one generation per candidate each).
+DECODE_ROUNDS = 3
 
 
 @dataclass
@@ -105,9 +107,18 @@ def time_deployed(candidates: dict[str, Deployed], example: Any, device: str = "
     rounds of :func:`model_opt.measure.rotating_rounds` (the timer every comparison uses); the rounds after the
     fewest take up to ``budget_s`` seconds (default: a third more than an in-process timing's
     :func:`model_opt.measure.timing_budget`, for the pipes between the processes)."""
-    import torch
 
     budget_s = timing_budget() * 4 / 3 if budget_s is None else budget_s
+    with started_workers(candidates, example, device) as workers:
+        return rotating_rounds({name: (lambda w=worker: w.block(BLOCK_S)) for name, worker in workers.items()},
+                               rounds=rounds, min_rounds=min_rounds, budget_s=budget_s)
+
+
+@contextlib.contextmanager
+def started_workers(candidates: dict[str, Deployed], example: Any, device: str) -> Any:
+    """A ready :class:`Worker` for each candidate (the example saved once for all of them); closed on exit."""
+    import torch
+
     workers: dict[str, Worker] = {}
     with tempfile.TemporaryDirectory(prefix="model-opt-timing-") as tmp:
         example_file = Path(tmp) / "example.pt"
@@ -115,36 +126,24 @@ def time_deployed(candidates: dict[str, Deployed], example: Any, device: str = "
         try:
             for name, deployed in candidates.items():
                 workers[name] = Worker(deployed, example_file, device, torch.get_num_threads())
-            return rotating_rounds({name: (lambda w=worker: w.block(BLOCK_S)) for name, worker in workers.items()},
-                                   rounds=rounds, min_rounds=min_rounds, budget_s=budget_s)
+            yield workers
         finally:
             for worker in workers.values():
                 worker.close()
 
 
-def decode_deployed(candidates: dict[str, Deployed], example: Any, device: str = "cpu", *, rounds: int = 3
-                    ) -> dict[str, Any]:
+def decode_deployed(candidates: dict[str, Deployed], example: Any, device: str = "cpu", *,
+                    rounds: int = DECODE_ROUNDS) -> dict[str, Any]:
     """The decode of each causal LM candidate (eager; :class:`model_opt.builtin.lm_eval.Decode`), each opened in
     its own process as :func:`time_deployed` opens them: one greedy generation per candidate per round, the order
     rotating; the round of median tokens/s."""
-    import torch
-
-    workers: dict[str, Worker] = {}
     rates: dict[str, list[Any]] = {name: [] for name in candidates}
-    with tempfile.TemporaryDirectory(prefix="model-opt-timing-") as tmp:
-        example_file = Path(tmp) / "example.pt"
-        torch.save(example, example_file)
-        try:
-            for name, deployed in candidates.items():
-                workers[name] = Worker(dataclasses.replace(deployed, compile=False), example_file, device,
-                                       torch.get_num_threads())
-            names = list(workers)
-            for round_ in range(rounds):
-                for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-                    rates[name].append(workers[name].decode())
-        finally:
-            for worker in workers.values():
-                worker.close()
+    eager = {name: dataclasses.replace(deployed, compile=False) for name, deployed in candidates.items()}
+    with started_workers(eager, example, device) as workers:
+        names = list(workers)
+        for round_ in range(rounds):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                rates[name].append(workers[name].decode())
     return {name: sorted(found, key=lambda d: d.tokens_per_s)[len(found) // 2] for name, found in rates.items()}
 
 

@@ -209,3 +209,33 @@ def test_no_backend_telemetry_is_sent_unless_the_user_asks(tmp_path: Path, setti
     assert (forks > 0) is sends, (forks, proc.stderr[-1000:])
     if not sends:
         assert "Fatal Python error" not in proc.stderr
+
+
+def test_a_causal_lm_runs_stateful_as_its_explicit_cache_ir_computes() -> None:
+    """OpenVINOCausalLM runs a stateful copy of the saved explicit-cache IR (the cache inside OpenVINO): the same
+    logits for a whole sequence, and the same greedy tokens as decoding the saved IR with its past passed in and
+    out; the saved IR keeps its explicit-cache ports."""
+    import openvino as ov
+    from model_opt_nncf.openvino_lm import OpenVINOCausalLM, convert_causal_lm, past_after
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                      max_position_embeddings=64)).eval()
+    prompt = torch.randint(0, 300, (1, 12))
+    ir, layout = convert_causal_lm(lm, prompt)
+    module = OpenVINOCausalLM(ir, compile_config={"kv": layout})
+    assert "beam_idx" not in [port.get_any_name() for port in module.ov_model.inputs]  # (the IR as saved)
+    explicit = ov.Core().compile_model(ir, "CPU")
+    empty = [np.zeros((1, layout["heads"], 0, layout["head_dim"]), np.float32) for _ in range(2 * layout["layers"])]
+    ids = prompt.numpy()
+    np.testing.assert_allclose(module(prompt).logits.numpy(),
+                               explicit([ids, np.ones(ids.shape, np.int64), *empty])[0], atol=1e-4)
+    after, past, tokens = past_after(ir), empty, ids
+    for _ in range(8):  # greedy, the past passed in and out
+        logits = explicit([tokens[:, -1:] if past is not empty else tokens,
+                           np.ones(tokens.shape, np.int64), *past])[0]
+        past = after(tokens[:, -1:], past) if past is not empty else after(tokens, empty)
+        tokens = np.concatenate([tokens, logits[:, -1:].argmax(-1)], axis=1)
+    assert module.generate(prompt, max_new_tokens=8)[0].tolist() == tokens[0].tolist()

@@ -111,13 +111,14 @@ def stateful(ov_model: Any) -> Any:
 
 def past_after(ov_model: Any) -> Callable[[np.ndarray, list[np.ndarray]], list[np.ndarray]]:
     """The IR with explicit cache inputs and outputs, compiled once, as a function: the past keys and values after
-    tokens ``ids`` (1 x n) follow an empty ``past`` (what NNCF's calibration feeds the IR at a decode step)."""
+    tokens ``ids`` (1 x n) follow ``past`` (what NNCF's calibration feeds the IR at a decode step)."""
     import openvino as ov
 
     compiled = ov.Core().compile_model(ov_model, "CPU")
 
     def after(ids: np.ndarray, past: list[np.ndarray]) -> list[np.ndarray]:
-        result = compiled([ids, np.ones(ids.shape, np.int64), *past])
+        mask = np.ones((1, past[0].shape[2] + ids.shape[1]), np.int64)
+        result = compiled([ids, mask, *past])
         return [result[i] for i in range(1, len(compiled.outputs))]
 
     return after
@@ -137,20 +138,17 @@ class OpenVINOCausalLM(OpenVINOModule):
     def _step(self, ids: np.ndarray, length: int, start: bool = False) -> np.ndarray:
         """The logits after feeding ``ids`` (1 x n) to the cache (emptied first when ``start``); a view that the
         next step overwrites."""
-        request = self.__dict__.get("_request")
-        if request is None:
-            request = self.__dict__["_request"] = self.compiled.create_infer_request()
         if start:
-            request.reset_state()
+            self._request.reset_state()
         started = time.perf_counter()
-        request.infer({"input_ids": ids, "attention_mask": np.ones((1, length), np.int64),
-                       "beam_idx": np.zeros(1, np.int32)}, share_inputs=True)
+        self._request.infer({"input_ids": ids, "attention_mask": np.ones((1, length), np.int64),
+                             "beam_idx": np.zeros(1, np.int32)}, share_inputs=True)
         self.runtime_seconds += time.perf_counter() - started
-        return request.get_output_tensor(0).data
+        return self._request.get_output_tensor(0).data
 
     def _compile(self) -> None:
-        self.__dict__.pop("_request", None)  # (a request of the model compiled before)
         super()._compile()
+        self._request = self.compiled.create_infer_request()  # (one request: the cache lives in its state)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
         from transformers.modeling_outputs import CausalLMOutput
