@@ -3,6 +3,8 @@ against the saved weights first), configs of results, and what a folder output c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +62,40 @@ def open_folder(path: Path) -> Any:
 MAX_ARCHITECTURE_RATIO = 128
 
 
-def from_config(config: dict[str, Any], name: str, weights: dict[str, Any] | None = None) -> Any:
-    """The architecture a Hugging Face config describes (random weights: the saved ones are loaded after). With
-    the saved ``weights``, the config is checked against them first: its layer counts against the layers the
-    weights hold, then its size, built on the meta device, against theirs; a recipe that asks for far more than
-    the weights hold is refused before anything is allocated."""
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside hold their parameters on the meta device (shapes, no memory, no initialisation
+    work): ``torch.empty`` without a device (how layers allocate their weights) gives meta tensors, and any other
+    parameter moves there when it is registered. Buffers made otherwise stay real, so those a model computes rather
+    than saves (rotary frequencies, position ids) are there once the saved weights are assigned."""
+    import torch
+
+    register_parameter, empty = torch.nn.Module.register_parameter, torch.empty
+
+    def register(module: torch.nn.Module, name: str, param: Any) -> None:
+        if param is not None and param.device.type != "meta":
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def meta_empty(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return empty(*args, **kwargs)
+
+    torch.nn.Module.register_parameter, torch.empty = register, meta_empty  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter, torch.empty = register_parameter, empty  # type: ignore[method-assign]
+
+
+def from_config(config: dict[str, Any], name: str, weights: dict[str, Any] | None = None, *,
+                empty: bool = False) -> Any:
+    """The architecture a Hugging Face config describes (random weights: the saved ones are loaded after;
+    ``empty``: parameters on the meta device, for weights assigned after). With the saved ``weights``, the config
+    is checked against them first: its layer counts against the layers the weights hold, then its size, built
+    on the meta device, against theirs; a recipe that asks for far more than the weights hold is refused before
+    anything is allocated."""
     _transformers(name)
     import transformers
 
@@ -75,7 +106,7 @@ def from_config(config: dict[str, Any], name: str, weights: dict[str, Any] | Non
         hf_config = transformers.AutoConfig.for_model(config["model_type"], **values)
         if weights is not None:
             check_size(hf_config, config, weights, name)
-        with quiet_torch_logs():
+        with quiet_torch_logs(), parameters_on_meta() if empty else nullcontext():
             return _auto_class(config).from_config(hf_config, trust_remote_code=False).eval()
     except ModelOptError:
         raise

@@ -62,6 +62,20 @@ def quiet_torch_logs() -> Iterator[None]:
 MAX_JSON_BYTES = 16 * 2**20
 
 
+def regular_file(path: Path) -> Path:
+    """``path``, when it is a regular file (links followed): a pipe or a device would block or never end."""
+    import stat
+
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path.name} ({exc.strerror or exc})", "check the file") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelLoadError(f"{path.name} is not a regular file (a pipe, a device, or a link to one)",
+                             "replace it with the real file")
+    return path
+
+
 def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> bytes:
     """The bytes of a regular file. A pipe, a device or a link to one (which would never end, or block on open) is
     a one-line error, as is a file over ``limit`` bytes."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ModelLoadError, ModelOptError, first_line, printable
 from ..hf import from_config
-from ..sources import as_module, importable
+from ..sources import as_module, importable, regular_file
 from .format import (
     CONV1D_AS_LINEAR,
     FORMAT_VERSION,
@@ -50,25 +50,23 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
         import_backends(steps)
         weights = None if stored == "native" else read_weights(path, stored, map_location)
         start = max((i for i, step in enumerate(steps) if step.get("standalone")), default=None)
-        if start is not None:  # that step's weights hold the whole model: no architecture needed
-            base, steps = None, steps[start:]
-        elif model is not None:
-            base = model
-        else:
-            base = base_model(manifest, path, trust_model=trust_model, map_location=map_location,
-                              search_paths=search_paths, loader=loader, weights=weights, open_source=open_source)
-        source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
-        if base is not None and source.get(CONV1D_AS_LINEAR):
-            from ..modules import linear_from_conv1d
 
-            linear_from_conv1d(base)
-        rebuilt = replay(base, steps, map_location)
-        if weights is None:
-            _load_native(rebuilt, path)
-        else:
-            if stored.endswith(".safetensors"):  # it keeps one name of tensors shared by several
-                weights = with_shared(rebuilt, weights)
-            load_weights(rebuilt, weights, path.name, trust_model)
+        def rebuild(lean: bool) -> Any:
+            if start is not None:  # that step's weights hold the whole model: no architecture needed
+                return _replayed(None, manifest, steps[start:], weights, path, trust_model, map_location)
+            base = model if model is not None else base_model(
+                manifest, path, trust_model=trust_model, map_location=map_location, search_paths=search_paths,
+                loader=loader, weights=weights, open_source=open_source, lean=lean)
+            return _replayed(base, manifest, steps, weights, path, trust_model, map_location)
+
+        if start is None and model is None and builds_from_config(manifest):
+            try:  # the architecture without its float weights: the saved ones are assigned to it
+                rebuilt = rebuild(lean=True)
+                if not on_meta(rebuilt):
+                    return rebuilt.eval() if hasattr(rebuilt, "eval") else rebuilt
+            except Exception:  # a step that cannot be replayed on shapes alone: built in full below
+                pass
+        rebuilt = rebuild(lean=False)
         return rebuilt.eval() if hasattr(rebuilt, "eval") else rebuilt
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise ModelLoadError(f"{path.name} was written by a newer model-opt (format {version})",
@@ -101,17 +99,62 @@ def load_artifact(path: Path, *, model: Any = None, trust_model: bool = False, m
     return as_module(obj, path)
 
 
+def _replayed(base: Any, manifest: dict[str, Any], steps: list[dict[str, Any]], weights: dict[str, Any] | None,
+              path: Path, trust_model: bool, map_location: str) -> Any:
+    """``base`` with the recorded steps replayed and the saved weights (or the runtime's own files) loaded."""
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    if base is not None and source.get(CONV1D_AS_LINEAR):
+        from ..modules import linear_from_conv1d
+
+        linear_from_conv1d(base)
+    rebuilt = replay(base, steps, map_location)
+    if weights is None:
+        _load_native(rebuilt, path)
+    else:
+        if manifest.get("weights", WEIGHTS).endswith(".safetensors"):  # it keeps one name of tensors shared
+            weights = with_shared(rebuilt, weights)
+        load_weights(rebuilt, weights, path.name, trust_model)
+    return rebuilt
+
+
+def builds_from_config(manifest: dict[str, Any]) -> bool:
+    """The recipe rebuilds its architecture from the Hugging Face config it records."""
+    source = manifest.get("source")
+    return isinstance(source, dict) and source.get("opened_with") == "folder" and isinstance(source.get("config"),
+                                                                                              dict)
+
+
+def on_meta(model: Any) -> bool:
+    """Some parameter or buffer of ``model`` has no data (it is still on the meta device)."""
+    import itertools
+
+    if not (hasattr(model, "parameters") and hasattr(model, "buffers")):
+        return False
+    return any(t.device.type == "meta" for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 def read_weights(path: Path, stored: str, map_location: str = "cpu") -> dict[str, Any]:
-    """An artifact's state_dict, read without running code: safetensors, or ``torch.load(weights_only=True)``."""
+    """An artifact's state_dict, read without running code: safetensors, or ``torch.load(weights_only=True)``. A
+    folder's file is mapped, not read into memory first: the tensors are its pages."""
     import torch
 
     try:
-        if stored.endswith(".safetensors"):
+        if path.is_dir():
+            file = str(regular_file(path / stored))
+            if stored.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                weights = load_file(file, device=map_location)
+            else:
+                weights = torch.load(file, map_location=map_location, weights_only=True, mmap=True)
+        elif stored.endswith(".safetensors"):
             from safetensors.torch import load as load_safetensors
 
             weights = load_safetensors(read_member(path, stored))
         else:
             weights = torch.load(io.BytesIO(read_member(path, stored)), map_location=map_location, weights_only=True)
+    except ModelOptError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"the weights in {path.name} are damaged or not plain tensors "
                              f"({first_line(exc)})", "re-create the file with model-opt optimize") from None
@@ -135,7 +178,7 @@ def with_shared(model: Any, weights: dict[str, Any]) -> dict[str, Any]:
             key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
             groups.setdefault(key, []).append(name)
     filled = dict(weights)
-    for names in groups.values():
+    for names in [*groups.values(), *tied_parameters(model)]:  # (tied parameters on the meta device: by identity)
         kept = next((n for n in names if n in weights), None)
         for name in names if kept is not None and len(names) > 1 else ():
             filled.setdefault(name, weights[kept])
@@ -159,9 +202,11 @@ def _load_native(model: Any, folder: Path) -> None:
 
 def base_model(manifest: dict[str, Any], path: Path, *, trust_model: bool, map_location: str,
                search_paths: Iterable[str | os.PathLike[str]], loader: Callable[[str], Any] | None,
-               weights: dict[str, Any] | None = None, open_source: Callable[..., Any] | None = None) -> Any:
+               weights: dict[str, Any] | None = None, open_source: Callable[..., Any] | None = None,
+               lean: bool = False) -> Any:
     """The original architecture, opened from the source the manifest records, by the same safe rules (a
-    recorded config is checked against the saved ``weights`` before it is built)."""
+    recorded config is checked against the saved ``weights`` before it is built; ``lean``: its parameters on the
+    meta device)."""
     source = manifest.get("source")
     where = source.get("path") if isinstance(source, dict) else None
     if not isinstance(where, str) or not where:
@@ -169,7 +214,7 @@ def base_model(manifest: dict[str, Any], path: Path, *, trust_model: bool, map_l
                              "pass model=<the original architecture> (model_opt.load(path, model=...))")
     src = Path(where)
     if source.get("opened_with") == "folder" and isinstance(source.get("config"), dict):
-        return from_config(source["config"], path.name, weights)  # the folder need not be there any more
+        return from_config(source["config"], path.name, weights, empty=lean)  # the folder need not be there any more
     if source.get("opened_with") == "load_model" and loader is None:
         raise ModelLoadError(f"{path.name} was made from {src.name}, which the test script's load_model() opens",
                              "pass --test-script (CLI), or test_script=... or model=... to model_opt.load")
