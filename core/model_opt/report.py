@@ -88,7 +88,8 @@ class Report:
     profile: DeviceProfile | None = None
     #: The most costly layer groups (each one's drop alone), when the drop was over half the budget.
     sensitive: list[dict[str, Any]] = field(default_factory=list)
-    #: The layer groups kept unchanged to meet the budget, most sensitive first (``--max-accuracy-drop``).
+    #: The layer groups (or, when fewer layers inside them do, the layers) kept unchanged to meet the budget, most
+    #: sensitive first (``--max-accuracy-drop``).
     kept_unchanged: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -307,7 +308,8 @@ class Report:
                        f"{self.compile_seconds:.1f}s); before: eager; metrics: eager")
         if self.kept_unchanged:
             out.append("kept unchanged to meet --max-accuracy-drop (most sensitive first): " + ", ".join(
-                f"{g['group']} ({len(g['layers'])} layers, drop alone {g['drop']:+.4f})" for g in self.kept_unchanged))
+                f"{g['group']}" + (f" ({len(g['layers'])} layers," if len(g['layers']) > 1 else " (") +
+                f" drop alone {g['drop']:+.4f})" for g in self.kept_unchanged))
         for group in self.sensitive:
             out.append(f"sensitive: {group['group']} costs {group['drop']:+.4f} of {self.before.primary} changed "
                        f"alone ({len(group['layers'])} layers)")

@@ -1,7 +1,8 @@
 """Which layers cost accuracy: a technique applied to one group of layers at a time (a transformer block, a conv
 stage, the embedding, the head; every layer on its own in a small model), scored with the user's own metric and
 ranked by the drop each causes alone. ``optimize --max-accuracy-drop`` keeps the most sensitive groups unchanged,
-in that order, until the metric is within the budget (:func:`keep_sensitive_float`).
+in that order, until the metric is within the budget (:func:`keep_sensitive_float`), then as few of the layers
+inside them as still meet it, ranked the same way (:func:`fewest_kept`).
 
 A group is applied through the technique's own ``exclude`` option (every other layer excluded), so any technique
 that has one can be measured this way; the result is cached per model, technique, options and groups.
@@ -351,7 +352,8 @@ def ranking(job: Any, original: Any, technique: Technique, options: dict[str, An
 def mix_for_budget(job: Any, original: Any, planned: list, context: Any, report: Any) -> tuple[Any, list] | None:
     """``optimize --max-accuracy-drop`` for any technique with an ``exclude`` option, applied alone: when the drop
     is over half the budget, each group's own drop is measured (the report lists the most costly); when it is
-    over the budget, the most sensitive groups are kept unchanged, in that order, until the metric is within it.
+    over the budget, the most sensitive groups are kept unchanged, in that order, until the metric is within it,
+    then as few of the layers inside those groups as still keep it there (each layer's own drop measured).
     Returns the new model and its step records (the excluded layers recorded as the step's ``exclude``, so the
     artifact replays it), or None when nothing changes."""
     from .steps import apply_step
@@ -383,5 +385,31 @@ def mix_for_budget(job: Any, original: Any, planned: list, context: Any, report:
         return sign * (baseline - evaluate(model.eval())), (model.eval(), [record])
 
     kept, _, result = keep_sensitive_float(ranked, attempt, budget, job.progress, report)
+    if any(len(r.layers) > 1 for r in kept):  # then the layers inside them: fewer may do
+        inside = [Group(n, [n]) for r in kept for n in r.layers]
+        layers = cached(cache_key(job.model_path, technique, options, inside, 1.0),
+                        lambda: measure(original, technique, options, inside, evaluate, baseline,
+                                        job.script.higher_is_better, context, job.progress, job.manager),
+                        job.progress)
+        fewer = fewest_kept(layers, attempt, budget, job.progress)
+        if fewer is not None:
+            kept, result = fewer
     report.kept_unchanged = [asdict(r) for r in kept]
     return result
+
+
+def fewest_kept(layers: Sequence[Sensitivity], attempt: Callable[[list[str]], tuple[float, Any]], budget: float,
+                progress: Callable[[str], None]) -> tuple[list[Sensitivity], Any] | None:
+    """The fewest of ``layers`` (most sensitive first; keeping them all is known to meet ``budget``) that, kept
+    unchanged in that order, still meet it: a bisection over how many, each count measured by ``attempt``. None
+    when no fewer do."""
+    found, low, high = None, 1, len(layers)
+    while low < high:
+        count = (low + high) // 2
+        drop, result = attempt([n for r in layers[:count] for n in r.layers])
+        progress(f"with {count} of the {len(layers)} layers unchanged: drop {drop:+.4f} (budget {budget:g})")
+        if drop <= budget + 1e-12:
+            found, high = (list(layers[:count]), result), count
+        else:
+            low = count + 1
+    return found
