@@ -128,8 +128,10 @@ class OpenVINOModule(nn.Module):
         import openvino as ov
 
         core = ov.Core()
+        if not isinstance(self._bin, bytearray):  # (a writable buffer: OpenVINO shares it instead of copying it)
+            self._bin = bytearray(self._bin)
         self.ov_model = core.read_model(model=self._xml.decode(), weights=ov.Tensor(
-            np.frombuffer(self._bin, dtype="uint8").copy()))
+            np.frombuffer(self._bin, dtype="uint8"), shared_memory=True))
         hint = self.compile_config.get("performance_hint")
         config = {"PERFORMANCE_HINT": hint} if hint else {}
         self.compiled = core.compile_model(self._runnable(self.ov_model), self.ov_device, config)
