@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import sys
 import tempfile
@@ -106,8 +107,10 @@ def main() -> None:
                   **{name: Deployed(str(folder)) for name, folder in results.items()}}
     peaks = peak_memory(candidates, example, decode=True)
     base = peaks["float (transformers from_pretrained)"]
-    params = sum(t.numel() for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-        source / "model.safetensors").values())
+    from safetensors import safe_open
+
+    with safe_open(source / "model.safetensors", framework="pt") as weights:  # (shapes only: nothing is read)
+        params = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
     rows = [{"candidate": name, "peak MiB": f"{peak / 2**20:.0f}", "vs float": f"{peak / base:.2f}x"}
             for name, peak in peaks.items()]
     print(f"machine: {machine()}; model: {params / 1e6:.0f}M parameters ({source})")

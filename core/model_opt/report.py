@@ -308,8 +308,8 @@ class Report:
                        f"{self.compile_seconds:.1f}s); before: eager; metrics: eager")
         if self.kept_unchanged:
             out.append("kept unchanged to meet --max-accuracy-drop (most sensitive first): " + ", ".join(
-                f"{g['group']}" + (f" ({len(g['layers'])} layers," if len(g['layers']) > 1 else " (") +
-                f" drop alone {g['drop']:+.4f})" for g in self.kept_unchanged))
+                f"{g['group']} (" + (f"{len(g['layers'])} layers, " if len(g['layers']) > 1 else "") +
+                f"drop alone {g['drop']:+.4f})" for g in self.kept_unchanged))
         for group in self.sensitive:
             out.append(f"sensitive: {group['group']} costs {group['drop']:+.4f} of {self.before.primary} changed "
                        f"alone ({len(group['layers'])} layers)")
