@@ -64,23 +64,26 @@ MAX_JSON_BYTES = 16 * 2**20
 
 def regular_file(path: Path) -> Path:
     """``path``, when it is a regular file (links followed): a pipe or a device would block or never end."""
-    import stat
-
     try:
         info = os.stat(path)
     except OSError as exc:
         raise ModelLoadError(f"cannot read {path.name} ({exc.strerror or exc})", "check the file") from None
+    _check_regular(info, path)
+    return path
+
+
+def _check_regular(info: os.stat_result, path: Path) -> None:
+    """A one-line error unless ``info`` (of ``path``) is a regular file's."""
+    import stat
+
     if not stat.S_ISREG(info.st_mode):
         raise ModelLoadError(f"{path.name} is not a regular file (a pipe, a device, or a link to one)",
                              "replace it with the real file")
-    return path
 
 
 def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> bytes:
     """The bytes of a regular file. A pipe, a device or a link to one (which would never end, or block on open) is
     a one-line error, as is a file over ``limit`` bytes."""
-    import stat
-
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -88,9 +91,7 @@ def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> byte
         raise ModelLoadError(f"cannot read {path.name} ({exc.strerror or exc})", "check the file") from None
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ModelLoadError(f"{path.name} is not a regular file (a pipe, a device, or a link to one)",
-                                 "replace it with the real file")
+        _check_regular(info, path)
         if limit is not None and info.st_size > limit:
             raise ModelLoadError(f"{path.name} is {info.st_size:,} bytes, more than the {limit:,} such a file may "
                                  "have", "check the file; it is not what model-opt wrote")
