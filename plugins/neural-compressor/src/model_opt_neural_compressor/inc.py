@@ -20,6 +20,8 @@ from model_opt.modules import excluded
 from model_opt.result import TechniqueResult
 from torch import nn
 
+from . import smoothing
+
 logging.getLogger("neural_compressor").setLevel(logging.WARNING)
 
 
@@ -52,20 +54,33 @@ def export_for_quantization(model: nn.Module, example: Any) -> Any:
     return graph
 
 
-def _static(model: nn.Module, example: Any, batches: list[Any], act_sym: bool, exclude: list[str]) -> nn.Module:
-    """Export, calibrate and convert; every module named in ``exclude`` (and whatever is inside it) stays float: INC
-    passes its local float config to the X86 inductor quantizer as "no config" for that module name, which the
-    quantizer matches against each node's module path, ancestors included."""
+def _static(model: nn.Module, example: Any, batches: list[Any], options: dict[str, Any]) -> tuple[nn.Module, dict]:
+    """Export, smooth (SmoothQuant, unless off), calibrate and convert; every module named in ``exclude`` (and
+    whatever is inside it) stays float: INC passes its local float config to the X86 inductor quantizer as "no
+    config" for that module name, which the quantizer matches against each node's module path, ancestors
+    included. Returns the graph and what smoothing did."""
     from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
 
-    config = StaticQuantConfig(act_sym=act_sym)
-    for name in exclude:
+    config = StaticQuantConfig(act_sym=options["act_sym"])
+    for name in options["exclude"]:
         config.set_local(name, StaticQuantConfig(w_dtype="fp32", act_dtype="fp32"))
-    prepared = prepare(export_for_quantization(model, example), config)
+    graph = export_for_quantization(model, example)
+    alpha = options["smooth_quant_alpha"]
+    smoothed = {} if alpha < 0 else smoothing.smooth(graph, batches, alpha or None, options["exclude"],
+                                                       options["act_sym"])
+    prepared = prepare(graph, config)
     with torch.no_grad():
         for batch in batches:
             call_model(prepared, batch)
-    return convert(prepared)
+    return convert(prepared), smoothed
+
+
+
+def _describe_smoothing(alpha: float, smoothed: dict[str, Any]) -> str:
+    if alpha < 0:
+        return "off"
+    how = "alpha chosen per input" if alpha == 0 else f"alpha {alpha:g}"
+    return f"{smoothed['smoothed']} Linear layers smoothed, {smoothed['unchanged']} left as they were ({how})"
 
 
 def _quantized_ops(graph_module: nn.Module) -> int:
@@ -79,10 +94,12 @@ def static_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tupl
     if not batches:
         raise TechniqueError("calibration_data(dataset_path) yielded nothing", "make it yield model inputs")
     run_checked(model, batches[0], what="calibration data")
-    context.progress(f"INC static int8: export, calibrate on {len(batches)} batches, convert")
-    quantized = _static(model, example, batches, options["act_sym"], options["exclude"])
+    context.progress(f"INC static int8: export, {'' if options['smooth_quant_alpha'] < 0 else 'smooth, '}"
+                     f"calibrate on {len(batches)} batches, convert")
+    quantized, smoothed = _static(model, example, batches, options)
     return TechniqueResult(ExportedModule(quantized, example), {
         "calibration_batches": len(batches), "quantize_ops": _quantized_ops(quantized),
+        "smooth_quant": _describe_smoothing(options["smooth_quant_alpha"], smoothed),
         **({"kept_float": options["exclude"]} if options["exclude"] else {}),
         "runtime_note": "run it under torch.compile with freezing for int8 kernels (--compile)"}, {"graph": "export"},
         standalone=True)
@@ -147,9 +164,18 @@ def _packed(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if type(m).__name__ in ("INCWeightOnlyLinear", "WeightOnlyLinear")]
 
 
+def register_int8_kernels() -> None:
+    """Let torch.compile turn an int8 graph's quantize/dequantize pairs around each Linear and conv into oneDNN
+    int8 kernels (weights packed at freezing). Those inductor passes are registered when torchao's X86 quantizer
+    module is imported, which quantizing does but reopening a saved program does not: without it a reopened
+    result compiles to float matmuls between quantize and dequantize steps, slower than the float model."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
+
 def restore(model: nn.Module, method: str, options: dict[str, Any], state: dict[str, Any]) -> nn.Module:
     """The structure of a saved INC result on a fresh architecture, ready for the saved weights."""
     if state.get("graph") == "export":
+        register_int8_kernels()
         return ExportedModule()
     if state.get("graph") == "weight_only":
         return _restore_weight_only(model, state)

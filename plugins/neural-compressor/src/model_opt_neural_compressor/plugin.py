@@ -15,7 +15,11 @@ TECHNIQUES = (
         summary="INC static int8 through its export flow (X86 inductor quantizer), calibrated on your data.",
         options=(Option("calibration_batches", int, 10, "calibration batches to run", minimum=1),
                  Option("act_sym", bool, False, "symmetric activations (default asymmetric uint8)"),
-                 Option("exclude", list, [], "module names (or prefixes) to keep in float")),
+                 Option("exclude", list, [], "module names (or prefixes) to keep in float"),
+                 Option("smooth_quant_alpha", float, 0.0, "SmoothQuant before quantizing (each Linear's input "
+                        "divided per channel, its weight multiplied): 0 chooses, for each input, the alpha (or "
+                        "none) whose int8 outputs are closest on the calibration data; a value in (0, 1] fixes "
+                        "it; -1 (any negative value) turns it off", minimum=-1, maximum=1)),
         needs=("example_input", "calibration_data"), requires=REQUIRES, speeds_up=(), speeds_up_compiled=("cpu",),
         search_space={}, families=("cnn", "vit", "hybrid", "transformer"),
         speed_note="INC int8 graphs are fast only under torch.compile with freezing (--compile)",
