@@ -85,15 +85,17 @@ def _observe(graph_module: fx.GraphModule, inputs: list[fx.Node], batches: list[
     for index, node in enumerate(inputs):
         with graph.inserting_after(node):
             recorders.append(graph.call_function(record, (node, index)))
-    graph_module.recompile()
+    # run as INC runs the prepared graph on the calibration batches: a module over the same graph, without the
+    # exported module's check that inputs come in the example's form (positional tuples for a dict example)
+    runner = fx.GraphModule(graph_module, graph)
     try:
         with torch.no_grad():
             for batch in batches:
-                call_model(graph_module, batch)
+                call_model(runner, batch)
     finally:
         for recorder in recorders:
             graph.erase_node(recorder)
-        graph_module.recompile()
+        graph_module.graph = graph  # owned by graph_module again (the runner took it), and recompiled
 
 
 def _fake_int8(rows: torch.Tensor, low: float, high: float, symmetric: bool) -> torch.Tensor:
@@ -141,7 +143,7 @@ def smooth(graph_module: fx.GraphModule, batches: list[Any], alpha: float | None
     for node in linears:
         if readers[node.args[1].target] == 1 and not excluded(_module_path(node), exclude):
             grouped[node.args[0]].append(node)
-    entries = [_Input(linears, [_weight(graph_module, n) for n in linears]) for linears in grouped.values()]
+    entries = [_Input(group, [_weight(graph_module, node) for node in group]) for group in grouped.values()]
     sources = list(grouped)
     if not entries:
         return {"smoothed": 0, "unchanged": 0}
