@@ -313,8 +313,7 @@ def print_recommendation(model: Path, test_script: Path | None, test_dataset: st
         line = f"- {technique.kind} {technique.backend}:{technique.method}: {recommended.why}"
         if recommended.available:
             typer.echo(f"{line} [{recommended.slow}]" if recommended.slow else line)
-            kind = device.split(":")[0]  # a technique fast here only under torch.compile gets --compile
-            compiled = kind in technique.speeds_up_compiled and kind not in technique.speeds_up_on(recommended.options)
+            compiled = technique.fast_only_compiled(device.split(":")[0], recommended.options)
             typer.echo(f"    model-opt optimize {model} --test-dataset {test_dataset}{script_arg} "
                        f"{command_flags(technique, recommended.options)}{' --compile' if compiled else ''}")
         else:

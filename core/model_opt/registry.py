@@ -246,6 +246,10 @@ class Technique:
                  for device in values.get((options or {}).get(name), ())]
         return tuple(dict.fromkeys([*self.speeds_up, *extra]))
 
+    def fast_only_compiled(self, device: str, options: Mapping[str, Any] | None = None) -> bool:
+        """True when it reduces latency on ``device`` (a kind: cpu, cuda) only under torch.compile."""
+        return device in self.speeds_up_compiled and device not in self.speeds_up_on(options)
+
     def missing_packages(self) -> list[str]:
         """Required packages that are not importable (checked without importing them)."""
         missing = []

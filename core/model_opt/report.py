@@ -420,7 +420,7 @@ def speed_warnings(report: Report, planned: Sequence[tuple[Any, dict[str, Any]]]
         if slow:
             warnings.append(f"{technique.backend} {technique.method} is {slow}; model-opt recommend lists what is "
                             f"fast on this {'GPU' if device == 'cuda' else 'CPU'}")
-        elif device in technique.speeds_up_compiled and device not in speeds_up and not compiled:
+        elif technique.fast_only_compiled(device, options) and not compiled:
             warnings.append(f"{technique.backend} {technique.method} speeds up on {device} only under "
                             "torch.compile with freezing: rerun with --compile")
         elif device not in speeds_up and device not in technique.speeds_up_compiled:

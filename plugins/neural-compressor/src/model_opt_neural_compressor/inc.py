@@ -75,7 +75,6 @@ def _static(model: nn.Module, example: Any, batches: list[Any], options: dict[st
     return convert(prepared), smoothed
 
 
-
 def _describe_smoothing(alpha: float, smoothed: dict[str, Any]) -> str:
     if alpha < 0:
         return "off"

@@ -40,6 +40,8 @@ class _Input:
     low: torch.Tensor | None = None
     high: torch.Tensor | None = None
     errors: dict[float | None, float] = field(default_factory=dict)
+    #: Each candidate alpha's scale and quantized scaled weights (fixed once the ranges are known).
+    candidates: dict[float | None, tuple[torch.Tensor, list[torch.Tensor]]] = field(default_factory=dict)
 
     def scale(self, alpha: float | None) -> torch.Tensor:
         if alpha is None:
@@ -56,11 +58,8 @@ def _module_path(node: fx.Node) -> str:
 
 
 def _attr_owner(graph_module: fx.GraphModule, target: str) -> tuple[Any, str]:
-    *path, name = target.split(".")
-    owner = graph_module
-    for part in path:
-        owner = getattr(owner, part)
-    return owner, name
+    path, _, name = target.rpartition(".")
+    return graph_module.get_submodule(path), name
 
 
 def _weight(graph_module: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
@@ -120,11 +119,14 @@ def _compare(entry: _Input, rows: torch.Tensor, symmetric: bool) -> None:
     rows = rows[torch.linspace(0, len(rows) - 1, min(len(rows), COMPARED_ROWS)).long()]
     references = [rows @ w.T for w in entry.weights]
     for alpha in ALPHAS:
-        scale = entry.scale(alpha)
+        if alpha not in entry.candidates:
+            scale = entry.scale(alpha)
+            entry.candidates[alpha] = scale, [_fake_weight(w * scale) for w in entry.weights]
+        scale, weights = entry.candidates[alpha]
         low, high = float((entry.low / scale).min()), float((entry.high / scale).max())
         quantized = _fake_int8(rows / scale, low, high, symmetric)
-        error = sum(float(((quantized @ _fake_weight(w * scale).T) - reference).square().sum())
-                    for w, reference in zip(entry.weights, references, strict=True))
+        error = sum(float(((quantized @ weight.T) - reference).square().sum())
+                    for weight, reference in zip(weights, references, strict=True))
         entry.errors[alpha] = entry.errors.get(alpha, 0.0) + error
 
 
@@ -134,8 +136,9 @@ def smooth(graph_module: fx.GraphModule, batches: list[Any], alpha: float | None
     ``exclude``, with ``alpha`` or, when it is None, each input's best candidate of ``ALPHAS``; returns how many
     Linear layers were smoothed and how many were left as they were. The graph's weights are replaced, never
     scaled in place (they may be the user's model's tensors)."""
-    linears = [node for node in graph_module.graph.nodes if node.op == "call_function" and node.target is LINEAR
-               and isinstance(node.args[0], fx.Node) and _weight(graph_module, node) is not None]
+    linears = {node: _weight(graph_module, node) for node in graph_module.graph.nodes
+               if node.op == "call_function" and node.target is LINEAR and isinstance(node.args[0], fx.Node)}
+    linears = {node: weight for node, weight in linears.items() if weight is not None}
     readers = defaultdict(int)  # a weight two Linear nodes read (tied) is left as it is
     for node in linears:
         readers[node.args[1].target] += 1
@@ -143,7 +146,7 @@ def smooth(graph_module: fx.GraphModule, batches: list[Any], alpha: float | None
     for node in linears:
         if readers[node.args[1].target] == 1 and not excluded(_module_path(node), exclude):
             grouped[node.args[0]].append(node)
-    entries = [_Input(group, [_weight(graph_module, node) for node in group]) for group in grouped.values()]
+    entries = [_Input(group, [linears[node] for node in group]) for group in grouped.values()]
     sources = list(grouped)
     if not entries:
         return {"smoothed": 0, "unchanged": 0}
