@@ -67,12 +67,37 @@ def _static(model: nn.Module, example: Any, batches: list[Any], options: dict[st
     graph = export_for_quantization(model, example)
     alpha = options["smooth_quant_alpha"]
     smoothed = {} if alpha < 0 else smoothing.smooth(graph, batches, alpha or None, options["exclude"],
-                                                       options["act_sym"])
+                                                       options["act_sym"], options["reduce_range"] == "on")
     prepared = prepare(graph, config)
+    if options["reduce_range"] == "on":
+        _seven_bit_activations(prepared)
     with torch.no_grad():
         for batch in batches:
             call_model(prepared, batch)
     return convert(prepared), smoothed
+
+
+def reduce_range(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with ``reduce_range`` resolved: ``auto`` is on where this CPU has no int8 dot products."""
+    if options["reduce_range"] != "auto":
+        return options
+    from model_opt.device import device_profile
+
+    return {**options, "reduce_range": "off" if device_profile().has("int8 dot products") else "on"}
+
+
+def _seven_bit_activations(prepared: nn.Module) -> None:
+    """Halve the range of every activation observer (uint8 0-127, int8 -64-63), as torchao's X86 quantizer's
+    ``reduce_range`` does for CPUs without VNNI: there oneDNN multiplies uint8 activations by int8 weights with
+    an instruction that adds two products in 16 bits, which saturate for 8-bit activations (the compiled result
+    then drifts from what calibration simulated)."""
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or not node.args or getattr(node.args[0], "op", None) == "get_attr":
+            continue  # an observer of a weight keeps its range
+        module = prepared.get_submodule(node.target)
+        dtype = getattr(module, "dtype", None)
+        if hasattr(module, "quant_max") and dtype in (torch.uint8, torch.int8):
+            module.quant_min, module.quant_max = (0, 127) if dtype == torch.uint8 else (-64, 63)
 
 
 def _describe_smoothing(alpha: float, smoothed: dict[str, Any]) -> str:
@@ -95,10 +120,13 @@ def static_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tupl
     run_checked(model, batches[0], what="calibration data")
     context.progress(f"INC static int8: export, {'' if options['smooth_quant_alpha'] < 0 else 'smooth, '}"
                      f"calibrate on {len(batches)} batches, convert")
+    options = reduce_range(options)
     quantized, smoothed = _static(model, example, batches, options)
     return TechniqueResult(ExportedModule(quantized, example), {
         "calibration_batches": len(batches), "quantize_ops": _quantized_ops(quantized),
         "smooth_quant": _describe_smoothing(options["smooth_quant_alpha"], smoothed),
+        "activations": ("7-bit (reduce_range: int8 kernels without int8 dot products saturate 8-bit ones)"
+                        if options["reduce_range"] == "on" else "8-bit"),
         **({"kept_float": options["exclude"]} if options["exclude"] else {}),
         "runtime_note": "run it under torch.compile with freezing for int8 kernels (--compile)"}, {"graph": "export"},
         standalone=True)

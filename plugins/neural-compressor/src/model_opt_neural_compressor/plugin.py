@@ -19,7 +19,10 @@ TECHNIQUES = (
                  Option("smooth_quant_alpha", float, 0.0, "SmoothQuant before quantizing (each Linear's input "
                         "divided per channel, its weight multiplied): 0 chooses, for each input, the alpha (or "
                         "none) whose int8 outputs are closest on the calibration data; a value in (0, 1] fixes "
-                        "it; -1 (any negative value) turns it off", minimum=-1, maximum=1)),
+                        "it; -1 (any negative value) turns it off", minimum=-1, maximum=1),
+                 Option("reduce_range", str, "auto", "7-bit activations: without int8 dot products (AVX2 only) "
+                        "oneDNN's int8 kernels add pairs of 8-bit products in 16 bits, which saturate; auto: on "
+                        "where this CPU lacks int8 dot products", choices=("auto", "on", "off"))),
         needs=("example_input", "calibration_data"), requires=REQUIRES, speeds_up=(), speeds_up_compiled=("cpu",),
         search_space={}, families=("cnn", "vit", "hybrid", "transformer"),
         recommended=(Recommended("transformer", "int8 Linear layers after SmoothQuant, run by oneDNN's int8 kernels "

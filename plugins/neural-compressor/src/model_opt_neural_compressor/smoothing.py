@@ -97,15 +97,18 @@ def _observe(graph_module: fx.GraphModule, inputs: list[fx.Node], batches: list[
         graph_module.graph = graph  # owned by graph_module again (the runner took it), and recompiled
 
 
-def _fake_int8(rows: torch.Tensor, low: float, high: float, symmetric: bool) -> torch.Tensor:
-    """``rows`` through per-tensor int8 quantization of the range [low, high] (zero always inside it)."""
+def _fake_int8(rows: torch.Tensor, low: float, high: float, symmetric: bool, seven_bit: bool = False
+               ) -> torch.Tensor:
+    """``rows`` through per-tensor int8 quantization of the range [low, high] (zero always inside it); 7-bit
+    with ``seven_bit`` (the reduced range)."""
     low, high = min(low, 0.0), max(high, 0.0)
+    levels = 127 if seven_bit else 255
     if symmetric:
-        scale = max(-low, high) / 127.5 or 1.0
-        return torch.clamp(torch.round(rows / scale), -128, 127) * scale
-    scale = (high - low) / 255 or 1.0
+        scale = max(-low, high) / (levels / 2) or 1.0
+        return torch.clamp(torch.round(rows / scale), -(levels + 1) // 2, levels // 2) * scale
+    scale = (high - low) / levels or 1.0
     zero = round(-low / scale)
-    return (torch.clamp(torch.round(rows / scale) + zero, 0, 255) - zero) * scale
+    return (torch.clamp(torch.round(rows / scale) + zero, 0, levels) - zero) * scale
 
 
 def _fake_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -114,7 +117,7 @@ def _fake_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(weight / scale), -128, 127) * scale
 
 
-def _compare(entry: _Input, rows: torch.Tensor, symmetric: bool) -> None:
+def _compare(entry: _Input, rows: torch.Tensor, symmetric: bool, seven_bit: bool = False) -> None:
     """Add each candidate alpha's squared output error on ``rows`` to ``entry.errors``."""
     rows = rows[torch.linspace(0, len(rows) - 1, min(len(rows), COMPARED_ROWS)).long()]
     references = [rows @ w.T for w in entry.weights]
@@ -124,14 +127,14 @@ def _compare(entry: _Input, rows: torch.Tensor, symmetric: bool) -> None:
             entry.candidates[alpha] = scale, [_fake_weight(w * scale) for w in entry.weights]
         scale, weights = entry.candidates[alpha]
         low, high = float((entry.low / scale).min()), float((entry.high / scale).max())
-        quantized = _fake_int8(rows / scale, low, high, symmetric)
+        quantized = _fake_int8(rows / scale, low, high, symmetric, seven_bit)
         error = sum(float(((quantized @ weight.T) - reference).square().sum())
                     for weight, reference in zip(weights, references, strict=True))
         entry.errors[alpha] = entry.errors.get(alpha, 0.0) + error
 
 
 def smooth(graph_module: fx.GraphModule, batches: list[Any], alpha: float | None, exclude: list[str],
-           act_sym: bool = False) -> dict[str, int]:
+           act_sym: bool = False, seven_bit: bool = False) -> dict[str, int]:
     """Smooth the Linear layers of ``graph_module`` (an exported graph) not inside a module named by
     ``exclude``, with ``alpha`` or, when it is None, each input's best candidate of ``ALPHAS``; returns how many
     Linear layers were smoothed and how many were left as they were. The graph's weights are replaced, never
@@ -159,7 +162,8 @@ def smooth(graph_module: fx.GraphModule, batches: list[Any], alpha: float | None
 
     _observe(graph_module, sources, batches, ranges)
     if alpha is None:
-        _observe(graph_module, sources, batches, lambda index, rows: _compare(entries[index], rows, act_sym))
+        _observe(graph_module, sources, batches,
+                 lambda index, rows: _compare(entries[index], rows, act_sym, seven_bit))
     counts = {"smoothed": 0, "unchanged": 0}
     for index, (source, entry) in enumerate(zip(sources, entries, strict=True)):
         chosen = min(ALPHAS, key=lambda a: entry.errors[a]) if alpha is None and entry.high is not None else alpha
