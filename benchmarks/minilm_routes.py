@@ -45,6 +45,16 @@ OPTIMUM_KINDS = {"optimum-intel float": "f32", "optimum-intel int8 weights": "in
 
 # --- in the worker processes (also optimum-intel's environment: the standard library and numpy only up here) ---
 
+def load_batches(path: str) -> list[dict]:
+    """The test sentences' batches that :func:`store_batches` wrote, as dicts of int64 numpy arrays (with the
+    all-zero token_type_ids that exported BERT graphs take)."""
+    import numpy as np
+
+    stored = np.load(path)
+    return [{"input_ids": stored[f"input_ids_{i}"], "attention_mask": stored[f"attention_mask_{i}"],
+             "token_type_ids": np.zeros_like(stored[f"input_ids_{i}"])} for i in range(int(stored["count"]))]
+
+
 def _runner(spec: dict, batches: list[dict]):
     """A callable taking one batch (a dict of int64 numpy arrays) and returning last_hidden_state as numpy."""
     import numpy as np
@@ -93,9 +103,7 @@ def worker(spec: dict) -> None:
     """Embed the test sentences (for fidelity), then time calls on the first batch; prints one JSON line."""
     import numpy as np
 
-    stored = np.load(spec["batches"])
-    batches = [{"input_ids": stored[f"input_ids_{i}"], "attention_mask": stored[f"attention_mask_{i}"],
-                "token_type_ids": np.zeros_like(stored[f"input_ids_{i}"])} for i in range(int(stored["count"]))]
+    batches = load_batches(spec["batches"])
     run = _runner(spec, batches)
     embeddings = []
     for batch in batches:
@@ -116,7 +124,6 @@ def worker(spec: dict) -> None:
 def optimum_export(spec: dict) -> None:
     """In optimum-intel's environment: the folder exported by OVModelForFeatureExtraction, float, int8 weights or
     static int8 calibrated on the stored batches."""
-    import numpy as np
     from optimum.intel import (
         OVConfig,
         OVModelForFeatureExtraction,
@@ -129,11 +136,9 @@ def optimum_export(spec: dict) -> None:
     if how == "int8_static":
         import nncf
 
-        stored = np.load(spec["batches"])
-        items = [{"input_ids": stored[f"input_ids_{i}"], "attention_mask": stored[f"attention_mask_{i}"],
-                  "token_type_ids": np.zeros_like(stored[f"input_ids_{i}"])} for i in range(int(stored["count"]))]
         model = OVModelForFeatureExtraction.from_pretrained(spec["model"], export=True, compile=False)
-        OVQuantizer(model).quantize(calibration_dataset=nncf.Dataset(items), save_directory=spec["folder"],
+        OVQuantizer(model).quantize(calibration_dataset=nncf.Dataset(load_batches(spec["batches"])),
+                                    save_directory=spec["folder"],
                                     ov_config=OVConfig(quantization_config=OVQuantizationConfig()))
         return
     kwargs = ({"quantization_config": OVWeightQuantizationConfig(bits=8)} if how == "int8_weights"
@@ -153,7 +158,7 @@ def recommended(model: Path, work: Path) -> tuple[list[str], dict]:
     command = next(line.split() for line in printed.splitlines() if line.strip().startswith("model-opt optimize"))
     flags = command[command.index(str(model)) + 1:]
     out = work / "model-opt"
-    proc = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "optimize", str(model), *flags[:],
+    proc = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "optimize", str(model), *flags,
                            "--output", str(out), "--json", "-q"], capture_output=True, text=True, check=True, env=env)
     return flags, {**json.loads(proc.stdout), "output": str(out)}
 
@@ -197,13 +202,12 @@ def onnx_routes(model: Path, work: Path) -> dict[str, Path]:
 
 
 def store_batches(work: Path) -> Path:
+    """The test script's calibration batches (its test sentences, 8 x 24 tokens each) as one .npz for the workers."""
     import numpy as np
     import torch
+    from model_opt.testscript import TestScript
 
-    sys.path.insert(0, str(DATA))
-    import eval as minilm_eval  # tests/data/minilm/eval.py
-
-    batches, _ = minilm_eval._batches(str(DATA / "data"))
+    batches = TestScript(str(DATA / "eval.py")).call("calibration_data", str(DATA / "data"))
     arrays: dict[str, object] = {"count": np.array(len(batches))}
     for i, batch in enumerate(batches):
         arrays[f"input_ids_{i}"] = batch["input_ids"].to(torch.int64).numpy()
