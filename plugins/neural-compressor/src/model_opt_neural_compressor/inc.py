@@ -86,6 +86,11 @@ def reduce_range(options: dict[str, Any]) -> dict[str, Any]:
     return {**options, "reduce_range": "off" if device_profile().has("int8 dot products") else "on"}
 
 
+def _activations(options: dict[str, Any]) -> str:
+    return ("7-bit (reduce_range: int8 kernels without int8 dot products saturate 8-bit ones)"
+            if options["reduce_range"] == "on" else "8-bit")
+
+
 def _seven_bit_activations(prepared: nn.Module) -> None:
     """Halve the range of every activation observer (uint8 0-127, int8 -64-63), as torchao's X86 quantizer's
     ``reduce_range`` does for CPUs without VNNI: there oneDNN multiplies uint8 activations by int8 weights with
@@ -125,8 +130,7 @@ def static_int8(model: nn.Module, options: dict[str, Any], context: Any) -> tupl
     return TechniqueResult(ExportedModule(quantized, example), {
         "calibration_batches": len(batches), "quantize_ops": _quantized_ops(quantized),
         "smooth_quant": _describe_smoothing(options["smooth_quant_alpha"], smoothed),
-        "activations": ("7-bit (reduce_range: int8 kernels without int8 dot products saturate 8-bit ones)"
-                        if options["reduce_range"] == "on" else "8-bit"),
+        "activations": _activations(options),
         **({"kept_float": options["exclude"]} if options["exclude"] else {}),
         "runtime_note": "run it under torch.compile with freezing for int8 kernels (--compile)"}, {"graph": "export"},
         standalone=True)
@@ -261,8 +265,11 @@ def tune(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Mo
         config_set = [StaticQuantConfig(act_sym=False), StaticQuantConfig(act_sym=True),
                       StaticQuantConfig(w_granularity="per_tensor")]
         target = export_for_quantization(model, example)
+        options = reduce_range(options)
 
         def run_fn(prepared: nn.Module) -> None:
+            if options["reduce_range"] == "on":  # (each trial's observers, before they see a batch)
+                _seven_bit_activations(prepared)
             with torch.no_grad():
                 for batch in batches:
                     call_model(prepared, batch)
@@ -274,7 +281,7 @@ def tune(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Mo
     tuning = TuningConfig(config_set=config_set, tolerable_loss=relative, max_trials=options["max_trials"])
     best = autotune(target, tuning, eval_fn=eval_fn, run_fn=run_fn, example_inputs=split_input(example)[0])
     info = {"space": options["space"], "baseline": baseline, "tolerable_loss_relative": relative,
-            "trials": trials}
+            "trials": trials, **({"activations": _activations(options)} if options["space"] == "static" else {})}
     result = None
     if best is not None:
         result = ExportedModule(best, example) if options["space"] == "static" else best

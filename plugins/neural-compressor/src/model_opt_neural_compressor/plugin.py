@@ -8,6 +8,9 @@ from model_opt.hookspecs import hookimpl
 from model_opt.registry import Option, Recommended, Technique
 
 REQUIRES = ("neural_compressor",)
+REDUCE_RANGE = Option("reduce_range", str, "auto", "7-bit activations: without int8 dot products (AVX2 only) oneDNN's "
+                      "int8 kernels add pairs of 8-bit products in 16 bits, which saturate; auto: on where this CPU "
+                      "lacks int8 dot products", choices=("auto", "on", "off"))
 
 TECHNIQUES = (
     Technique(
@@ -20,9 +23,7 @@ TECHNIQUES = (
                         "divided per channel, its weight multiplied): 0 chooses, for each input, the alpha (or "
                         "none) whose int8 outputs are closest on the calibration data; a value in (0, 1] fixes "
                         "it; -1 (any negative value) turns it off", minimum=-1, maximum=1),
-                 Option("reduce_range", str, "auto", "7-bit activations: without int8 dot products (AVX2 only) "
-                        "oneDNN's int8 kernels add pairs of 8-bit products in 16 bits, which saturate; auto: on "
-                        "where this CPU lacks int8 dot products", choices=("auto", "on", "off"))),
+                 REDUCE_RANGE),
         needs=("example_input", "calibration_data"), requires=REQUIRES, speeds_up=(), speeds_up_compiled=("cpu",),
         search_space={}, families=("cnn", "vit", "hybrid", "transformer"),
         recommended=(Recommended("transformer", "int8 Linear layers after SmoothQuant, run by oneDNN's int8 kernels "
@@ -52,7 +53,8 @@ TECHNIQUES = (
         options=(Option("space", str, "static", "configs to try: static int8 variants, or weight-only ones",
                         choices=("static", "weight_only")),
                  Option("max_trials", int, 8, "tuning trials at most", minimum=1),
-                 Option("calibration_batches", int, 10, "calibration batches per static trial", minimum=1)),
+                 Option("calibration_batches", int, 10, "calibration batches per static trial", minimum=1),
+                 REDUCE_RANGE),
         needs=("example_input",), requires=REQUIRES, speeds_up=(), speeds_up_compiled=("cpu",),
         speed_note="the tuned int8 graph is fast only under torch.compile with freezing (--compile)",
     ),
