@@ -39,9 +39,11 @@ def test_the_folder_loads_with_its_lm_head_and_recommend_plans_weight_only(cli, 
     gguf = [line for line in plan if line.startswith("- quantize llama-cpp:gguf")]
     nncf = next(line for line in plan if line.startswith("- quantize nncf:weight_only"))
     if importlib.util.find_spec("llama_cpp") is not None:
-        assert plan[:2] == gguf and plan[2] == nncf, plan
+        assert plan[:3] == gguf and plan[3] == nncf, plan
+        first = result.stdout.splitlines()[result.stdout.splitlines().index(plan[0]) + 1]
+        assert "--quant-opt type=q4_k_m" in first, first  # (the k-quant mix: Ollama's default)
     else:
-        assert plan[0] == nncf and plan[-2:] == gguf, plan
+        assert plan[0] == nncf and plan[-3:] == gguf, plan
         assert all('missing llama_cpp: pip install "model-opt[llama-cpp]"' in line for line in gguf), gguf
     command = result.stdout.splitlines()[result.stdout.splitlines().index(nncf) + 1]
     assert "--quant-opt runtime=openvino" in command and "--test-script" not in command  # built-in evaluation

@@ -21,11 +21,15 @@ GGUF = Technique(
                     "and faster to decode, less accurate)", choices=TYPES),),
     requires=("llama_cpp", "gguf"),
     families=("causal-lm",),
-    recommended=(Recommended("causal-lm", "on CPU: llama.cpp's own kernels decode a GGUF file; 4-bit weights read an "
-                             "eighth of float32's bytes per token (the result is a .gguf that llama.cpp and Ollama "
-                             "run as it is)", {"type": "q4_0"}, rank=1),
+    recommended=(Recommended("causal-lm", "on CPU: llama.cpp's own kernels decode a GGUF file; q4_k_m (Ollama's "
+                             "default) keeps most weights in 4-bit blocks and the most sensitive in 6-bit: about a "
+                             "sixth of float32's bytes read per token, closer to float than q4_0 (the result is a "
+                             ".gguf that llama.cpp and Ollama run as it is)", {"type": "q4_k_m"}, rank=1),
+                 Recommended("causal-lm", "plain 4-bit GGUF in llama.cpp: as small as q4_k_m, a little less "
+                             "accurate; on some CPUs the faster of the two (autotune measures both)", {"type": "q4_0"},
+                             rank=2),
                  Recommended("causal-lm", "8-bit GGUF in llama.cpp: closest to the float model's accuracy",
-                             {"type": "q8_0"}, rank=2)),
+                             {"type": "q8_0"}, rank=3)),
     speeds_up=("cpu",),
     speed_note="runs in llama.cpp, not torch: the report splits the speed-up into llama.cpp's own (the float32 GGUF) "
                "and the quantization's",

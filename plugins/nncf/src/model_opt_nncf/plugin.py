@@ -74,8 +74,8 @@ WEIGHT_ONLY = Technique(
     needs=("example_input",),
     requires=("nncf",),
     families=("causal-lm", "transformer", "vit", "diffusion"),
-    recommended=(Recommended("causal-lm", "on CPU: int4 weights decoded by OpenVINO's own kernels with the KV cache "
-                             "as inputs and outputs; decode reads every weight once per token, and int4 reads an "
+    recommended=(Recommended("causal-lm", "on CPU: int4 weights decoded by OpenVINO's own kernels with its KV cache "
+                             "kept inside the runtime; decode reads every weight once per token, and int4 reads an "
                              "eighth of float32's bytes (the result is an OpenVINO model)",
                              {"mode": "int4_sym", "runtime": "openvino"}, rank=3),
                  Recommended("causal-lm", "the smallest torch weights (int8 or int4, embeddings too); decompressed "
