@@ -42,6 +42,9 @@ def test_float32_gguf_gives_the_torch_models_logits(lm, name: str) -> None:
     with torch.no_grad():
         got = result(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-3)
+    # the file is read, not memory-mapped: llama.cpp repacks 4-bit weights, and a mapping would keep the file's pages
+    # beside the repacked copy (a reopened Q4_0 model held its weights twice)
+    assert str(result._path) not in Path("/proc/self/maps").read_text()
     # the greedy decode with llama.cpp's KV cache follows the float model's
     with torch.no_grad():
         reference = model.generate(ids[:, :8], max_new_tokens=8, do_sample=False, pad_token_id=0)

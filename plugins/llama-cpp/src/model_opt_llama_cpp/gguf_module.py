@@ -61,9 +61,11 @@ class GGUFModule(nn.Module):
 
         context = min(_context_length(path), MAX_CONTEXT)
         try:
+            # read, not memory-mapped: llama.cpp's CPU backend repacks 4-bit weights into a layout of its own, and
+            # a mapped file would keep every page it read for that beside the repacked copy (the weights twice)
             self._llm = Llama(model_path=str(path), n_ctx=context, n_batch=min(512, context),
                               n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
-                              logits_all=True, verbose=False)
+                              logits_all=True, use_mmap=False, verbose=False)
         except Exception as exc:
             detail = " ".join(str(exc).split())[:120]
             raise ModelLoadError(f"{path.name} is not a GGUF model llama.cpp can load ({detail})",
