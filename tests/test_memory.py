@@ -11,6 +11,7 @@ from model_opt.memory import peak_memory
 from model_opt.timing import Deployed
 
 
+@pytest.mark.slow
 def test_a_model_with_more_weights_peaks_higher_in_its_own_process(tmp_path: Path) -> None:
     small = torch.nn.Linear(8, 8)
     big = torch.nn.Sequential(torch.nn.Linear(8, 4096), torch.nn.Linear(4096, 4096), torch.nn.Linear(4096, 8))

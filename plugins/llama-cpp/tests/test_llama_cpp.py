@@ -31,7 +31,7 @@ def _hf(folder: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])  # (gpt2: trained)
 def test_float32_gguf_gives_the_torch_models_logits(lm, name: str) -> None:
     model = _hf(lm[name])
     ids = torch.arange(1000, 1040)[None]

@@ -15,6 +15,7 @@ from model_opt.techniques import Quantizer
 from model_opt_nncf.openvino_module import OpenVINOModule
 
 
+@pytest.mark.slow
 def test_digits_int8_agrees_with_float_and_reloads(cli, digits, tmp_path: Path) -> None:
     out = tmp_path / "int8.pt"
     result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--test-script", digits.script,
