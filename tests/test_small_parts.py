@@ -105,5 +105,35 @@ def test_a_causal_lms_headline_is_its_decode_rate() -> None:
     summary = Report("lm", "cpu", 2, False, before, after).summary()
     assert summary["speedup"] == summary["decode_speedup"] == pytest.approx(2.5)
     assert summary["prefill_speedup"] == pytest.approx(1.25)
+    assert summary["speedup_runtime"] is None and summary["speedup_technique"] is None  # (not timed: not said)
     assert "headline: decode 2.50x faster (50.0 -> 125.0 tokens/s, decode_tokens_per_s); prefill 1.25x faster" in \
         Report("lm", "cpu", 2, False, before, after).render()
+
+
+def test_a_causal_lms_decode_speed_up_is_split_into_the_runtimes_part_and_the_techniques() -> None:
+    """The float model in the result's runtime decodes in the same rounds: the summary's parts are the decode
+    rate's (the headline's), the prefill's are named so; when the technique adds under 5% the warning says how to
+    get the runtime's gain without it."""
+    from model_opt.report import Measurement, Report, speed_warnings
+
+    def report(runtime_rate: float) -> Report:
+        before = Measurement({"perplexity": 20.0, "decode_tokens_per_s": 50.0}, "perplexity", 10, 10, 100,
+                             _timed(10.0, "eager"))
+        after = Measurement({"perplexity": 20.2, "decode_tokens_per_s": 125.0}, "perplexity", 10, 10, 40,
+                            _timed(8.0, "llama.cpp"))
+        return Report("lm", "cpu", 2, False, before, after, runtime_latency=_timed(9.0, "llama.cpp"),
+                      runtime_decode=("llama.cpp", runtime_rate))
+
+    split = report(100.0)
+    summary = split.summary()
+    assert summary["speedup"] == pytest.approx(summary["speedup_runtime"] * summary["speedup_technique"])
+    assert (summary["speedup_runtime"], summary["speedup_technique"]) == (pytest.approx(2.0), pytest.approx(1.25))
+    assert summary["prefill_speedup_runtime"] == pytest.approx(10 / 9)
+    text = split.render()
+    assert ("headline: decode 2.50x faster (50.0 -> 125.0 tokens/s, decode_tokens_per_s): 2.00x from the runtime "
+            "(float llama.cpp), 1.25x from the technique; prefill 1.25x faster") in text
+    assert "of which the runtime (-> float llama.cpp)" in text and "of which the technique (llama.cpp both)" in text
+    assert not any("the runtime's" in w for w in speed_warnings(split, []))
+    warning = next(w for w in speed_warnings(report(122.0), []) if "the runtime's" in w)
+    assert warning.endswith("convert the float model to llama.cpp (model-opt export MODEL --format gguf) for the "
+                            "same gain without it")

@@ -106,12 +106,13 @@ def time_against_original(job: Job, original: Any, model: Any, records: Sequence
             with contextlib.ExitStack() as stack:
                 deployed = dict(saved) if saved is not None else stack.enter_context(
                     saved_candidates(job, {"after": (model, records, compiled is not None)}))
-                counterpart = float_counterpart(model) if split and compiled is None else None
-                if split and compiled is not None:  # the original's own file, compiled in its process
+                if not split:
+                    deployed.pop("runtime", None)
+                elif compiled is not None:  # the original's own file, compiled in its process
                     deployed["runtime"] = dataclasses.replace(deployed["original"], compile=True)
-                elif counterpart is not None:  # reopened in its runtime by the result's own steps
+                elif "runtime" not in deployed and (counterpart := float_counterpart(model)) is not None:
                     deployed.update(stack.enter_context(saved_candidates(job, {"runtime": (
-                        counterpart[0], records, False)}, original=False)))
+                        counterpart[0], records, False)}, original=False)))  # (reopened by the result's steps)
                 return steadiest(lambda: time_once(deployed), progress)
         except ModelOptError as exc:
             note = f"timed in this process, not each as deployed ({exc.problem})"
@@ -146,14 +147,16 @@ def saved_candidates(job: Job, candidates: dict[str, tuple[Any, Sequence[StepRec
         yield saved
 
 
-def decode_as_deployed(job: Job, saved: dict[str, Any], report: Report) -> None:
+def decode_as_deployed(job: Job, saved: dict[str, Any], report: Report, runtime: str) -> None:
     """A causal LM's decode figures, before and after, each model in its own process (``saved`` as
     :func:`saved_candidates` gives them), in place of the evaluation's figures from this process, which holds
-    both runtimes at once; a failure is a warning and the evaluation's figures stay."""
+    both runtimes at once; with the float model in the result's ``runtime`` too when ``saved`` has it, which splits
+    the decode speed-up into the runtime's part and the technique's. A failure is a warning and the evaluation's
+    figures stay."""
     if DECODE not in report.before.metrics or report.after is None or DECODE not in report.after.metrics:
         return
     job.progress("timing decode: the original and the optimized model, each in its own process, interleaved")
-    candidates = {name: saved[name] for name in ("original", "after")}
+    candidates = {name: saved[name] for name in ("original", "after", "runtime") if name in saved}
     try:
         rates = decode_deployed(candidates, job.example, job.device)
     except ModelOptError as exc:
@@ -161,6 +164,8 @@ def decode_as_deployed(job: Job, saved: dict[str, Any], report: Report) -> None:
         return
     report.before.metrics.update(rates["original"].metrics())
     report.after.metrics.update(rates["after"].metrics())
+    if "runtime" in rates:
+        report.runtime_decode = (runtime, rates["runtime"].tokens_per_s)
     report.decode_workload = f"each model in its own process, the median of {DECODE_ROUNDS} interleaved rounds"
 
 
@@ -174,7 +179,8 @@ def peak_memory_of(job: Job, saved: dict[str, Any], report: Report) -> None:
     report.memory_workload = f"own process: load, then greedy decode of {generate} tokens"
     job.progress("measuring peak memory: the original and the optimized model, each loading and decoding in its "
                  "own process")
-    eager = {name: dataclasses.replace(deployed, compile=False) for name, deployed in saved.items()}
+    eager = {name: dataclasses.replace(deployed, compile=False) for name, deployed in saved.items()
+             if name in ("original", "after")}
     try:
         peaks = peak_memory(eager, job.example, job.device, decode=True)
     except ModelOptError as exc:

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomic
-from .compare import decode_as_deployed, peak_memory_of, saved_candidates, time_against_original
+from .compare import (
+    decode_as_deployed,
+    float_counterpart,
+    peak_memory_of,
+    saved_candidates,
+    time_against_original,
+)
 from .device import device_profile
 from .errors import AccuracyBudgetExceeded, ModelOptError, UsageError
 from .export import export_model
@@ -25,7 +31,7 @@ from .report import Measurement, Report, speed_warnings
 from .sensitivity import mix_for_budget
 from .steps import Step, apply_with_recovery, check, plan, split_for_recovery
 from .testscript import BUILTIN_LM, TestScript
-from .timing import in_processes
+from .timing import in_processes, runtime_of
 
 #: Why latency was not measured, by test-script contract (a program-mode script is never imported, so it cannot
 #: give an example input).
@@ -138,6 +144,10 @@ def measure_after(job: Job, original: Any, model: Any, report: Report) -> None:
                 try:  # saved once, for the timing processes and the memory processes
                     saved = stack.enter_context(saved_candidates(job, {"after": (model, report.steps,
                                                                                  compiled is not None)}))
+                    counterpart = float_counterpart(model) if compiled is None else None
+                    if counterpart is not None:  # the float model in the result's runtime: latency and decode
+                        saved.update(stack.enter_context(saved_candidates(job, {"runtime": (
+                            counterpart[0], report.steps, False)}, original=False)))
                 except ModelOptError as exc:
                     report.warnings.append(f"peak memory not measured: {exc.problem}")
             timed = time_against_original(job, original, model, report.steps, compiled, saved=saved, split=True)
@@ -146,7 +156,7 @@ def measure_after(job: Job, original: Any, model: Any, report: Report) -> None:
             report.latency_note = timed.note or report.latency_note
             if saved is not None:
                 if compiled is None and in_processes(original, model):
-                    decode_as_deployed(job, saved, report)
+                    decode_as_deployed(job, saved, report, runtime_of(model))
                 peak_memory_of(job, saved, report)
     elif example is not None:
         report.after.latency = model_latency(compiled if compiled is not None else model, example, device,

@@ -82,6 +82,9 @@ class Report:
     memory_workload: str = ""
     #: How a causal LM's decode tokens/s were timed, when not in the evaluation's process.
     decode_workload: str = ""
+    #: A causal LM's float model in the result's runtime, decoding in the same rounds as before and after: (the
+    #: runtime, tokens/s).
+    runtime_decode: tuple[str, float] | None = None
     #: The settings of the built-in evaluation (a causal LM's window, windows, prompt and generated lengths).
     evaluation: dict[str, Any] | None = None
     #: The machine the figures come from (CPU model, instruction sets, cores, memory, GPUs).
@@ -138,6 +141,26 @@ class Report:
         return (name, self.before.metrics[name], after[name]) if name and self.before.metrics[name] else None
 
     @property
+    def decode_parts(self) -> tuple[float, float] | None:
+        """A causal LM's decode speed-up split: (the runtime's part: its float model over the original as run
+        today; the technique's: the result over that float model), when the float model in the result's runtime
+        was timed."""
+        if self.decode is None or not self.runtime_decode or not self.runtime_decode[1]:
+            return None
+        _, before, after = self.decode
+        return self.runtime_decode[1] / before, after / self.runtime_decode[1]
+
+    def headline_parts(self) -> tuple[float, float, str] | None:
+        """The headline's split (the runtime's part, the technique's part, the runtime): the decode rate's for a
+        causal LM, else the latency's."""
+        if self.decode is not None:
+            parts = self.decode_parts
+            return (*parts, self.runtime_decode[0]) if parts and self.runtime_decode else None
+        if self.speedup_runtime is None or self.speedup_technique is None or self.runtime_latency is None:
+            return None
+        return self.speedup_runtime, self.speedup_technique, self.runtime_latency.runtime
+
+    @property
     def headline(self) -> float | None:
         """The one speed-up a person reads first: a causal LM's decode tokens/s ratio; else the latency ratio over
         the original as run today (None when unsteady)."""
@@ -167,11 +190,12 @@ class Report:
             "metric_drop": self.metric_drop,
             "within_budget": self.within_budget,
             "speedup": self.headline,
-            **({"decode_speedup": self.headline, "prefill_speedup": self.speedup if self.stable else None}
+            **({"decode_speedup": self.headline, "prefill_speedup": self.speedup if self.stable else None,
+                "prefill_speedup_runtime": self.speedup_runtime, "prefill_speedup_technique": self.speedup_technique}
                if self.decode else {}),
             "speedup_range": self.speedup_range,
-            "speedup_runtime": self.speedup_runtime,
-            "speedup_technique": self.speedup_technique,
+            "speedup_runtime": parts[0] if (parts := self.headline_parts()) else None,
+            "speedup_technique": parts[1] if parts else None,
             "size_ratio": after.size_bytes / self.before.size_bytes if after and self.before.size_bytes else None,
             **({"peak_memory_ratio": after.peak_memory_bytes / self.before.peak_memory_bytes}
                if after and after.peak_memory_bytes and self.before.peak_memory_bytes else {}),
@@ -206,6 +230,8 @@ class Report:
             "runtime_latency": self.runtime_latency.to_dict() if self.runtime_latency else None,
             "memory_workload": self.memory_workload or None,
             "decode_workload": self.decode_workload or None,
+            "runtime_decode": {"runtime": self.runtime_decode[0], "tokens_per_s": self.runtime_decode[1]}
+            if self.runtime_decode else None,
             "evaluation": self.evaluation,
             "device_profile": self.profile.to_dict() if self.profile else None,
             "sensitive_groups": self.sensitive,
@@ -220,14 +246,11 @@ class Report:
             prefill = f"; prefill {speed_text(self.speedup)}" if self.speedup and self.stable else ""
             how = f"; {self.decode_workload}" if self.decode_workload else ""
             return (f"decode {speed_text(after / before)} ({before:.1f} -> {after:.1f} tokens/s, {name}{how})"
-                    f"{prefill}")
+                    f"{_parts(self.headline_parts())}{prefill}")
         if self.headline is None:
             return None
-        text = f"{speed_text(self.headline)} than the original as run today ({self.before.latency.runtime})"
-        if self.speedup_runtime is not None and self.speedup_technique is not None:
-            text += (f": {self.speedup_runtime:.2f}x from the runtime (float {self.runtime_latency.runtime}), "
-                     f"{self.speedup_technique:.2f}x from the technique")
-        return text
+        return (f"{speed_text(self.headline)} than the original as run today ({self.before.latency.runtime})"
+                f"{_parts(self.headline_parts())}")
 
     def to_json(self) -> str:
         return dumps(self.to_dict())
@@ -242,6 +265,12 @@ class Report:
             after = a.metrics.get(name) if a else None
             label = f"{name}{' (primary)' if name == b.primary else ''}"
             rows.append((label, _num(before), _num(after), _delta(before, after)))
+            if self.decode and name == self.decode[0] and self.decode_parts and self.runtime_decode:
+                runtime, rate = self.runtime_decode
+                rows.append((f"  of which the runtime (-> float {runtime})", _num(before), _num(rate),
+                             speed_text(self.decode_parts[0])))
+                rows.append((f"  of which the technique ({runtime} both)", _num(rate), _num(after),
+                             speed_text(self.decode_parts[1])))
             if self.recovery and name in self.recovery["metrics_before_recovery"]:
                 pre = self.recovery["metrics_before_recovery"][name]
                 rows.append((f"  before {self.recovery['steps']}-step recovery", _num(before), _num(pre),
@@ -322,6 +351,17 @@ class Report:
         if self.exported:
             out.append(f"exported: {self.exported} (torch.export program; loads with no trust flag)")
         return "\n".join(out)
+
+
+#: ``model-opt export`` formats of the runtimes whose name is not their format's.
+EXPORT_FORMATS = {"llama.cpp": "gguf"}
+
+
+def _parts(parts: tuple[float, float, str] | None) -> str:
+    """The headline's split in words (empty when it was not measured)."""
+    if parts is None:
+        return ""
+    return f": {parts[0]:.2f}x from the runtime (float {parts[2]}), {parts[1]:.2f}x from the technique"
 
 
 #: Above this spread of the timings, the report says the measurement was unstable.
@@ -431,13 +471,14 @@ def speed_warnings(report: Report, planned: Sequence[tuple[Any, dict[str, Any]]]
         warnings.append(f"the latency measurement was unstable (timings spread {max(before.spread, after.spread):.0%} "
                         "around the median: the CPU was busy), so no single speed-up is shown: rerun on an idle "
                         "machine before trusting one")
-    technique = report.speedup_technique
-    if technique is not None and technique < TECHNIQUE_GAIN and (report.speedup_runtime or 0) > 1:
-        runtime = report.runtime_latency.runtime
+    parts = report.headline_parts()
+    if parts is not None and parts[1] < TECHNIQUE_GAIN and parts[0] > 1:
+        runtime_part, technique, runtime = parts
         how = ("compile the float model (torch.compile with inductor freezing)" if runtime == "compiled" else
-               f"convert the float model to {runtime} (model-opt export MODEL --format {runtime})")
+               f"convert the float model to {runtime} (model-opt export MODEL --format "
+               f"{EXPORT_FORMATS.get(runtime, runtime)})")
         warnings.append(f"the speed-up is the runtime's, not the technique's: float {runtime} runs "
-                        f"{report.speedup_runtime:.2f}x the original, and the technique adds {technique:.2f}x; "
+                        f"{runtime_part:.2f}x the original, and the technique adds {technique:.2f}x; "
                         f"{how} for the same gain without it")
     speedup = report.speedup if report.stable else None
     if speedup is not None:
