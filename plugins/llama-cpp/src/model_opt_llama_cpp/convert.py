@@ -60,11 +60,8 @@ def _tensors(model: nn.Module, arch: str) -> Any:
     """(GGUF name, float32 array) of every parameter, in llama.cpp's layout: GPT-2's Conv1D weights transposed,
     Llama's query and key rows reordered for llama.cpp's rotary embedding. A parameter the map does not know
     (a layer an earlier step added) is refused, naming it."""
-    import gguf
-
     config = model.config
-    blocks = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GPT2, blocks)
+    names = tensor_names(model, arch)
     modules = dict(model.named_modules())
     # a head tied to the embeddings is written once: llama.cpp reads the embeddings as the head when output.weight
     # is absent (its llama and gpt2 loaders)
@@ -83,6 +80,15 @@ def _tensors(model: nn.Module, arch: str) -> Any:
             tensor = _rotary_order(tensor, int(getattr(config, "num_key_value_heads", None)
                                                or config.num_attention_heads))
         yield target, np.ascontiguousarray(tensor.numpy())
+
+
+def tensor_names(model: nn.Module, arch: str) -> Any:
+    """The ``gguf`` package's map from the model's parameter names to llama.cpp's tensor names."""
+    import gguf
+
+    config = model.config
+    blocks = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GPT2, blocks)
 
 
 def _rotary_order(tensor: torch.Tensor, heads: int) -> torch.Tensor:

@@ -18,7 +18,11 @@ GGUF = Technique(
     summary="A causal LM (Llama or GPT-2 architecture) as a GGUF file for llama.cpp or Ollama, quantized by "
             "llama.cpp's own quantizer and measured running in llama.cpp.",
     options=(Option("type", str, "q4_0", "GGUF type: f32/f16/bf16 float, q8_0 (8-bit), q4_0, q4_k_m... (smaller "
-                    "and faster to decode, less accurate)", choices=TYPES),),
+                    "and faster to decode, less accurate)", choices=TYPES),
+             Option("imatrix", str, "auto", "an importance matrix from the calibration text (each input channel's "
+                    "mean square, as llama.cpp's llama-imatrix makes it) that llama.cpp's quantizer weights rounding "
+                    "errors by; auto: for the 4-bit types, when there is calibration text",
+                    choices=("auto", "on", "off"))),
     requires=("llama_cpp", "gguf"),
     families=("causal-lm",),
     recommended=(Recommended("causal-lm", "on CPU: llama.cpp's own kernels decode a GGUF file; q4_k_m (Ollama's "

@@ -16,6 +16,7 @@ from torch import nn
 
 from .convert import architecture, write_gguf
 from .gguf_module import GGUFModule
+from .imatrix import LOW_BIT, CMatrix, importance_matrix
 from .plugin import TYPES
 
 
@@ -53,6 +54,9 @@ def quantize_gguf(model: nn.Module, options: dict[str, Any], context: Any) -> Te
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = number
         params.nthread = torch.get_num_threads()
+        matrix = _importance(model, kind, options["imatrix"], context, info)
+        if matrix is not None:
+            params.imatrix = matrix.pointer()
         if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
             raise TechniqueError(f"llama.cpp could not quantize the model to {kind} (see the log beside the output)",
                                  "try another type, such as q8_0")
@@ -61,6 +65,22 @@ def quantize_gguf(model: nn.Module, options: dict[str, Any], context: Any) -> Te
     info.update({"type": kind, "runtime": "llama.cpp", "file_bytes": target.stat().st_size,
                  "threads": torch.get_num_threads()})
     return TechniqueResult(module, info, {}, standalone=True)
+
+
+def _importance(model: nn.Module, kind: str, choice: str, context: Any, info: dict[str, Any]) -> CMatrix | None:
+    """The importance matrix for llama.cpp's quantizer, when ``imatrix`` asks for one (``auto``: a 4-bit type
+    and calibration text at hand); what was done goes into ``info``."""
+    if choice == "off" or (choice == "auto" and (kind not in LOW_BIT or context.calibration_data is None)):
+        info["imatrix"] = "none"
+        return None
+    batches = list(context.calibration_inputs())
+    if not batches:
+        raise TechniqueError("calibration_data(dataset_path) yielded nothing", "make it yield model inputs, or "
+                             "pass --quant-opt imatrix=off")
+    context.progress(f"importance matrix over {len(batches)} calibration inputs")
+    matrix, tokens = importance_matrix(model, architecture(model), batches)
+    info["imatrix"] = f"{len(matrix)} matrices from {tokens} calibration tokens"
+    return CMatrix(matrix)
 
 
 def _tokenizer_folder(model: nn.Module, context: Any) -> Path:
