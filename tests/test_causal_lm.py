@@ -263,3 +263,32 @@ def test_a_model_that_is_not_a_causal_lm_still_needs_a_test_script(cli, digits) 
     result = cli("optimize", digits.model, "--test-dataset", digits.dataset, "--prune")
     assert result.exit_code == 2
     assert "--test-script is required for this model" in result.stderr
+
+
+def test_the_shared_greedy_loop_feeds_one_token_per_step_and_stops_when_asked() -> None:
+    """OpenVINO and llama.cpp results decode through one loop: the prompt first (the cache emptied), then each new
+    token alone; the stopping criteria see the ids so far and that token's logits, and end the loop."""
+    import numpy as np
+    import torch
+    from model_opt.decoding import greedy
+
+    fed: list[tuple[list[int], bool]] = []
+    buffer = np.zeros(16, dtype=np.float32)  # (the runtime's own buffer, overwritten at every step)
+
+    def step(tokens: list[int], start: bool) -> np.ndarray:
+        fed.append((tokens, start))
+        buffer[:] = 0
+        buffer[(tokens[-1] + 1) % 16] = 1.0  # the next token: the last one plus one
+        return buffer
+
+    seen = []
+
+    def stop(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        seen.append((ids.tolist(), int(scores.argmax())))
+        return torch.tensor([ids.shape[1] == 6])
+
+    out = greedy(step, torch.tensor([[3, 4, 5]]), max_new_tokens=8, stopping_criteria=stop)
+    assert out.tolist() == [[3, 4, 5, 6, 7, 8]]
+    assert fed == [([3, 4, 5], True), ([6], False), ([7], False)]
+    assert seen == [([[3, 4, 5, 6]], 6), ([[3, 4, 5, 6, 7]], 7), ([[3, 4, 5, 6, 7, 8]], 8)]
+    assert greedy(step, torch.tensor([[1]]), max_new_tokens=3).tolist() == [[1, 2, 3, 4]]

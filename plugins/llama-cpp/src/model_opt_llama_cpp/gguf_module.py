@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from model_opt.decoding import count_runtime, greedy
 from model_opt.errors import ModelLoadError
 from torch import nn
 
@@ -98,32 +99,26 @@ class GGUFModule(nn.Module):
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, stopping_criteria: Any = None,
                  **_: Any) -> torch.Tensor:
-        """Greedy decoding of batch 1 with llama.cpp's KV cache; only the last position's logits are computed at
-        each step, as llama.cpp's own generation does. ``stopping_criteria`` are called after every new token,
-        as transformers calls them (model-opt's evaluation stamps the time there)."""
+        """Greedy decoding of batch 1 with llama.cpp's KV cache (:func:`model_opt.decoding.greedy`); only the last
+        position's logits are computed at each step, as llama.cpp's own generation does. ``stopping_criteria``
+        are called after every new token, as transformers calls them (model-opt's evaluation stamps the time
+        there)."""
         import llama_cpp
 
-        if input_ids.shape[0] != 1:
-            raise ValueError("GGUFModule.generate decodes one sequence at a time")
-        tokens = input_ids[0].tolist()
-        self._check_length(len(tokens) + max_new_tokens)
+        self._check_length(input_ids.shape[1] + max_new_tokens)
         llm, vocab = self._llm, self._llm.n_vocab()
+
+        def step(tokens: list[int], start: bool) -> np.ndarray:
+            if start:
+                llm.reset()
+            self._eval(tokens)
+            return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+
         llm._logits_all = False  # (llama-cpp-python reads it at every eval: only the last logits are computed)
         try:
-            llm.reset()
-            self._eval(tokens)
-            for step in range(max_new_tokens):
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
-                tokens.append(int(logits.argmax()))
-                sequence = torch.tensor([tokens])
-                if stopping_criteria is not None and bool(stopping_criteria(sequence, torch.from_numpy(
-                        logits.copy())[None]).all()):
-                    break
-                if step + 1 < max_new_tokens:
-                    self._eval(tokens[-1:])
+            return greedy(step, input_ids, max_new_tokens, stopping_criteria)
         finally:
             llm._logits_all = True
-        return torch.tensor([tokens])
 
     #: Seconds spent inside llama.cpp's evaluation calls so far (the built-in evaluation splits decode time by it).
     runtime_seconds = 0.0
@@ -131,7 +126,7 @@ class GGUFModule(nn.Module):
     def _eval(self, tokens: list[int]) -> None:
         started = time.perf_counter()
         self._llm.eval(tokens)
-        self.runtime_seconds += time.perf_counter() - started
+        count_runtime(self, started)
 
     def _check_length(self, length: int) -> None:
         if length > self._llm.n_ctx():

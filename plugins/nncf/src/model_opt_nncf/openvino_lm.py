@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from model_opt.decoding import count_runtime, greedy
 from model_opt.errors import TechniqueError
 from torch import nn
 
@@ -143,7 +144,7 @@ class OpenVINOCausalLM(OpenVINOModule):
         started = time.perf_counter()
         self._request.infer({"input_ids": ids, "attention_mask": np.ones((1, length), np.int64),
                              "beam_idx": np.zeros(1, np.int32)}, share_inputs=True)
-        self.runtime_seconds += time.perf_counter() - started
+        count_runtime(self, started)
         return self._request.get_output_tensor(0).data
 
     def _compile(self) -> None:
@@ -159,19 +160,12 @@ class OpenVINOCausalLM(OpenVINOModule):
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, stopping_criteria: Any = None,
                  **_: Any) -> torch.Tensor:
-        """Greedy decoding of batch 1; ``stopping_criteria`` are called after every new token, as transformers
-        calls them (model-opt's evaluation stamps the time there)."""
-        if input_ids.shape[0] != 1:
-            raise ValueError("OpenVINOCausalLM.generate decodes one sequence at a time")
-        tokens = input_ids.cpu().numpy().astype(np.int64)
-        logits = self._step(tokens, tokens.shape[1], start=True)
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1:].argmax(-1).astype(np.int64)
-            tokens = np.concatenate([tokens, nxt], axis=1)
-            if stopping_criteria is not None and bool(stopping_criteria(
-                    torch.from_numpy(tokens), torch.from_numpy(logits[:, -1].copy())).all()):
-                break
-            if tokens.shape[1] - input_ids.shape[1] >= max_new_tokens:
-                break
-            logits = self._step(nxt, tokens.shape[1])
-        return torch.from_numpy(tokens)
+        """Greedy decoding of batch 1 (:func:`model_opt.decoding.greedy`); ``stopping_criteria`` are called after
+        every new token, as transformers calls them (model-opt's evaluation stamps the time there)."""
+        length = [0]
+
+        def step(tokens: list[int], start: bool) -> np.ndarray:
+            length[0] = len(tokens) if start else length[0] + len(tokens)
+            return self._step(np.array([tokens], dtype=np.int64), length[0], start)[0, -1]
+
+        return greedy(step, input_ids.cpu(), max_new_tokens, stopping_criteria)
