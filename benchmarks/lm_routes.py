@@ -83,7 +83,9 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
     example = lm_eval.example_input(data, model_path)
     specs = {"float eager": {"kind": "torch", "compiled": False}, "float compiled": {"kind": "torch", "compiled": True}}
     if wanted("model-opt: recommend's first"):
-        shutil.rmtree(work / "recommended", ignore_errors=True)  # (the last run's)
+        shutil.rmtree(work / "recommended", ignore_errors=True)  # (the last run's, and its report and log beside it)
+        for side in work.glob("recommended.*"):
+            side.unlink()
         flags, report = recommended(work / "model", str(work / "recommended") + "/", ["--test-dataset", data])
         specs["model-opt: recommend's first (`" + " ".join(flags[flags.index(data) + 1:]) + "`)"] = {
             "kind": "loaded", "folder": str(work / "recommended"),
