@@ -92,7 +92,8 @@ def test_autotune_searches_what_is_slow_here_only_when_asked(cpu: str) -> None:
 
 
 def test_the_report_names_the_machine_and_warns_of_a_technique_slow_here(cpu: str) -> None:
-    from model_opt.report import Measurement, Report, speed_warnings
+    from model_opt.report import Measurement, Report
+    from model_opt.speed_advice import speed_warnings
 
     technique = _manager().registry.find("quantize", "acme", "int8")
     report = Report("m.pt", "cpu", 2, True, Measurement({"accuracy": 1.0}, "accuracy", 10, 10, 40),

@@ -141,7 +141,8 @@ def test_a_third_party_technique_can_be_the_default_for_a_method_and_be_recommen
 
 
 def test_an_option_value_can_make_a_technique_speed_up_and_the_report_warns_only_without_it() -> None:
-    from model_opt.report import Measurement, Report, speed_warnings
+    from model_opt.report import Measurement, Report
+    from model_opt.speed_advice import speed_warnings
 
     weights = make(speeds_up=(), speeds_up_with={"runtime": {"openvino": ("cpu",)}}, speed_note="decompressed")
     assert weights.speeds_up_on({"runtime": "openvino"}) == ("cpu",)

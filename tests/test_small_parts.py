@@ -72,7 +72,8 @@ def test_the_headline_says_where_the_speed_came_from() -> None:
     """Over the original as run today (eager), split into the runtime's part (float compiled) and the technique's
     (both compiled); when the technique adds under 5%, the report says the gain is the runtime's and how to get it
     without the technique."""
-    from model_opt.report import Measurement, Report, speed_warnings
+    from model_opt.report import Measurement, Report
+    from model_opt.speed_advice import speed_warnings
 
     def report(technique_ms: float) -> Report:
         before = Measurement({"accuracy": 0.9}, "accuracy", 10, 10, 100, _timed(10.0, "eager"))
@@ -114,7 +115,8 @@ def test_a_causal_lms_decode_speed_up_is_split_into_the_runtimes_part_and_the_te
     """The float model in the result's runtime decodes in the same rounds: the summary's parts are the decode
     rate's (the headline's), the prefill's are named so; when the technique adds under 5% the warning says how to
     get the runtime's gain without it."""
-    from model_opt.report import Measurement, Report, speed_warnings
+    from model_opt.report import Measurement, Report
+    from model_opt.speed_advice import speed_warnings
 
     def report(runtime_rate: float) -> Report:
         before = Measurement({"perplexity": 20.0, "decode_tokens_per_s": 50.0}, "perplexity", 10, 10, 100,

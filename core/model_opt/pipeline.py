@@ -27,8 +27,9 @@ from .job import Job, Settings
 from .measure import Latency, compile_model, count_flops, count_parameters, model_latency, state_dict_bytes
 from .outputs import output_lock, report_path, side_path
 from .plugins import PluginManager
-from .report import Measurement, Report, speed_warnings
+from .report import Measurement, Report
 from .sensitivity import mix_for_budget
+from .speed_advice import speed_warnings
 from .steps import Step, apply_with_recovery, check, plan, split_for_recovery
 from .testscript import BUILTIN_LM, TestScript
 from .timing import in_processes, runtime_of
