@@ -19,7 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 from common import machine, table  # noqa: E402
 
 
@@ -51,8 +50,7 @@ def main() -> None:
         for choice in ("off", "on"):
             result, info = Quantizer().quantize(model, method="gguf", backend="llama-cpp", type=kind, imatrix=choice,
                                                 calibration_data=calibration)
-            with torch.inference_mode():
-                perplexity = lm_eval.evaluate(result, str(text), str(model_path), fraction=1.0)["perplexity"]
+            perplexity = lm_eval.evaluate(result, str(text), str(model_path), fraction=1.0)["perplexity"]
             rows.append({"type": kind, "imatrix": info["imatrix"], "perplexity": perplexity,
                          "vs float": perplexity / base})
             del result

@@ -168,7 +168,7 @@ def test_an_importance_matrix_rounds_the_loud_channels_more_carefully(lm) -> Non
         errors[choice] = float((result(input_ids=ids).logits - expected).square().mean())
         said[choice] = info["imatrix"]
     assert said == {"off": "none", "on": "15 matrices from 256 calibration tokens"}  # 2 blocks x 7, and the head
-    assert errors["on"] < 0.85 * errors["off"], errors  # (0.61-0.77 over seeds 0-4 when written)
+    assert errors["on"] < 0.85 * errors["off"], errors
     assert Quantizer().quantize(model, method="gguf", backend="llama-cpp", type="q4_0")[1]["imatrix"] == "none"
     with pytest.raises(TechniqueError, match="needs calibration data"):
         Quantizer().quantize(model, method="gguf", backend="llama-cpp", type="q4_0", imatrix="on")
