@@ -293,3 +293,28 @@ def test_backend_chatter_goes_to_a_log_beside_the_output(cli, digits, tmp_path: 
     assert verbose.exit_code == 0
     assert any(not line.startswith("model-opt: ") for line in verbose.stderr.strip().splitlines())
     assert not (tmp_path / "v.log").exists()
+
+
+SEES_COMPILED = '''
+
+_evaluate = evaluate
+
+
+def evaluate(model, dataset_path):
+    return {**_evaluate(model, dataset_path), "compiled": float(hasattr(model, "_orig_mod"))}
+'''
+
+
+@pytest.mark.slow
+def test_compile_measures_the_metric_on_the_compiled_model(cli, digits, tmp_path: Path) -> None:
+    """Under --compile the report's metric after is the compiled model's, the one deployed (a compiled graph's
+    numerics can differ from eager's: int8 kernels, fusions), and the original's is eager's."""
+    shutil.copy(digits.folder / "digits_model.py", tmp_path)
+    script = tmp_path / "eval_sees.py"
+    script.write_text(digits.script.read_text() + SEES_COMPILED)
+    result = cli(*args(digits, *PRUNE, "--compile", "--output", str(tmp_path / "o.pt"), "--json", "-q",
+                       script=script))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["before"]["metrics"]["compiled"] == 0.0 and report["after"]["metrics"]["compiled"] == 1.0
+    assert report["after"]["metrics"]["accuracy"] >= report["before"]["metrics"]["accuracy"] - 0.1

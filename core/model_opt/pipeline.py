@@ -44,9 +44,10 @@ NO_EXAMPLE_NOTE = {
 }
 
 def measure(model: Any, script: TestScript, dataset: str, device: str, example_input: Any,
-            latency: Latency | None = None) -> Measurement:
-    """Metric, parameters, size and FLOPs of ``model`` (latency is timed by the caller)."""
-    metrics = script.evaluate(model, dataset, device)
+            latency: Latency | None = None, runnable: Any = None) -> Measurement:
+    """Metric, parameters, size and FLOPs of ``model`` (latency is timed by the caller); the metric of
+    ``runnable`` where given (the compiled model: evaluated as it is deployed)."""
+    metrics = script.evaluate(script.as_deployed(model, runnable), dataset, device)
     params, nonzero = count_parameters(model)
     return Measurement(metrics.values, metrics.primary, params, nonzero, state_dict_bytes(model), latency,
                        count_flops(model, example_input))
@@ -137,7 +138,7 @@ def measure_after(job: Job, original: Any, model: Any, report: Report) -> None:
         progress("compiling the optimized model (torch.compile, inductor freezing)")
         compiled, report.compile_seconds = compile_model(model, example)
     progress("measuring the optimized model")
-    report.after = measure(model, job.script, job.dataset, device, example)
+    report.after = measure(model, job.script, job.dataset, device, example, runnable=compiled)
     if model is not original:
         with contextlib.ExitStack() as stack:
             saved = None

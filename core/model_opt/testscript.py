@@ -152,6 +152,14 @@ class TestScript:
         """True when the script offers ``hook`` in-process (program-mode scripts are never imported)."""
         return self.mode == "in_process" and hook in self.defined
 
+    def as_deployed(self, model: Any, runnable: Any = None) -> Any:
+        """What evaluate() is handed to measure ``model`` as deployed: ``runnable`` (e.g. the compiled model)
+        where given and the script runs the very model it is handed (in-process, and its evaluate() does not
+        take ``compiled`` to compile on its own), else ``model``."""
+        if runnable is None or not self.has("evaluate") or takes(self.module.evaluate, "compiled"):
+            return model
+        return runnable
+
     # -- in-process ------------------------------------------------------------------------
     @property
     def module(self) -> ModuleType:

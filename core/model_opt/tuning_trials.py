@@ -230,8 +230,8 @@ class Objective:
         if self.tune.objective == "tokens-per-second":
             metric, tokens = decode_rate(job, candidate, runtime == "compiled")
             return metric, tokens / (self.baseline.decode_tokens_per_s or tokens)
-        metric = job.script.evaluate(candidate, job.dataset, job.device).value
         compiled = runnable if runtime == "compiled" else None
+        metric = job.script.evaluate(job.script.as_deployed(candidate, compiled), job.dataset, job.device).value
         timed = time_against_original(job, job.model, candidate, records, compiled, progress=lambda message: None)
         return metric, timed.before.median_ms / timed.after.median_ms
 
