@@ -2,7 +2,8 @@
 (float, NNCF int8/int4 weights, KV cache as inputs/outputs) and the llama-cpp plugin's GGUF types in llama.cpp
 (F16, Q8_0, Q4_0, Q4_K_M), plus llama-cpp-python timing the Q4_0 file alone with its own generator (the check that
 model-opt's figure for a GGUF result is llama.cpp's), and with ``--optimum-python`` optimum-intel's
-OVModelForCausalLM (f32, int8, int4) run from an environment of its own. Perplexity on held-out text when the model
+OVModelForCausalLM (f32, int8, int4 as its default and with model-opt's settings) run from an environment of its
+own. Perplexity on held-out text when the model
 is trained. Each route's table row also splits a token's time between the runtime's call and the decode loop's own
 work (model-opt's candidates: the built-in evaluation's split).
 
@@ -42,8 +43,15 @@ import torch  # noqa: E402
 from common import machine, recommended, table  # noqa: E402
 
 GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
-OPENVINO = {"OpenVINO float": None, "nncf int8_asym OpenVINO": "int8_asym", "nncf int4_sym OpenVINO": "int4_sym"}
-OPTIMUM = {"optimum-intel f32": 32, "optimum-intel int8": 8, "optimum-intel int4_sym": 4}
+OPENVINO = {"OpenVINO float": None, "nncf int8_asym OpenVINO": "int8_asym", "nncf int4_sym OpenVINO": "int4_sym",
+            "nncf int4_asym OpenVINO": "int4_asym"}  # (asym: optimum-intel's default int4, by model-opt)
+#: optimum-intel's routes: name -> OVWeightQuantizationConfig's arguments (None: f32). Its int4 as its users get it
+#: (``quantization_config={"bits": 4}``, ``optimum-cli export openvino --weight-format int4``: asymmetric, group
+#: 128), and with model-opt's OpenVINO int4 settings (symmetric, group 128), which it offers as ``sym=True``.
+OPTIMUM = {"optimum-intel f32": None, "optimum-intel int8": {"bits": 8},
+           "optimum-intel int4 (its default: asym, group 128)": {"bits": 4},
+           "optimum-intel int4_sym (model-opt's settings: sym, group 128)": {"bits": 4, "sym": True,
+                                                                           "group_size": 128}}
 
 
 def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
@@ -100,8 +108,8 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
             ir, layout = convert_causal_lm(model, example["input_ids"])
             module = OpenVINOCausalLM(ir, compile_config={"kv": layout})
         else:
-            module = Quantizer().quantize(model, method="weight_only", backend="nncf", mode=mode, group_size=64,
-                                          runtime="openvino", example_input=example)[0]
+            module = Quantizer().quantize(model, method="weight_only", backend="nncf", mode=mode, runtime="openvino",
+                                          example_input=example)[0]  # (int4: the plugin's group, 128)
         folder = work / name.replace(" ", "-")
         folder.mkdir(exist_ok=True)
         module.save_native(folder)
@@ -117,13 +125,13 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
     if wanted("llama.cpp Q4_0 (model-opt)"):
         specs["llama.cpp Q4_0 (llama-cpp-python alone)"] = {"kind": "alone", "folder": str(work / "gguf-q4_0")}
     if args.optimum_python:  # optimum-intel in its own environment (it needs an older transformers)
-        for name, bits in OPTIMUM.items():
+        for name, config in OPTIMUM.items():
             if not wanted(name):
                 continue
-            folder = work / f"optimum-{bits}"
+            folder = work / ("optimum-" + ("f32" if config is None else "-".join(f"{k}{v}" for k, v in config.items())))
             if not (args.reuse and folder.is_dir()):
                 subprocess.run([args.optimum_python, __file__, "--optimum-export", json.dumps(
-                    {"model": model_path, "folder": str(folder), "bits": bits})], check=True)
+                    {"model": model_path, "folder": str(folder), "config": config})], check=True)
             specs[name] = {"kind": "optimum", "folder": str(folder), "python": args.optimum_python,
                            "prompt": example["input_ids"][0].tolist()}
     for spec in specs.values():
@@ -133,12 +141,10 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, dict]:
 
 def optimum_export(spec: dict) -> None:
     """In optimum-intel's environment: the model exported by OVModelForCausalLM (stateful IR, KV cache inside),
-    its weights compressed as optimum-intel's users ask for it (``bits``: 32 none, 8, or 4 symmetric, group 64)."""
-    from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
+    its weights compressed as ``config`` asks (``quantization_config`` as a user passes it; None: f32)."""
+    from optimum.intel import OVModelForCausalLM
 
-    bits = spec["bits"]
-    config = None if bits == 32 else OVWeightQuantizationConfig(bits=bits, sym=bits == 4,
-                                                                group_size=64 if bits == 4 else None)
+    config = spec["config"]
     kwargs = {"quantization_config": config} if config else {"load_in_8bit": False}
     model = OVModelForCausalLM.from_pretrained(spec["model"], export=True, compile=False, **kwargs)
     model.save_pretrained(spec["folder"])
