@@ -180,6 +180,10 @@ def measure_latency(fn: Callable[[], Any], warmup: int = 3, repeats: int = 30, b
     return Latency.of(times, runtime)
 
 
+#: Graphs Dynamo may keep for one class's ``forward`` in a process (see :func:`compile_model`).
+MODELS_COMPILED_PER_PROCESS = 128
+
+
 def compile_model(model: Any, example_input: Any) -> tuple[Any, float]:
     """torch.compile with inductor freezing (weights folded as constants); returns (compiled, seconds).
 
@@ -188,11 +192,17 @@ def compile_model(model: Any, example_input: Any) -> tuple[Any, float]:
     made inside ``torch.inference_mode``, which Dynamo guards on) would otherwise compile without it, and an int8
     graph compiled without freezing runs float matmuls between quantize steps, slower than the float model.
     Freezing applies only to graphs compiled without gradients, so training compiles are unaffected.
+
+    Every model of one class shares its ``forward``'s code, and Dynamo keeps at most ``recompile_limit`` graphs
+    per code (8 by default; a dead model's stay counted): the ninth model of a class compiled in one process (an
+    autotune search, its finalists re-built) would run eager, silently. The limit is raised for the process.
     """
     import torch
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, MODELS_COMPILED_PER_PROCESS)
     started = time.perf_counter()
     compiled = torch.compile(model)
     with torch.inference_mode():
