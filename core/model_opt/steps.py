@@ -33,9 +33,6 @@ class Step:
 Planned = list[tuple[Technique, dict[str, Any]]]
 
 
-Planned = list[tuple[Technique, dict[str, Any]]]
-
-
 def plan(steps: Sequence[Step], manager: PluginManager | None = None) -> Planned:
     """Resolve and validate every step (no model needed: names, options, installed packages), sorted into
     pipeline order."""
