@@ -32,6 +32,9 @@ def test_cpuinfo_is_read_for_the_instruction_sets_that_matter() -> None:
     model, isa = parse_cpuinfo("processor : 0\nmodel name : AMD EPYC 7B13\nflags : fpu sse avx avx2 fma\n"
                                "processor : 1\nmodel name : AMD EPYC 7B13\nflags : fpu sse avx avx2 fma\n")
     assert (model, isa) == ("AMD EPYC 7B13", ("avx2",))
+    model, _ = parse_cpuinfo("processor : 0\nvendor_id : AuthenticAMD\ncpu family : 23\nmodel : 1\n"
+                             "model name : AMD EPYC\nflags : avx2\nprocessor : 1\ncpu family : 25\n")
+    assert model == "AMD EPYC (family 23, model 1)"  # (a generation the brand alone does not name)
     _, isa = parse_cpuinfo("flags : avx2 avx512f avx512_vnni avx512_bf16 amx_int8 amx_bf16\n")
     assert isa == ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
     here = device_profile()
