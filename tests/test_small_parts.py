@@ -143,7 +143,7 @@ def test_a_causal_lms_decode_speed_up_is_split_into_the_runtimes_part_and_the_te
 
 def test_more_models_of_one_class_than_dynamos_limit_each_run_compiled() -> None:
     """compile_model on more models of one class than Dynamo's default recompile limit (8 graphs per code): each
-    still compiles (autotune's ninth compiled candidate of a class ran eager before, a third of its speed)."""
+    still compiles (autotune's ninth compiled candidate of a class ran eager before, silently)."""
     import torch
     from model_opt.measure import compile_model
     from torch._dynamo.utils import counters

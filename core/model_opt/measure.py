@@ -180,31 +180,38 @@ def measure_latency(fn: Callable[[], Any], warmup: int = 3, repeats: int = 30, b
     return Latency.of(times, runtime)
 
 
-#: Graphs Dynamo may keep for one class's ``forward`` in a process (see :func:`compile_model`).
+#: Graphs Dynamo may keep for one class's ``forward`` in a process (see :func:`compiled_for_inference`).
 MODELS_COMPILED_PER_PROCESS = 128
 
 
-def compile_model(model: Any, example_input: Any) -> tuple[Any, float]:
-    """torch.compile with inductor freezing (weights folded as constants); returns (compiled, seconds).
-
-    The first calls, which compile, happen here so that the seconds are the one-time compile cost. Freezing is
-    switched on for the process, not only for these calls: a later call that recompiles (new shapes, or inputs
-    made inside ``torch.inference_mode``, which Dynamo guards on) would otherwise compile without it, and an int8
-    graph compiled without freezing runs float matmuls between quantize steps, slower than the float model.
-    Freezing applies only to graphs compiled without gradients, so training compiles are unaffected.
+def compiled_for_inference(model: Any) -> Any:
+    """``torch.compile(model)`` with inductor freezing (weights folded as constants), as every model-opt compile
+    runs. Freezing is switched on for the process, not only around the first calls: a later call that recompiles
+    (new shapes, or inputs made inside ``torch.inference_mode``, which Dynamo guards on) would otherwise compile
+    without it, and an int8 graph compiled without freezing runs float matmuls between quantize steps, slower than
+    the float model. Freezing applies only to graphs compiled without gradients, so training compiles are
+    unaffected.
 
     Every model of one class shares its ``forward``'s code, and Dynamo keeps at most ``recompile_limit`` graphs
     per code (8 by default; a dead model's stay counted): the ninth model of a class compiled in one process (an
-    autotune search, its finalists re-built) would run eager, silently. The limit is raised for the process.
-    """
+    autotune search, its finalists re-built, a per-layer search of wrappers) would run eager, silently. The limit
+    is raised for the process."""
     import torch
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, MODELS_COMPILED_PER_PROCESS)
+    return torch.compile(model)
+
+
+def compile_model(model: Any, example_input: Any) -> tuple[Any, float]:
+    """:func:`compiled_for_inference`, its first calls (which compile) made here so that the seconds returned are
+    the one-time compile cost; returns (compiled, seconds)."""
+    import torch
+
     started = time.perf_counter()
-    compiled = torch.compile(model)
+    compiled = compiled_for_inference(model)
     with torch.inference_mode():
         call_model(compiled, example_input)
         call_model(compiled, example_input)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from model_opt.errors import DeviceError, TechniqueError, UsageError, first_line
+from model_opt.measure import compiled_for_inference
 from model_opt.modelinfo import output_layers, run_checked
 from model_opt.modules import excluded
 from torch import nn
@@ -158,12 +159,8 @@ def _candidate(layer: nn.Linear, method: str, options: dict[str, Any], use_compi
 
         quantize_(wrapper, config_for(method, options))
         make_picklable(wrapper)
-    if use_compile:
-        import torch._inductor.config as inductor_config
-
-        compiled = torch.compile(wrapper)
-        return compiled, inductor_config
-    return wrapper, None
+    # (compiled as every model-opt compile: one nn.Sequential class for all candidates, over Dynamo's default limit)
+    return compiled_for_inference(wrapper) if use_compile else wrapper
 
 
 def autoquant(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[nn.Module, dict]:
@@ -206,12 +203,8 @@ def autoquant(model: nn.Module, options: dict[str, Any], context: Any) -> tuple[
         trials = {}
         for method in ["float", *[m for m in wanted if m != "float"]]:
             try:
-                candidate, inductor_config = _candidate(first, method, options, context.compile)
-                if inductor_config is not None:
-                    with inductor_config.patch(freezing=True):
-                        ms = _time(partial(candidate, x))
-                else:
-                    ms = _time(partial(candidate, x))
+                candidate = _candidate(first, method, options, context.compile)
+                ms = _time(partial(candidate, x))
                 with torch.inference_mode():
                     out = candidate(x)
                 error = ((out.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12)).item()
