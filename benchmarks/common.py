@@ -89,12 +89,23 @@ def time_models(models: dict[str, torch.nn.Module], example: Any, **kwargs: Any)
 def recommended(model: Path, out: str, data_flags: list[str]) -> tuple[list[str], dict]:
     """``model-opt recommend``'s first command for the model (given ``data_flags``: --test-dataset and the like),
     run as printed with ``--output out`` (a folder when it ends in /): (its flags after the model, its report,
-    with ``output``)."""
+    with ``output``). Where the first is a runtime (``model-opt export``: no technique pays on this CPU), the
+    report is only ``output`` (the exported file, in ``out``) and ``format``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     printed = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "recommend", str(model), *data_flags],
                              capture_output=True, text=True, check=True, env=env).stdout
-    command = next(line.split() for line in printed.splitlines() if line.strip().startswith("model-opt optimize"))
+    command = next(line.split() for line in printed.splitlines()
+                   if line.strip().startswith(("model-opt optimize", "model-opt export")))
     flags = command[command.index(str(model)) + 1:]
+    if command[1] == "export":
+        fmt = flags[flags.index("--format") + 1]
+        Path(out).mkdir(parents=True, exist_ok=True)
+        exported = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "export", str(model), *flags,
+                                   "--output", str(Path(out) / "model.xml" if fmt == "openvino" else out)],
+                                  capture_output=True, text=True, check=True, env=env).stdout
+        path = next(w.rstrip(",") for line in exported.splitlines() if line.startswith("exported ")
+                    for w in line.split()[2:3])
+        return ["export", *flags], {"output": path, "format": fmt}
     proc = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "optimize", str(model), *flags,
                            "--output", out, "--json", "-q"], capture_output=True, text=True, check=True,
                           env=env)

@@ -299,7 +299,7 @@ def print_recommendation(model: Path, test_script: Path | None, test_dataset: st
     """Print the model's family and the recommendations for it (with the command for each); return them."""
     from model_opt.device import device_profile
     from model_opt.modelio import open_model
-    from model_opt.recommend import recommend
+    from model_opt.recommend import RUNTIME_FORMAT, recommend, runtime_instead
     from model_opt.testscript import TestScript
 
     loaded = open_model(model, TestScript(test_script, model_path=model) if test_script else None, trust_model)
@@ -308,6 +308,11 @@ def print_recommendation(model: Path, test_script: Path | None, test_dataset: st
     typer.echo(f"device: {device} — {device_profile().describe(device)}")
     # a causal LM without a test script gets the built-in evaluation
     script_arg = f" --test-script {test_script or 'eval.py'}" if test_script or family != "causal-lm" else ""
+    runtime = runtime_instead(family, recommendations, device)
+    if runtime:
+        typer.echo(f"- runtime {RUNTIME_FORMAT} (float): {runtime}")
+        typer.echo(f"    model-opt export {model} --format {RUNTIME_FORMAT} --test-dataset {test_dataset}"
+                   f"{script_arg}")
     for recommended in recommendations:
         technique = recommended.technique
         line = f"- {technique.kind} {technique.backend}:{technique.method}: {recommended.why}"

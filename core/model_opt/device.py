@@ -1,7 +1,8 @@
 """The machine in front of the user: its CPU (model, the instruction sets that decide which kernels are fast), cores,
 memory and CUDA GPUs, read once per process. Every report and benchmark row names it, and techniques declare what
 they need to be fast (:attr:`model_opt.registry.Technique.fast_needs`), which :func:`slow_here` checks against it;
-the core names no backend."""
+the core names no backend. Where the flags cannot tell (int8 kernels on a CPU without int8 dot products), the profile
+carries a measurement (:mod:`model_opt.kernel_probe`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .kernel_probe import ENV as INT8_ENV
+from .kernel_probe import Int8Speed, int8_speed
+
 #: What a technique may need to be fast, and how a message says it.
 CAPABILITIES = {
     "int8 dot products": "int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX; any CUDA GPU)",
+    "int8 kernels": "int8 matmul kernels faster than float ones (int8 dot-product instructions, or a CPU without "
+                    "them where oneDNN's int8 linear outruns its float one when timed)",
     "bf16": "bfloat16 instructions (AVX-512 BF16 or AMX; a CUDA GPU of compute capability 8.0 or newer)",
     "cuda": "a CUDA GPU",
     "cuda 8.9": "a CUDA GPU of compute capability 8.9 or newer (float8)",
@@ -36,6 +42,8 @@ class DeviceProfile:
     cores: int
     memory_bytes: int | None
     gpus: tuple[tuple[str, str], ...] = ()
+    #: oneDNN's int8 linear against float here, where measured (CPUs without int8 dot products only).
+    int8: Int8Speed | None = None
 
     def has(self, capability: str, device: str = "cpu") -> bool:
         """Whether ``device`` here has ``capability`` (one of :data:`CAPABILITIES`)."""
@@ -49,6 +57,10 @@ class DeviceProfile:
             return any(major >= (8, 9) for major in majors)
         if capability == "int8 dot products":
             return bool(self.gpus) if on_gpu else any(flag in self.isa for flag in INT8_DOT)
+        if capability == "int8 kernels":
+            if on_gpu or any(flag in self.isa for flag in INT8_DOT):
+                return self.has("int8 dot products", device)
+            return self.int8 is None or self.int8.speedup >= 1.0  # (unmeasured: not known to be slow)
         return any(major >= (8, 0) for major in majors) if on_gpu else any(flag in self.isa for flag in BF16)
 
     def describe(self, device: str = "cpu") -> str:
@@ -59,6 +71,8 @@ class DeviceProfile:
                    if not any(flag in self.isa for flag in flags)]
         isa = ", ".join(names) or "no AVX2"
         text = f"{self.cpu}, {self.cores} cores{memory}; {isa}" + (f" (no {', no '.join(missing)})" if missing else "")
+        if self.int8 is not None:
+            text += f"; {self.int8.describe()}"
         if device.startswith("cuda") and self.gpus:
             text += "; " + "; ".join(f"{name} (compute capability {cc})" for name, cc in self.gpus)
         return text
@@ -121,8 +135,11 @@ def _cpu() -> tuple[str, tuple[str, ...], int, int | None]:
 
 
 def device_profile() -> DeviceProfile:
-    """This machine's profile: the CPU read once per process, the GPUs as torch sees them now."""
-    return DeviceProfile(*_cpu(), _gpus())
+    """This machine's profile: the CPU read once per process, the GPUs as torch sees them now, and, on a CPU
+    without int8 dot products, its int8 kernels' measured speed (see :mod:`model_opt.kernel_probe`)."""
+    cpu, isa, cores, memory = _cpu()
+    int8 = None if any(flag in isa for flag in INT8_DOT) else int8_speed(cpu, isa)
+    return DeviceProfile(cpu, isa, cores, memory, _gpus(), int8)
 
 
 def slow_here(fast_needs: dict[str, str], device: str = "cpu", profile: DeviceProfile | None = None) -> str | None:
@@ -132,6 +149,11 @@ def slow_here(fast_needs: dict[str, str], device: str = "cpu", profile: DevicePr
     where = "GPU" if device.startswith("cuda") else "CPU"
     for capability, why in fast_needs.items():
         if not profile.has(capability, device):
+            if capability == "int8 kernels" and profile.int8 is not None:
+                how = "measured once on this machine" if profile.int8.source == "measured" else \
+                    f"as {INT8_ENV} says"
+                return (f"slow on this {where}: oneDNN's int8 linear runs {profile.int8.speedup:.2f}x its float one "
+                        f"here ({how}; no int8 dot-product instructions)") + (f" ({why})" if why else "")
             return f"slow on this {where}: it needs {CAPABILITIES[capability]}, which this {where} lacks" + (
                 f" ({why})" if why else "")
     return None

@@ -76,3 +76,25 @@ def first_fast_here(recommendations: list[Recommended], device: str = "cpu") -> 
     kind = device.split(":")[0]
     return next((r for r in available if not r.slow and kind in r.technique.speeds_up_on(r.options)),
                 available[0] if available else None)
+
+
+#: The runtime route recommend offers where the family's first technique is slow on this CPU (a core export format).
+RUNTIME_FORMAT = "openvino"
+
+
+def runtime_instead(family: str, recommendations: list[Recommended], device: str = "cpu") -> str | None:
+    """Why the float model in another runtime (``model-opt export --format`` :data:`RUNTIME_FORMAT`) comes first:
+    on a CPU where the family's first available technique is slow here (int8 kernels slower than float, say), the
+    speed that is left is the runtime's. None where the first technique is fast here, on a GPU, for a causal LM
+    (its routes are runtimes already), or where that runtime is not installed."""
+    import importlib.util
+
+    available = [r for r in recommendations if r.available]
+    if device.startswith("cuda") or family == "causal-lm" or not available or importlib.util.find_spec(
+            RUNTIME_FORMAT) is None:
+        return None
+    first = min(available, key=lambda r: r.rank)
+    if not first.slow:
+        return None
+    return (f"{first.technique.backend}:{first.technique.method}, the first choice for a {family}, is {first.slow}; "
+            f"the float model in {RUNTIME_FORMAT} (no technique, same outputs) is the route to time first here")

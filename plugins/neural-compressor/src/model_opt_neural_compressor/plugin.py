@@ -27,8 +27,9 @@ TECHNIQUES = (
         needs=("example_input", "calibration_data"), requires=REQUIRES, speeds_up=(), speeds_up_compiled=("cpu",),
         search_space={}, families=("cnn", "vit", "hybrid", "transformer"),
         recommended=(Recommended("transformer", "int8 Linear layers after SmoothQuant, run by oneDNN's int8 kernels "
-                                                "under torch.compile (also on CPUs without int8 dot products)",
-                                 rank=8),),
+                                                "under torch.compile (also on CPUs without int8 dot products, where "
+                                                "their int8 kernels outrun float)", rank=8),),
+        fast_needs={"int8 kernels": "its graph runs oneDNN's int8 linear"},
         speed_note="INC int8 graphs are fast only under torch.compile with freezing (--compile)",
     ),
     Technique(
