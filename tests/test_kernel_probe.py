@@ -101,3 +101,30 @@ def test_recommend_puts_the_runtime_first_where_the_int8_kernels_are_slow(cli, m
     got = compiled({k: v.numpy() for k, v in inputs.items()})["last_hidden_state"]
     assert torch.allclose(torch.from_numpy(got), expected, atol=1e-3)
 
+
+
+def test_int8_kernels_are_needed_for_linear_heavy_families_only(monkeypatch) -> None:
+    """INC's and NNCF's static int8 need fast int8 matmul kernels for transformers and ViTs; a CNN's int8
+    convolutions have kernels of their own, so a slow int8 linear does not mark them slow for a CNN (the digits
+    example), nor does autotune leave them out there."""
+    from model_opt.autotune import searchable
+    from model_opt.plugins import get_plugin_manager
+    from model_opt.recommend import recommend
+
+    pytest.importorskip("nncf")
+    pytest.importorskip("neural_compressor")
+    monkeypatch.setenv(ENV, "0.5")
+    manager = get_plugin_manager()
+    nncf, inc = manager.registry.find("quantize", "nncf", "int8_static"), \
+        manager.registry.find("quantize", "neural-compressor", "int8_static")
+    for technique in (nncf, inc):
+        assert technique.slow_here("cpu", "transformer").startswith("slow on this CPU: oneDNN's int8 linear runs 0.50x")
+        assert technique.slow_here("cpu", "vit") and not technique.slow_here("cpu", "cnn")
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
+    family, _, recommendations = recommend(cnn, "cpu", manager)
+    assert family == "cnn"
+    assert not next(r for r in recommendations if r.technique is nncf).slow
+    assert nncf in searchable(manager, "cpu", True, None, "cnn")["quantize"]
+    assert nncf not in searchable(manager, "cpu", True, None, "transformer").get("quantize", [])
+    monkeypatch.setenv(ENV, "1.4")
+    assert nncf in searchable(manager, "cpu", True, None, "transformer")["quantize"]

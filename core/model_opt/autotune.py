@@ -53,7 +53,7 @@ def searchable(manager: PluginManager, device: str, has_calibration: bool,
             continue
         if "calibration_data" in technique.needs and not has_calibration:
             continue
-        if not include_slow and technique.slow_here(device):
+        if not include_slow and technique.slow_here(device, family):
             continue
         by_kind[technique.kind].append(technique)
     return {kind: sorted(items, key=lambda t: t.name) for kind, items in by_kind.items() if items}
@@ -127,7 +127,7 @@ def check_space(job: Job, tune: TuneSettings, family: str | None) -> dict[str, l
     space = searchable(job.manager, job.device, job.script.has("calibration_data"), tune.backends, family,
                        tune.include_slow)
     slow = sorted({t.label for t in job.manager.registry.techniques.values() if t.search_space is not None
-                   and t.slow_here(job.device) and (not tune.backends or t.backend in tune.backends)})
+                   and t.slow_here(job.device, family) and (not tune.backends or t.backend in tune.backends)})
     if slow and not tune.include_slow and family is not None:
         job.progress(f"not searched, slow on this device: {', '.join(slow)} (--include-slow searches them too)")
     if any(t.speeds_up or t.speeds_up_compiled or t.speeds_up_with for items in space.values() for t in items):

@@ -93,7 +93,7 @@ def optimize(model_path: str | os.PathLike[str], *, test_script: str | os.PathLi
     if mixed is not None:  # the most sensitive layers kept unchanged: measured again as the result
         model, report.steps = mixed
         measure_after(job, original, model, report)
-    report.warnings += speed_warnings(report, planned)  # (after those measuring added)
+    report.warnings += speed_warnings(report, planned, job.family)  # (after those measuring added)
 
     # 4. Keep the input untouched; write nothing when the budget is exceeded.
     if not report.within_budget:

@@ -64,7 +64,7 @@ def recommend(model: Any, device: str = "cpu",
             missing = "needs a CUDA GPU"
         recommendations.append(replace(recommended, options=copy.deepcopy(recommended.options), technique=technique,
                                        available=not missing, missing=missing,
-                                       slow=technique.slow_here(device) or ""))
+                                       slow=technique.slow_here(device, family) or ""))
     recommendations.sort(key=lambda r: (not r.available, bool(r.slow)))  # (stable: rank order within each)
     return family, evidence, recommendations
 

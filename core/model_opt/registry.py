@@ -198,6 +198,9 @@ class Technique:
     #: ``{"int8 dot products": "int8 matmuls run slower than float without them"}``): on a device that lacks one,
     #: recommend marks it slow, autotune leaves it out, and the report says why.
     fast_needs: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    #: More of them for some families only, family -> {capability: why} (int8 matmul kernels for Linear-heavy
+    #: transformers, where a CNN's int8 convolutions have kernels of their own).
+    fast_needs_for: dict[str, dict[str, str]] = field(default_factory=dict, hash=False, compare=False)
     #: Export formats it writes, format -> the options it is applied with (``model-opt export --format gguf``
     #: applies the llama-cpp plugin's technique with ``type=f16`` and writes its result's own file).
     exports: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False, compare=False)
@@ -205,14 +208,16 @@ class Technique:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"technique kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
-        unknown = sorted(set(self.fast_needs) - set(CAPABILITIES))
+        unknown = sorted({*self.fast_needs, *(c for needs in self.fast_needs_for.values() for c in needs)}
+                         - set(CAPABILITIES))
         if unknown:
             raise ValueError(f"{self.backend} {self.method}: fast_needs names {unknown[0]!r}; choose from "
                              f"{', '.join(CAPABILITIES)}")
 
-    def slow_here(self, device: str = "cpu") -> str | None:
-        """Why it is slow on ``device`` of this machine (a capability of :attr:`fast_needs` it lacks); else None."""
-        return slow_here(self.fast_needs, device)
+    def slow_here(self, device: str = "cpu", family: str | None = None) -> str | None:
+        """Why it is slow on ``device`` of this machine for a model of ``family`` (a capability of
+        :attr:`fast_needs`, or of :attr:`fast_needs_for` the family, it lacks); else None."""
+        return slow_here({**self.fast_needs, **self.fast_needs_for.get(family or "", {})}, device)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -302,6 +307,7 @@ class Technique:
             "search_space": {k: list(v) for k, v in self.search_space.items()} if self.search_space is not None
             else None,
             "fast_needs": dict(self.fast_needs),
+            "fast_needs_for": {family: dict(needs) for family, needs in self.fast_needs_for.items()},
         }
 
 

@@ -15,8 +15,10 @@ TECHNIQUE_GAIN = 1.05
 EXPORT_FORMATS = {"llama.cpp": "gguf"}
 
 
-def speed_warnings(report: Report, planned: Sequence[tuple[Any, dict[str, Any]]]) -> list[str]:
-    """Plain-words warnings when the techniques did not make the model faster on this device."""
+def speed_warnings(report: Report, planned: Sequence[tuple[Any, dict[str, Any]]], family: str | None = None
+                   ) -> list[str]:
+    """Plain-words warnings when the techniques did not make the model faster on this device (for a model of
+    ``family``: some techniques are slow here for some families only)."""
     device = report.device.split(":")[0]
     warnings = [f"{s.backend} {s.method} changed nothing: {s.info.get('note', '')}" for s in report.steps
                 if s.info.get("changed") is False]
@@ -24,7 +26,7 @@ def speed_warnings(report: Report, planned: Sequence[tuple[Any, dict[str, Any]]]
     compiled = report.after is not None and report.after.latency is not None and \
         report.after.latency.runtime == "compiled"
     for technique, options in planned:
-        slow = technique.slow_here(report.device)
+        slow = technique.slow_here(report.device, family)
         speeds_up = technique.speeds_up_on(options)
         if slow:
             warnings.append(f"{technique.backend} {technique.method} is {slow}; model-opt recommend lists what is "

@@ -29,7 +29,8 @@ TECHNIQUES = (
         recommended=(Recommended("transformer", "int8 Linear layers after SmoothQuant, run by oneDNN's int8 kernels "
                                                 "under torch.compile (also on CPUs without int8 dot products, where "
                                                 "their int8 kernels outrun float)", rank=8),),
-        fast_needs={"int8 kernels": "its graph runs oneDNN's int8 linear"},
+        fast_needs_for={family: {"int8 kernels": "its graph runs oneDNN's int8 linear"}
+                        for family in ("transformer", "vit")},
         speed_note="INC int8 graphs are fast only under torch.compile with freezing (--compile)",
     ),
     Technique(

@@ -47,7 +47,8 @@ INT8_STATIC = Technique(
                  Recommended("hybrid", "int8 through OpenVINO for the convolutions and the attention", rank=5)),
     speeds_up=("cpu",),
     speed_note="the OpenVINO runtime runs on the CPU here",
-    fast_needs={"int8 kernels": "OpenVINO runs its int8 layers on int8 kernels"},
+    fast_needs_for={family: {"int8 kernels": "OpenVINO runs its int8 Linear layers on int8 kernels"}
+                    for family in ("transformer", "vit", "causal-lm")},
 )
 
 
