@@ -292,3 +292,22 @@ def test_the_shared_greedy_loop_feeds_one_token_per_step_and_stops_when_asked() 
     assert fed == [([3, 4, 5], True), ([6], False), ([7], False)]
     assert seen == [([[3, 4, 5, 6]], 6), ([[3, 4, 5, 6, 7]], 7), ([[3, 4, 5, 6, 7, 8]], 8)]
     assert greedy(step, torch.tensor([[1]]), max_new_tokens=3).tolist() == [[1, 2, 3, 4]]
+
+    class Stamp:  # (a criterion that only notes the time, as model-opt's evaluation's: ticked, given no tensors)
+        def tick(self) -> None:
+            seen.append("tick")
+
+        def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            seen.append("called")
+            return torch.tensor([False])
+
+    seen.clear()
+    assert greedy(step, torch.tensor([[1]]), max_new_tokens=3, stopping_criteria=[Stamp()]).tolist() == [[1, 2, 3, 4]]
+    assert seen == ["tick"] * 3
+    seen.clear()
+    from transformers import StoppingCriteriaList
+
+    both = StoppingCriteriaList([Stamp(), stop])
+    assert greedy(step, torch.tensor([[1]]), max_new_tokens=8, stopping_criteria=both).tolist() == [
+        [1, 2, 3, 4, 5, 6]]  # (one criterion without a tick: all are called as transformers calls them)
+    assert "tick" not in seen and seen.count("called") == 5
