@@ -23,7 +23,7 @@ def greedy(step: Step, prompt: torch.Tensor, max_new_tokens: int, stopping_crite
     after every new token with the ids so far and that token's logits, as transformers calls them (the logits are
     valid during the call only). Criteria that only note the time (each with a ``tick()``, as model-opt's
     evaluation stamps each token) get ``tick()`` and no tensors: on a small model in llama.cpp, building the ids and
-    logits tensors at every token cost about 5% of the decode rate."""
+    logits tensors at every token was a measurable share of the decode time."""
     if prompt.shape[0] != 1:
         raise ValueError("greedy decoding here takes one sequence at a time")
     tokens = prompt[0].tolist()

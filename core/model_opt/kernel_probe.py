@@ -60,8 +60,9 @@ def int8_speed(cpu: str, isa: tuple[str, ...]) -> Int8Speed | None:
         if value <= 0:
             from .errors import UsageError
 
-            raise UsageError(f"{ENV}={override!r} is not a speed-up", "set it to a positive number (1.5: int8 "
-                             "runs 1.5x float on the deployment CPU), or unset it to measure this machine")
+            raise UsageError(f"{ENV}={override!r} is not a speed-up", "set it to a positive number (the "
+                             "deployment CPU's int8 linear speed over float; above 1: int8 is faster), or unset it "
+                             "to measure this machine")
         return Int8Speed(value, ENV)
     torch = sys.modules.get("torch")
     version = getattr(torch, "__version__", None)
