@@ -82,19 +82,27 @@ def first_fast_here(recommendations: list[Recommended], device: str = "cpu") -> 
 RUNTIME_FORMAT = "openvino"
 
 
-def runtime_instead(family: str, recommendations: list[Recommended], device: str = "cpu") -> str | None:
-    """Why the float model in another runtime (``model-opt export --format`` :data:`RUNTIME_FORMAT`) comes first:
-    on a CPU where the family's first available technique is slow here (int8 kernels slower than float, say), the
-    speed that is left is the runtime's. None where the first technique is fast here, on a GPU, for a causal LM
-    (its routes are runtimes already), or where that runtime is not installed."""
+def runtime_here(family: str, device: str = "cpu") -> str | None:
+    """The runtime (:data:`RUNTIME_FORMAT`) that runs the float model of ``family`` on ``device`` without any
+    technique, for when none pays: None on a GPU, for a causal LM (its routes are runtimes already) and where the
+    runtime is not installed."""
     import importlib.util
 
+    if device.startswith("cuda") or family == "causal-lm" or importlib.util.find_spec(RUNTIME_FORMAT) is None:
+        return None
+    return RUNTIME_FORMAT
+
+
+def runtime_instead(family: str, recommendations: list[Recommended], device: str = "cpu") -> str | None:
+    """Why the float model in another runtime (:func:`runtime_here`) comes first: on a CPU where the family's first
+    available technique is slow here (int8 kernels slower than float, say), the speed that is left is the
+    runtime's. None where the first technique is fast here, or where :func:`runtime_here` has none."""
     available = [r for r in recommendations if r.available]
-    if device.startswith("cuda") or family == "causal-lm" or not available or importlib.util.find_spec(
-            RUNTIME_FORMAT) is None:
+    runtime = runtime_here(family, device)
+    if runtime is None or not available:
         return None
     first = min(available, key=lambda r: r.rank)
     if not first.slow:
         return None
     return (f"{first.technique.backend}:{first.technique.method}, the first choice for a {family}, is {first.slow}; "
-            f"the float model in {RUNTIME_FORMAT} (no technique, same outputs) is the route to time first here")
+            f"the float model in {runtime} (no technique, same outputs) is the route to time first here")

@@ -130,7 +130,8 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, job: Jo
                   f"{closest['drop']:.4f}" if closest else "")
         raise AccuracyBudgetExceeded(f"no candidate stayed within --max-accuracy-drop {budget:g} after "
                                      f"{len(rows)} trials{detail}; nothing was saved",
-                                     "allow a larger drop, more trials, or other techniques", report=result)
+                                     f"allow a larger drop, more trials, or other techniques{_no_technique(job)}",
+                                     report=result)
     key = {"size": lambda r: (r["size_ratio"], r["drop"]),
            "both": lambda r: (r["size_ratio"] / r["speedup"], r["drop"])}.get(objective, lambda r: (-r["speedup"],
                                                                                                   r["drop"]))
@@ -156,9 +157,19 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, job: Jo
                                       r["drop"]))
     result.best = finalists[0]
     if result.best["remeasured_speedup"] < 1.0 and objective != "size":
-        result.warnings.append(f"no candidate within budget was faster than the original on {job.device}")
+        result.warnings.append(f"no candidate within budget was faster than the original on {job.device}"
+                               f"{_no_technique(job)}")
     save_best(job, result, built[result.best["number"]], measured)
     return result
+
+
+def _no_technique(job: Job) -> str:
+    """The route without a technique, where there is one: the float model in another runtime."""
+    from .recommend import runtime_here
+
+    runtime = runtime_here(job.family or "", job.device)
+    return (f"; or no technique: the float model in {runtime} (model-opt export {job.model_path} --format "
+            f"{runtime})") if runtime else ""
 
 
 def save_best(job: Job, result: TuneResult, candidate: tuple[Any, list, Any], measured: list[dict[str, Any]]) -> None:
