@@ -98,14 +98,14 @@ def recommended(model: Path, out: str, data_flags: list[str]) -> tuple[list[str]
                    if line.strip().startswith(("model-opt optimize", "model-opt export")))
     flags = command[command.index(str(model)) + 1:]
     if command[1] == "export":
+        from model_opt.outputs import EXPORT_SUFFIXES
+
         fmt = flags[flags.index("--format") + 1]
-        Path(out).mkdir(parents=True, exist_ok=True)
-        exported = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "export", str(model), *flags,
-                                   "--output", str(Path(out) / "model.xml" if fmt == "openvino" else out)],
-                                  capture_output=True, text=True, check=True, env=env).stdout
-        path = next(w.rstrip(",") for line in exported.splitlines() if line.startswith("exported ")
-                    for w in line.split()[2:3])
-        return ["export", *flags], {"output": path, "format": fmt}
+        target = Path(out) / f"model{EXPORT_SUFFIXES[fmt]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "model_opt_cli.main", "export", str(model), *flags, "--output",
+                        str(target)], capture_output=True, text=True, check=True, env=env)
+        return ["export", *flags], {"output": str(target), "format": fmt}
     proc = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "optimize", str(model), *flags,
                            "--output", out, "--json", "-q"], capture_output=True, text=True, check=True,
                           env=env)

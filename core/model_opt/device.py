@@ -145,6 +145,8 @@ def device_profile() -> DeviceProfile:
 def slow_here(fast_needs: dict[str, str], device: str = "cpu", profile: DeviceProfile | None = None) -> str | None:
     """Why a technique that needs ``fast_needs`` (capability -> why) is slow on ``device`` of this machine: the
     first capability it lacks, in words; None when it has them all."""
+    if not fast_needs:
+        return None  # (no profile to build, no measurement to read, for the techniques that need nothing)
     profile = profile or device_profile()
     where = "GPU" if device.startswith("cuda") else "CPU"
     for capability, why in fast_needs.items():
