@@ -89,8 +89,8 @@ def time_models(models: dict[str, torch.nn.Module], example: Any, **kwargs: Any)
 def recommended(model: Path, out: str, data_flags: list[str]) -> tuple[list[str], dict]:
     """``model-opt recommend``'s first command for the model (given ``data_flags``: --test-dataset and the like),
     run as printed with ``--output out`` (a folder when it ends in /): (its flags after the model, its report,
-    with ``output``). Where the first is a runtime (``model-opt export``: no technique pays on this CPU), the
-    report is only ``output`` (the exported file, in ``out``) and ``format``."""
+    with ``output``). Where the first is a runtime (``model-opt export ... --report``: no technique pays on this
+    CPU), the export's report (when it wrote one), with ``output`` (the exported file, in ``out``) and ``format``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     printed = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "recommend", str(model), *data_flags],
                              capture_output=True, text=True, check=True, env=env).stdout
@@ -98,14 +98,16 @@ def recommended(model: Path, out: str, data_flags: list[str]) -> tuple[list[str]
                    if line.strip().startswith(("model-opt optimize", "model-opt export")))
     flags = command[command.index(str(model)) + 1:]
     if command[1] == "export":
-        from model_opt.outputs import EXPORT_SUFFIXES
+        from model_opt.outputs import EXPORT_SUFFIXES, report_path
 
         fmt = flags[flags.index("--format") + 1]
         target = Path(out) / f"model{EXPORT_SUFFIXES[fmt]}"
         target.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "model_opt_cli.main", "export", str(model), *flags, "--output",
                         str(target)], capture_output=True, text=True, check=True, env=env)
-        return ["export", *flags], {"output": str(target), "format": fmt}
+        written = report_path(target)
+        report = json.loads(written.read_text()) if written.exists() else {}
+        return ["export", *flags], {**report, "output": str(target), "format": fmt}
     proc = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "optimize", str(model), *flags,
                            "--output", out, "--json", "-q"], capture_output=True, text=True, check=True,
                           env=env)

@@ -299,7 +299,7 @@ def print_recommendation(model: Path, test_script: Path | None, test_dataset: st
     """Print the model's family and the recommendations for it (with the command for each); return them."""
     from model_opt.device import device_profile
     from model_opt.modelio import open_model
-    from model_opt.recommend import RUNTIME_FORMAT, recommend, runtime_instead
+    from model_opt.recommend import RUNTIME_FORMAT, recommend, runtime_command, runtime_instead
     from model_opt.testscript import TestScript
 
     loaded = open_model(model, TestScript(test_script, model_path=model) if test_script else None, trust_model)
@@ -311,8 +311,7 @@ def print_recommendation(model: Path, test_script: Path | None, test_dataset: st
     runtime = runtime_instead(family, recommendations, device)
     if runtime:
         typer.echo(f"- runtime {RUNTIME_FORMAT} (float): {runtime}")
-        typer.echo(f"    model-opt export {model} --format {RUNTIME_FORMAT} --test-dataset {test_dataset}"
-                   f"{script_arg}")
+        typer.echo(f"    {runtime_command(model, RUNTIME_FORMAT, test_dataset, script_arg)}")
     for recommended in recommendations:
         technique = recommended.technique
         line = f"- {technique.kind} {technique.backend}:{technique.method}: {recommended.why}"
@@ -431,20 +430,43 @@ def export_command(
                                                                         "(default: dynamic batch, and sequence "
                                                                         "for token inputs).")] = False,
     trust_model: TrustModelOption = False,
+    report: Annotated[bool, typer.Option("--report", help="Also evaluate the export in its runtime with the test "
+                                                          "script's metric and time it against the original, each "
+                                                          "alone (openvino); the report is written beside it.")
+                      ] = False,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="With --report: write nothing if the primary "
+                                                                 "metric drops more than this.")] = None,
 ) -> None:
     """Export a model as a torch.export program, ONNX or OpenVINO IR, checked against torch at two batch sizes."""
     from model_opt.export import export_file
+    from model_opt.export_report import export_with_report
 
+    measured = None
     try:
         with console(model, quiet=False, verbose=True) as progress:  # backends' messages to stderr, no log file
-            result = export_file(model, format_, output=output, test_script=test_script, dataset=test_dataset,
-                                 input_shape=parse_shape(input_shape), static=static_shapes, trust_model=trust_model,
-                                 progress=progress)
+            if report:
+                result, measured = export_with_report(
+                    model, format_, output=output, test_script=test_script, dataset=test_dataset,
+                    input_shape=parse_shape(input_shape), static=static_shapes, trust_model=trust_model,
+                    max_accuracy_drop=max_accuracy_drop, progress=progress)
+            else:
+                if max_accuracy_drop is not None:
+                    raise UsageError("--max-accuracy-drop applies to a measured export",
+                                     "add --report (with --test-script and --test-dataset), or leave it out")
+                result = export_file(model, format_, output=output, test_script=test_script, dataset=test_dataset,
+                                     input_shape=parse_shape(input_shape), static=static_shapes,
+                                     trust_model=trust_model, progress=progress)
+    except AccuracyBudgetExceeded as err:
+        if err.report is not None:
+            typer.echo(err.report.render())
+        raise fail(err) from None
     except ModelOptError as err:
         raise fail(err) from None
     except KeyboardInterrupt as interrupt:
         raise interrupted(interrupt) from None
     typer.echo(result.render())
+    if measured is not None:
+        typer.echo(measured.render())
 
 
 def version_callback(value: bool) -> None:

@@ -100,8 +100,8 @@ def test_no_candidate_within_budget_fails_and_saves_nothing(cli, digits, tmp_pat
     assert result.exit_code == 1
     assert "no candidate stayed within --max-accuracy-drop 0 after 3 trials; the closest was trial" in result.stderr
     if importlib.util.find_spec("openvino"):  # the route without a technique, named with its command
-        assert f"or no technique: the float model in openvino (model-opt export {digits.model} --format openvino)" \
-            in " ".join(result.stderr.split())
+        assert (f"or no technique: the float model in openvino (model-opt export {digits.model} --format openvino "
+                f"--test-dataset {digits.dataset} --test-script {strict} --report)") in " ".join(result.stderr.split())
     assert "Pareto front within budget" in result.stdout
     assert not out.exists()
 

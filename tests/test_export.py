@@ -157,3 +157,68 @@ def test_export_refuses_a_huge_input_shape_before_opening_the_model(cli, digits,
     result = cli("export", digits.model, "--format", "pt2", "--test-script", digits.script,
                  "--input-shape", "100000,1,8,100000000", "--output", tmp_path / "h.pt2")
     assert result.exit_code == 2 and "too many for a random example input" in result.stderr
+
+
+def test_export_report_measures_the_float_model_in_its_runtime(cli, digits, tmp_path: Path) -> None:
+    """--report (recommend's runtime line): the IR evaluated with the test script's metric and timed against the
+    original, each alone; the report says all of the speed-up is the runtime's, and is written beside the IR."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("model_opt_nncf")  # (the plugin that runs OpenVINO IR as a module)
+    out = tmp_path / "cnn.xml"
+    result = cli("export", digits.model, "--format", "openvino", "--test-script", digits.script, "--test-dataset",
+                 digits.dataset, "--report", "--max-accuracy-drop", "0.01", "--output", out)
+    assert result.exit_code == 0, result.stderr
+    assert "  no technique: the float model in openvino" in result.stdout
+    assert "latency median ms (eager -> openvino)" in result.stdout
+    import json
+
+    report = json.loads((tmp_path / "cnn.report.json").read_text())
+    summary = report["summary"]
+    assert summary["techniques"] == [] and summary["output"] == str(out) and out.with_suffix(".bin").exists()
+    assert abs(summary["metric_drop"]) < 1e-6  # the same predictions: float in another runtime
+    assert report["before"]["latency"]["runtime"] == "eager" and report["after"]["latency"]["runtime"] == "openvino"
+    # counted alike in both runtimes (the IR's 1-D constants, some biases folded into others, are not counted)
+    assert abs(report["after"]["parameters"] / report["before"]["parameters"] - 1) < 1e-3
+    if report["latency_stable"]:  # (a busy machine shows a range instead: no ratio is asserted here)
+        assert summary["speedup_technique"] == 1.0 and summary["speedup_runtime"] == summary["speedup"]
+        assert "all of it from the runtime (float openvino; no technique)" in result.stdout
+
+
+def test_export_report_writes_nothing_over_the_budget(cli, digits, tmp_path: Path) -> None:
+    """A metric the export cannot keep (1 - the largest logit difference from the torch model in eval mode, which
+    another runtime's float arithmetic changes) with a zero budget: the report is printed, the run fails, and neither
+    the IR nor the report is written."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("model_opt_nncf")
+    import shutil
+
+    (tmp_path / "strict").mkdir()
+    shutil.copy(digits.folder / "digits_model.py", tmp_path / "strict")
+    strict = tmp_path / "strict" / "eval.py"
+    strict.write_text(digits.script.read_text().replace(
+        'return {"accuracy": (predictions == labels).float().mean().item()}',
+        'reference = load_model(Path(dataset_path).parent / "model.pth").eval()(images)\n'
+        '    return {"fidelity": 1 - (model(images) - reference).abs().max().item()}'))
+    out = tmp_path / "cnn.xml"
+    result = cli("export", digits.model, "--format", "openvino", "--test-script", strict, "--test-dataset",
+                 digits.dataset, "--report", "--max-accuracy-drop", "0", "--output", out)
+    assert result.exit_code == 1
+    assert "more than --max-accuracy-drop 0; nothing was written" in result.stderr and "fidelity" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["strict"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--format", "pt2", "--report"], "--report measures the export in its runtime, and model-opt runs pt2 files in "
+                                      "none"),
+    (["--format", "openvino", "--report", "--input-shape", "2,1,8,8"], "--report evaluates the export with your "
+                                                                        "metric, so it needs --test-script and "
+                                                                        "--test-dataset"),
+    (["--format", "openvino", "--max-accuracy-drop", "0.1"], "--max-accuracy-drop applies to a measured export"),
+    (["--format", "openvino", "--report", "--max-accuracy-drop", "-1"], "--max-accuracy-drop must be 0 or more"),
+])
+def test_export_report_refusals(cli, digits, tmp_path: Path, flags: list[str], message: str) -> None:
+    script = [] if "--input-shape" in flags else ["--test-script", digits.script, "--test-dataset", digits.dataset]
+    result = cli("export", digits.model, *script, *flags, "--output", tmp_path / ("m.pt2" if "pt2" in flags else
+                                                                                   "m.xml"))
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

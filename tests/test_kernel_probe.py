@@ -87,9 +87,13 @@ def test_recommend_puts_the_runtime_first_where_the_int8_kernels_are_slow(cli, m
         assert "[slow on this CPU: oneDNN's int8 linear runs 0.50x its float one here" in line
     command = shlex.split(lines[3])
     assert command[:3] == ["model-opt", "export", str(model)]
+    assert command[-1] == "--report"  # (measured like a result: tests/test_export.py)
     out = tmp_path / "minilm.xml"
     exported = cli(*command[1:], "--output", out)
     assert exported.exit_code == 0, exported.stderr
+    report = json.loads((tmp_path / "minilm.report.json").read_text())
+    assert report["summary"]["metric_drop"] < 1e-4 and report["summary"]["techniques"] == []
+    assert abs(report["after"]["parameters"] / report["before"]["parameters"] - 1) < 1e-3  # the embeddings too
     from transformers import AutoModel, AutoTokenizer
 
     batch = AutoTokenizer.from_pretrained(model)(["a sentence to embed", "and another"], padding=True,

@@ -93,6 +93,12 @@ def runtime_here(family: str, device: str = "cpu") -> str | None:
     return RUNTIME_FORMAT
 
 
+def runtime_command(model: Any, runtime: str, test_dataset: Any, script_arg: str = "") -> str:
+    """The command that converts the float model to ``runtime`` and measures it as a result is measured (the test
+    script's metric; each model timed alone), writing the export and its report together."""
+    return f"model-opt export {model} --format {runtime} --test-dataset {test_dataset}{script_arg} --report"
+
+
 def runtime_instead(family: str, recommendations: list[Recommended], device: str = "cpu") -> str | None:
     """Why the float model in another runtime (:func:`runtime_here`) comes first: on a CPU where the family's first
     available technique is slow here (int8 kernels slower than float, say), the speed that is left is the

@@ -249,7 +249,7 @@ class Report:
         if self.headline is None:
             return None
         return (f"{speed_text(self.headline)} than the original as run today ({self.before.latency.runtime})"
-                f"{_parts(self.headline_parts())}")
+                f"{_parts(self.headline_parts(), bool(self.steps))}")
 
     def to_json(self) -> str:
         return dumps(self.to_dict())
@@ -284,7 +284,7 @@ class Report:
                          speed_text(b.latency.p90_ms / la.p90_ms if la and la.p90_ms else None) if self.stable
                          else "-"))
             rt = self.runtime_latency
-            if rt is not None and la is not None:
+            if rt is not None and la is not None and self.steps:  # (no technique: the runtime's is all of it)
                 rows.append((f"  of which the runtime ({b.latency.runtime} -> float {rt.runtime})",
                              f"{b.latency.median_ms:.3f}", f"{rt.median_ms:.3f}",
                              speed_text(self.speedup_runtime) if self.stable else _unstable(
@@ -323,6 +323,8 @@ class Report:
         for step in self.steps:
             opts = ", ".join(f"{k}={v}" for k, v in step.options.items())
             out.append(f"  step: {step.kind} {step.backend}:{step.method} ({opts}) in {step.seconds:.1f}s")
+        if not self.steps and self.after is not None and self.runtime_latency is not None:
+            out.append(f"  no technique: the float model in {self.runtime_latency.runtime}")
         headline = self.headline_text()
         if headline:
             out.append(f"  headline: {headline}")
@@ -352,10 +354,13 @@ class Report:
         return "\n".join(out)
 
 
-def _parts(parts: tuple[float, float, str] | None) -> str:
-    """The headline's split in words (empty when it was not measured)."""
+def _parts(parts: tuple[float, float, str] | None, technique: bool = True) -> str:
+    """The headline's split in words (empty when it was not measured); with no ``technique``, all of it is the
+    runtime's."""
     if parts is None:
         return ""
+    if not technique:
+        return f": all of it from the runtime (float {parts[2]}; no technique)"
     return f": {parts[0]:.2f}x from the runtime (float {parts[2]}), {parts[1]:.2f}x from the technique"
 
 

@@ -165,11 +165,12 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, job: Jo
 
 def _no_technique(job: Job) -> str:
     """The route without a technique, where there is one: the float model in another runtime."""
-    from .recommend import runtime_here
+    from .recommend import runtime_command, runtime_here
 
     runtime = runtime_here(job.family or "", job.device)
-    return (f"; or no technique: the float model in {runtime} (model-opt export {job.model_path} --format "
-            f"{runtime})") if runtime else ""
+    command = runtime_command(job.model_path, runtime, job.dataset, f" --test-script {job.script.path}") \
+        if runtime else ""
+    return f"; or no technique: the float model in {runtime} ({command})" if runtime else ""
 
 
 def save_best(job: Job, result: TuneResult, candidate: tuple[Any, list, Any], measured: list[dict[str, Any]]) -> None:

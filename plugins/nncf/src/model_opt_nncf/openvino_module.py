@@ -97,6 +97,10 @@ def serialize(ov_model: Any) -> tuple[bytes, bytes]:
         return xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
 
 
+#: The operations whose constant inputs are a model's weights: compute layers, embedding lookups (Gather), scales
+#: (Multiply: a normalization's weight), biases (Add), and the int8 weights of a quantized or compressed model.
+WEIGHT_CONSUMERS = ("Convolution", "GroupConvolution", "MatMul", "FakeQuantize", "Convert", "Add", "Gather",
+                    "Multiply")
 #: The IR of a folder output: the names optimum-intel's OVModel classes open.
 FOLDER_IR = "openvino_model.xml"
 #: The largest IR topology (``.xml``) read: large language models stay well below it.
@@ -186,13 +190,13 @@ class OpenVINOModule(nn.Module):
         return len(args) == len(shapes) and all(list(a.shape) == s for a, s in zip(args, shapes, strict=True))
 
     def parameter_count(self) -> tuple[int, int]:
-        """(weights, non-zero weights) of the constants feeding compute layers, as model-opt reports them."""
+        """(weights, non-zero weights) of the constants feeding compute layers, embedding lookups and scales (not
+        integer indices), as model-opt reports them: a torch model's parameters, counted the same way."""
         total = 0
         for op in self.ov_model.get_ops():
-            if op.get_type_name() == "Constant" and any(
-                    target.get_node().get_type_name() in ("Convolution", "GroupConvolution", "MatMul",
-                                                          "FakeQuantize", "Convert", "Add")
-                    for output in op.outputs() for target in output.get_target_inputs()):
+            if op.get_type_name() == "Constant" and op.get_element_type().get_type_name() not in ("i32", "i64") \
+                    and any(target.get_node().get_type_name() in WEIGHT_CONSUMERS
+                            for output in op.outputs() for target in output.get_target_inputs()):
                 shape = op.get_output_shape(0)
                 count = 1
                 for dim in shape:

@@ -1,0 +1,104 @@
+"""``model-opt export --report``: the float model in another runtime, measured as a result is.
+
+The route with no technique (recommend's first line where every technique is slow on the CPU): the export is opened
+in its runtime, evaluated with the test script's metric, and timed against the original, each alone in its own
+process, interleaved, as ``model-opt optimize`` times its results. The report says the whole speed-up is the
+runtime's. Nothing is written unless the metric stays within ``--max-accuracy-drop``; then the export and its report
+are written together.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .atomic import atomic_path, written_together
+from .device import device_profile
+from .errors import AccuracyBudgetExceeded, BackendNotInstalled, UsageError
+from .export import ExportResult, _put_in_place, check_format, export_model
+from .job import Settings, check_device
+from .modelio import open_model
+from .outputs import EXPORT_SUFFIXES, check_export_output, export_target, report_path
+from .report import Report
+from .testscript import TestScript, check_input_shape, example_input
+from .timing import Deployed, runtime_of, time_deployed
+
+#: The formats whose files model-opt opens in their runtime (a plugin's ``load_model``), so that it can measure them.
+MEASURED_FORMATS = ("openvino",)
+
+
+def export_with_report(model_path: str | os.PathLike[str], fmt: str, *, test_script: str | os.PathLike[str] | None,
+                       dataset: str | None, output: str | None = None, input_shape: Sequence[int] | None = None,
+                       static: bool = False, trust_model: bool = False, max_accuracy_drop: float | None = None,
+                       device: str = "cpu", progress: Callable[[str], None] = lambda message: None
+                       ) -> tuple[ExportResult, Report]:
+    """Export the float model in ``fmt``, then measure the export against the original as ``optimize`` measures a
+    result (the test script's metric; latency with each deployed alone); write the export and its report together,
+    or nothing when the metric dropped more than ``max_accuracy_drop``."""
+    import torch
+
+    from .pipeline import measure
+
+    fmt = check_format(fmt)
+    if fmt not in MEASURED_FORMATS:
+        raise UsageError(f"--report measures the export in its runtime, and model-opt runs {fmt} files in none",
+                         f"use --format {' or '.join(MEASURED_FORMATS)}, or leave out --report")
+    if test_script is None or dataset is None:
+        raise UsageError("--report evaluates the export with your metric, so it needs --test-script and "
+                         "--test-dataset", "pass both, or leave out --report")
+    Settings(max_accuracy_drop=max_accuracy_drop, input_shape=input_shape, device=device).check()
+    device = check_device(device)
+    model_path = Path(model_path)
+    out = check_export_output(export_target(model_path, fmt, output), model_path, fmt)
+    if report_path(out).exists() or report_path(out).is_symlink():  # (its report is never replaced either)
+        raise UsageError(f"{report_path(out)} already exists", "choose another --output, or remove the file yourself")
+    check_input_shape(input_shape)
+    if not Path(dataset).exists():
+        raise UsageError(f"test dataset not found: {dataset}", "check the --test-dataset path")
+    script = TestScript(test_script, model_path=model_path)
+    original = open_model(model_path, script, trust_model)
+    if runtime_of(original) != "torch":
+        raise UsageError(f"{model_path.name} runs in {runtime_of(original)} already, so there is no float model "
+                         "to convert", "pass the torch model it was made from")
+    original = original.to(device).eval()
+    example = example_input(script, dataset, input_shape)
+    if example is None:
+        raise UsageError("--report times the export, which needs an example input",
+                         "define example_input(dataset_path) in the test script, or pass --input-shape")
+    report = Report(model=str(model_path), device=device, threads=torch.get_num_threads(),
+                    higher_is_better=script.higher_is_better, before=None,  # type: ignore[arg-type]
+                    max_accuracy_drop=max_accuracy_drop, profile=device_profile())
+    progress("measuring the original model")
+    report.before = measure(original, script, dataset, device, example)
+    with tempfile.TemporaryDirectory(prefix="model-opt-export-report-") as tmp:
+        staged = Path(tmp) / f"model{EXPORT_SUFFIXES[fmt]}"
+        result = export_model(original, example, fmt, staged, static=static, progress=progress)
+        exported = open_model(staged, None, False)  # (the IR as every command opens one: a plugin's module)
+        if runtime_of(exported) == "torch":
+            raise BackendNotInstalled(f"no installed plugin runs {fmt} files, so the export cannot be measured",
+                                      'pip install "model-opt[nncf]", or leave out --report')
+        runtime = runtime_of(exported)
+        progress(f"measuring the export in {runtime}")
+        report.after = measure(exported, script, dataset, device, example)
+        progress(f"timing the original (eager) and the export ({runtime}), each in its own process, interleaved")
+        timed = time_deployed({"original": Deployed(str(model_path.resolve()), str(script.path), trust_model,
+                                                    model_path=str(model_path.resolve())),
+                               "after": Deployed(str(staged))}, example, device)
+        report.before.latency = timed["original"].latency("eager")
+        report.after.latency = report.runtime_latency = timed["after"].latency(runtime)
+        if not report.within_budget:
+            raise AccuracyBudgetExceeded(
+                f"{report.before.primary} dropped by {report.metric_drop:.4f} in {runtime}, more than "
+                f"--max-accuracy-drop {max_accuracy_drop:g}; nothing was written",
+                "export without --report to inspect it, or keep the torch model", report=report)
+        if report.headline is not None and report.headline < 1:
+            report.warnings.append(f"the float model in {runtime} is slower than the original as run today "
+                                   f"({report.headline:.2f}x)")
+        report.output = str(out)
+        with written_together():
+            result.files = _put_in_place(staged, fmt, out)
+            with atomic_path(report_path(out)) as path:
+                path.write_text(report.to_json())
+    return result, report
