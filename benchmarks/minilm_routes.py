@@ -297,9 +297,12 @@ def main() -> None:
                  "vs torch eager": f"{median['torch float eager'] / ms:.2f}x",
                  "vs torch.compile float": f"{median['torch.compile float'] / ms:.2f}x",
                  "vs model-opt": f"{median[label] / ms:.2f}x"} for name, ms in median.items()]
-        if "summary" in report:
+        if "summary" in report:  # what the command's own report said, against its output deployed alone here
+            said, alone = report["summary"]["speedup"], median["torch float eager"] / median[label]
+            span = report["summary"].get("speedup_range") or (0, 0)
             print(f"model-opt's report: drop {report['metric_drop']:.4f}, speed-up "
-                  f"{report['summary']['speedup']:.2f}x")
+                  + (f"{said:.2f}x (alone here {alone:.2f}x: report / alone {said / alone:.2f})" if said else
+                     f"unstable, {span[0]:.2f}-{span[1]:.2f}x (alone here {alone:.2f}x)"))
         if tuned:
             best = tuned["best"]
             def trial(t: dict) -> str:

@@ -69,7 +69,7 @@ def export_with_report(model_path: str | os.PathLike[str], fmt: str, *, test_scr
                          "define example_input(dataset_path) in the test script, or pass --input-shape")
     report = Report(model=str(model_path), device=device, threads=torch.get_num_threads(),
                     higher_is_better=script.higher_is_better, before=None,  # type: ignore[arg-type]
-                    max_accuracy_drop=max_accuracy_drop, profile=device_profile())
+                    max_accuracy_drop=max_accuracy_drop, profile=device_profile(), no_technique=True)
     progress("measuring the original model")
     report.before = measure(original, script, dataset, device, example)
     with tempfile.TemporaryDirectory(prefix="model-opt-export-report-") as tmp:

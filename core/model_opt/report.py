@@ -93,6 +93,9 @@ class Report:
     #: The layer groups (or, when fewer layers inside them do, the layers) kept unchanged to meet the budget, most
     #: sensitive first (``--max-accuracy-drop``).
     kept_unchanged: list[dict[str, Any]] = field(default_factory=list)
+    #: The result is the float model in another runtime, no technique applied (``model-opt export --report``): all
+    #: of the speed-up is the runtime's.
+    no_technique: bool = False
 
     @property
     def metric_drop(self) -> float | None:
@@ -235,6 +238,7 @@ class Report:
             "device_profile": self.profile.to_dict() if self.profile else None,
             "sensitive_groups": self.sensitive,
             "kept_unchanged": self.kept_unchanged,
+            "no_technique": self.no_technique,
             "details": {"replay_state": [s.state for s in self.steps]},
         }
 
@@ -249,7 +253,7 @@ class Report:
         if self.headline is None:
             return None
         return (f"{speed_text(self.headline)} than the original as run today ({self.before.latency.runtime})"
-                f"{_parts(self.headline_parts(), bool(self.steps))}")
+                f"{_parts(self.headline_parts(), not self.no_technique)}")
 
     def to_json(self) -> str:
         return dumps(self.to_dict())
@@ -284,7 +288,7 @@ class Report:
                          speed_text(b.latency.p90_ms / la.p90_ms if la and la.p90_ms else None) if self.stable
                          else "-"))
             rt = self.runtime_latency
-            if rt is not None and la is not None and self.steps:  # (no technique: the runtime's is all of it)
+            if rt is not None and la is not None and not self.no_technique:  # (else the runtime's is all of it)
                 rows.append((f"  of which the runtime ({b.latency.runtime} -> float {rt.runtime})",
                              f"{b.latency.median_ms:.3f}", f"{rt.median_ms:.3f}",
                              speed_text(self.speedup_runtime) if self.stable else _unstable(
@@ -323,8 +327,8 @@ class Report:
         for step in self.steps:
             opts = ", ".join(f"{k}={v}" for k, v in step.options.items())
             out.append(f"  step: {step.kind} {step.backend}:{step.method} ({opts}) in {step.seconds:.1f}s")
-        if not self.steps and self.after is not None and self.runtime_latency is not None:
-            out.append(f"  no technique: the float model in {self.runtime_latency.runtime}")
+        if self.no_technique and self.after is not None and self.after.latency is not None:
+            out.append(f"  no technique: the float model in {self.after.latency.runtime}")
         headline = self.headline_text()
         if headline:
             out.append(f"  headline: {headline}")

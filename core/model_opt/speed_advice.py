@@ -45,9 +45,12 @@ def speed_warnings(report: Report, planned: Sequence[tuple[Any, dict[str, Any]]]
     parts = report.headline_parts()
     if parts is not None and parts[1] < TECHNIQUE_GAIN and parts[0] > 1:
         runtime_part, technique, runtime = parts
+        from .export_report import MEASURED_FORMATS
+
+        fmt = EXPORT_FORMATS.get(runtime, runtime)
         how = ("compile the float model (torch.compile with inductor freezing)" if runtime == "compiled" else
-               f"convert the float model to {runtime} (model-opt export MODEL --format "
-               f"{EXPORT_FORMATS.get(runtime, runtime)})")
+               f"convert the float model to {runtime} (model-opt export MODEL --format {fmt}"
+               f"{' --report' if fmt in MEASURED_FORMATS else ''})")
         warnings.append(f"the speed-up is the runtime's, not the technique's: float {runtime} runs "
                         f"{runtime_part:.2f}x the original, and the technique adds {technique:.2f}x; "
                         f"{how} for the same gain without it")
