@@ -72,6 +72,11 @@ def test_finds_a_faster_candidate_within_budget_and_saves_it(cli, digits, tmp_pa
     assert best["steps"][0]["backend"] == "torch-pruning"
     assert out.exists() and Path(report["plot"]).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "best.report.json").read_text())["best"]["number"] == best["number"]
+    route = report["runtime_route"]  # the route with no technique, timed as the finalists were
+    if importlib.util.find_spec("openvino") and importlib.util.find_spec("model_opt_nncf"):
+        assert route["runtime"] == "openvino" and route["speedup"] > 0 and route["command"].endswith(" --report")
+        named = [w for w in report["warnings"] if "with no technique, ran" in w]
+        assert bool(named) == (route["speedup"] > best["remeasured_speedup"])  # named only where it was faster
     import model_opt
 
     reloaded = model_opt.load(out, test_script=digits.script)

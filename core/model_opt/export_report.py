@@ -9,16 +9,19 @@ are written together.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .atomic import atomic_path, written_together
 from .device import device_profile
 from .errors import AccuracyBudgetExceeded, BackendNotInstalled, UsageError
 from .export import ExportResult, _put_in_place, check_format, export_model
 from .job import Settings, check_device
+from .measure import Latency
 from .modelio import open_model
 from .outputs import EXPORT_SUFFIXES, check_export_output, export_target, report_path
 from .report import Report
@@ -72,22 +75,14 @@ def export_with_report(model_path: str | os.PathLike[str], fmt: str, *, test_scr
                     max_accuracy_drop=max_accuracy_drop, profile=device_profile(), no_technique=True)
     progress("measuring the original model")
     report.before = measure(original, script, dataset, device, example)
-    with tempfile.TemporaryDirectory(prefix="model-opt-export-report-") as tmp:
-        staged = Path(tmp) / f"model{EXPORT_SUFFIXES[fmt]}"
-        result = export_model(original, example, fmt, staged, static=static, progress=progress)
-        exported = open_model(staged, None, False)  # (the IR as every command opens one: a plugin's module)
-        if runtime_of(exported) == "torch":
-            raise BackendNotInstalled(f"no installed plugin runs {fmt} files, so the export cannot be measured",
-                                      'pip install "model-opt[nncf]", or leave out --report')
+    with staged_export(original, example, fmt, static, progress) as (result, staged, exported):
         runtime = runtime_of(exported)
         progress(f"measuring the export in {runtime}")
         report.after = measure(exported, script, dataset, device, example)
-        progress(f"timing the original (eager) and the export ({runtime}), each in its own process, interleaved")
-        timed = time_deployed({"original": Deployed(str(model_path.resolve()), str(script.path), trust_model,
-                                                    model_path=str(model_path.resolve())),
-                               "after": Deployed(str(staged))}, example, device)
-        report.before.latency = timed["original"].latency("eager")
-        report.after.latency = report.runtime_latency = timed["after"].latency(runtime)
+        report.before.latency, report.after.latency = timed_against_original(
+            Deployed(str(model_path.resolve()), str(script.path), trust_model, model_path=str(model_path.resolve())),
+            staged, runtime, example, device, progress)
+        report.runtime_latency = report.after.latency
         if not report.within_budget:
             raise AccuracyBudgetExceeded(
                 f"{report.before.primary} dropped by {report.metric_drop:.4f} in {runtime}, more than "
@@ -102,3 +97,28 @@ def export_with_report(model_path: str | os.PathLike[str], fmt: str, *, test_scr
             with atomic_path(report_path(out)) as path:
                 path.write_text(report.to_json())
     return result, report
+
+
+@contextlib.contextmanager
+def staged_export(model: Any, example: Any, fmt: str, static: bool = False,
+                  progress: Callable[[str], None] = lambda message: None) -> Iterator[tuple[ExportResult, Path, Any]]:
+    """``model`` exported in ``fmt`` to a temporary file (checked as every export is), and opened in its runtime as
+    every command opens such a file: (the export's result, its path, the opened model). A format no installed plugin
+    runs is a one-line error with the install command."""
+    with tempfile.TemporaryDirectory(prefix="model-opt-export-report-") as tmp:
+        staged = Path(tmp) / f"model{EXPORT_SUFFIXES[fmt]}"
+        result = export_model(model, example, fmt, staged, static=static, progress=progress)
+        exported = open_model(staged, None, False)  # (a plugin's module, e.g. OpenVINO IR's)
+        if runtime_of(exported) == "torch":
+            raise BackendNotInstalled(f"no installed plugin runs {fmt} files, so the export cannot be measured",
+                                      'pip install "model-opt[nncf]", or leave out --report')
+        yield result, staged, exported
+
+
+def timed_against_original(original: Deployed, exported: Path, runtime: str, example: Any, device: str,
+                           progress: Callable[[str], None] = lambda message: None) -> tuple[Latency, Latency]:
+    """The original's latency (eager) and the exported file's (in ``runtime``), each opened alone in its own process,
+    in interleaved rounds (the timing every command uses)."""
+    progress(f"timing the original (eager) and the export ({runtime}), each in its own process, interleaved")
+    timed = time_deployed({"original": original, "after": Deployed(str(exported))}, example, device)
+    return timed["original"].latency("eager"), timed["after"].latency(runtime)

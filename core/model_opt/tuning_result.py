@@ -16,6 +16,7 @@ from .job import Job
 from .outputs import output_lock, report_path, side_path
 from .redaction import redact
 from .report import dumps, speed_text
+from .timing import runtime_of
 from .tuning_trials import Baseline, build_candidate, decode_rate
 
 
@@ -33,6 +34,9 @@ class TuneResult:
     objective: str = "latency"
     device: str = "cpu"
     profile: DeviceProfile = field(default_factory=device_profile)
+    #: The float model in another runtime, no technique, timed against the original as the finalists were:
+    #: runtime, speedup (or error), command.
+    runtime_route: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The summary (the best candidate) first, then every trial."""
@@ -45,7 +49,7 @@ class TuneResult:
         return {"summary": summary, "study": self.study, "storage": self.storage, "baseline": self.baseline.__dict__,
                 "trials": self.trials, "pareto": self.pareto, "best": self.best, "output": self.output,
                 "plot": self.plot, "warnings": self.warnings, "device": self.device,
-                "device_profile": self.profile.to_dict()}
+                "device_profile": self.profile.to_dict(), "runtime_route": self.runtime_route}
 
     def render(self) -> str:
         lines = [f"autotune study {self.study!r}: {len(self.trials)} trials, baseline metric "
@@ -67,6 +71,10 @@ class TuneResult:
             lines.append(f"best: trial {self.best['number']} ({self.best['description']}), {speed_text(speed)} "
                          f"({how}), size {self.best['size_ratio']:.2f}x, "
                          f"metric {self.best['metric']:.4f}")
+        route = self.runtime_route
+        if route and route.get("speedup"):
+            lines.append(f"no technique: the float model in {route['runtime']}, {speed_text(route['speedup'])} "
+                         f"(re-measured against the original, alone): {route['command']}")
         for warning in self.warnings:
             lines.append(f"warning: {warning}")
         if self.output:
@@ -156,11 +164,44 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, job: Jo
         finalists.sort(key=lambda r: (-r["remeasured_speedup"] / (r["size_ratio"] if objective == "both" else 1),
                                       r["drop"]))
     result.best = finalists[0]
-    if result.best["remeasured_speedup"] < 1.0 and objective != "size":
+    if objective == "latency":
+        result.runtime_route = runtime_route(job)
+    route = result.runtime_route or {}
+    if route.get("speedup") and route["speedup"] > result.best["remeasured_speedup"]:
+        result.warnings.append(f"the float model in {route['runtime']}, with no technique, ran "
+                               f"{route['speedup']:.2f}x the original here, faster than the best candidate "
+                               f"({result.best['remeasured_speedup']:.2f}x): {route['command']}")
+    elif result.best["remeasured_speedup"] < 1.0 and objective != "size":
         result.warnings.append(f"no candidate within budget was faster than the original on {job.device}"
                                f"{_no_technique(job)}")
     save_best(job, result, built[result.best["number"]], measured)
     return result
+
+
+def runtime_route(job: Job) -> dict[str, Any] | None:
+    """The route without a technique (:func:`model_opt.recommend.runtime_here`: the float model in OpenVINO on a
+    CPU), timed against the original as the finalists were, each alone; None where there is none, its error where
+    it could not be measured."""
+    from .errors import ModelOptError
+    from .export_report import staged_export, timed_against_original
+    from .recommend import runtime_command, runtime_here
+    from .timing import Deployed
+
+    runtime = runtime_here(job.family or "", job.device)
+    if runtime is None or job.example is None:
+        return None
+    route: dict[str, Any] = {"runtime": runtime, "command": runtime_command(
+        job.model_path, runtime, job.dataset, f" --test-script {job.script.path}")}
+    job.progress(f"timing the float model in {runtime} (no technique) against the original")
+    try:
+        with staged_export(job.model, job.example, runtime) as (_, staged, exported):
+            before, after = timed_against_original(
+                Deployed(str(job.model_path.resolve()), str(job.script.path), job.trust_model,
+                         model_path=str(job.model_path.resolve()), run_compiled=job.compile),
+                staged, runtime_of(exported), job.example, job.device)
+    except ModelOptError as exc:
+        return {**route, "error": exc.problem}
+    return {**route, "speedup": before.median_ms / after.median_ms}
 
 
 def _no_technique(job: Job) -> str:
