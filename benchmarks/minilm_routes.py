@@ -208,11 +208,13 @@ def store_batches(work: Path) -> Path:
 
 def autotuned(model: Path, out: Path, trials: int) -> dict:
     """``model-opt autotune`` on the folder with the tests' evaluation and budget, its JSON result (with
-    ``output``, the saved best)."""
+    ``output``, the saved best; without it where no candidate stayed within the budget, with ``error``)."""
     proc = subprocess.run([sys.executable, "-m", "model_opt_cli.main", "autotune", str(model), "--test-dataset",
                            str(DATA / "data"), "--test-script", str(DATA / "eval.py"), "--max-accuracy-drop", "0.005",
                            "--trials", str(trials), "--output", f"{out}/", "--json", "-q"], capture_output=True,
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode == 1 and proc.stdout.strip():  # nothing within the budget: its result, and why
+        return {**json.loads(proc.stdout), "error": proc.stderr.strip().splitlines()[-1]}
     if proc.returncode:
         raise SystemExit(f"autotune: {proc.stderr.strip().splitlines()[-1:]}")
     return {**json.loads(proc.stdout), "output": str(out)}
@@ -263,8 +265,9 @@ def main() -> None:
         if args.autotune_trials:
             tuned = autotuned(model, work / "autotune", args.autotune_trials)
             best = tuned["best"]
-            routes[f"model-opt: autotune --trials {args.autotune_trials} (`{best['description']}`)"] = {
-                "kind": "torch", "path": tuned["output"], "compiled": best["runtime"] == "compiled"}
+            if best:
+                routes[f"model-opt: autotune --trials {args.autotune_trials} (`{best['description']}`)"] = {
+                    "kind": "torch", "path": tuned["output"], "compiled": best["runtime"] == "compiled"}
         for name, path in onnx_routes(model, work).items():
             routes["ONNX Runtime int8 dynamic (Optimum's AVX2 route)" if name == "onnx int8" else "OpenVINO float"] = {
                 "kind": "onnxruntime" if name == "onnx int8" else "openvino", "path": str(path)}
@@ -304,14 +307,18 @@ def main() -> None:
                   + (f"{said:.2f}x (alone here {alone:.2f}x: report / alone {said / alone:.2f})" if said else
                      f"unstable, {span[0]:.2f}-{span[1]:.2f}x (alone here {alone:.2f}x)"))
         if tuned:
-            best = tuned["best"]
+            best = tuned["best"] or {}
             def trial(t: dict) -> str:
                 if "metric" in t:
                     return f"{t['description']} {t['speedup']:.2f}x drop {t['drop']:.4f}"
                 return f"{t['description']} ({t['state'].lower()}: {t.get('error', '')[:80]})"
-            print(f"autotune: {len(tuned['trials'])} trials, best trial {best['number']} ({best['description']}, "
-                  f"{best['runtime']}): drop {best['drop']:.4f}, re-measured speed-up "
-                  f"{best['remeasured_speedup']:.2f}x; trials: "
+            found = (f"best trial {best['number']} ({best['description']}, {best['runtime']}): drop "
+                     f"{best['drop']:.4f}, re-measured speed-up {best['remeasured_speedup']:.2f}x" if best else
+                     tuned["error"])
+            route = tuned.get("runtime_route") or {}
+            said = (f"; its route with no technique ({route['runtime']}): drop {route['drop']:.4g}, "
+                    f"{route['speedup']:.2f}x" if route.get("speedup") else "")
+            print(f"autotune: {len(tuned['trials'])} trials, {found}{said}; trials: "
                   + "; ".join(trial(t) for t in tuned["trials"]))
         print(table(f"all-MiniLM-L6-v2, 8 x 24 tokens, each route alone ({machine()})", rows))
 

@@ -105,8 +105,11 @@ def test_no_candidate_within_budget_fails_and_saves_nothing(cli, digits, tmp_pat
     assert result.exit_code == 1
     assert "no candidate stayed within --max-accuracy-drop 0 after 3 trials; the closest was trial" in result.stderr
     if importlib.util.find_spec("openvino"):  # the route without a technique, named with its command
-        assert (f"or no technique: the float model in openvino (model-opt export {digits.model} --format openvino "
-                f"--test-dataset {digits.dataset} --test-script {strict} --report)") in " ".join(result.stderr.split())
+        said = " ".join(result.stderr.split())  # measured: its drop against the budget, and its speed-up
+        assert any(f"or no technique: the float model in openvino {verdict} (drop " in said
+                   for verdict in ("stays within it", "does not either"))
+        assert (f"the original here (model-opt export {digits.model} --format openvino --test-dataset "
+                f"{digits.dataset} --test-script {strict} --report)") in said
     assert "Pareto front within budget" in result.stdout
     assert not out.exists()
 

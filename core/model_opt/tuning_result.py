@@ -74,7 +74,9 @@ class TuneResult:
         route = self.runtime_route
         if route and route.get("speedup"):
             lines.append(f"no technique: the float model in {route['runtime']}, {speed_text(route['speedup'])} "
-                         f"(re-measured against the original, alone): {route['command']}")
+                         f"(re-measured against the original, alone), drop {route['drop']:.4g}: {route['command']}")
+        elif route and route.get("error"):
+            lines.append(f"no technique: the float model in {route['runtime']} was not timed: {route['error']}")
         for warning in self.warnings:
             lines.append(f"warning: {warning}")
         if self.output:
@@ -132,13 +134,17 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, job: Jo
     feasible = [r for r in measured if r["within_budget"]]
     result = TuneResult(study.study_name, storage, baseline, rows, pareto_front(feasible), None, objective=objective,
                         device=job.device)
+    if objective == "latency":  # the route with no technique, measured as a candidate is
+        result.runtime_route = runtime_route(job, baseline.metric)
+    route = result.runtime_route or {}
     if not feasible:
         closest = min(measured, key=lambda r: r["drop"]) if measured else None
         detail = (f"; the closest was trial {closest['number']} ({closest['description']}) with a drop of "
                   f"{closest['drop']:.4f}" if closest else "")
         raise AccuracyBudgetExceeded(f"no candidate stayed within --max-accuracy-drop {budget:g} after "
                                      f"{len(rows)} trials{detail}; nothing was saved",
-                                     f"allow a larger drop, more trials, or other techniques{_no_technique(job)}",
+                                     "allow a larger drop, more trials, or other techniques"
+                                     f"{_no_technique(job, route)}",
                                      report=result)
     key = {"size": lambda r: (r["size_ratio"], r["drop"]),
            "both": lambda r: (r["size_ratio"] / r["speedup"], r["drop"])}.get(objective, lambda r: (-r["speedup"],
@@ -164,24 +170,22 @@ def finish(study: Any, storage: str, baseline: Baseline, objective: str, job: Jo
         finalists.sort(key=lambda r: (-r["remeasured_speedup"] / (r["size_ratio"] if objective == "both" else 1),
                                       r["drop"]))
     result.best = finalists[0]
-    if objective == "latency":
-        result.runtime_route = runtime_route(job)
-    route = result.runtime_route or {}
-    if route.get("speedup") and route["speedup"] > result.best["remeasured_speedup"]:
+    if route.get("speedup") and route["drop"] <= budget + 1e-12 and \
+            route["speedup"] > result.best["remeasured_speedup"]:
         result.warnings.append(f"the float model in {route['runtime']}, with no technique, ran "
                                f"{route['speedup']:.2f}x the original here, faster than the best candidate "
                                f"({result.best['remeasured_speedup']:.2f}x): {route['command']}")
     elif result.best["remeasured_speedup"] < 1.0 and objective != "size":
         result.warnings.append(f"no candidate within budget was faster than the original on {job.device}"
-                               f"{_no_technique(job)}")
+                               f"{_no_technique(job, route)}")
     save_best(job, result, built[result.best["number"]], measured)
     return result
 
 
-def runtime_route(job: Job) -> dict[str, Any] | None:
+def runtime_route(job: Job, baseline_metric: float) -> dict[str, Any] | None:
     """The route without a technique (:func:`model_opt.recommend.runtime_here`: the float model in OpenVINO on a
-    CPU), timed against the original as the finalists were, each alone; None where there is none, its error where
-    it could not be measured."""
+    CPU), evaluated with the test script and timed against the original as the finalists were, each alone: runtime,
+    command, metric, drop, speedup; None where there is none, its error where it could not be measured."""
     from .errors import ModelOptError
     from .export_report import staged_export, timed_against_original
     from .recommend import runtime_command, runtime_here
@@ -195,19 +199,26 @@ def runtime_route(job: Job) -> dict[str, Any] | None:
     job.progress(f"timing the float model in {runtime} (no technique) against the original")
     try:
         with staged_export(job.model, job.example, runtime) as (_, staged, exported):
+            metric = job.script.evaluate(exported, job.dataset, job.device).value
             before, after = timed_against_original(
                 Deployed(str(job.model_path.resolve()), str(job.script.path), job.trust_model,
                          model_path=str(job.model_path.resolve()), run_compiled=job.compile),
                 staged, runtime_of(exported), job.example, job.device)
     except ModelOptError as exc:
         return {**route, "error": exc.problem}
-    return {**route, "speedup": before.median_ms / after.median_ms}
+    drop = baseline_metric - metric if job.script.higher_is_better else metric - baseline_metric
+    return {**route, "metric": metric, "drop": drop, "speedup": before.median_ms / after.median_ms}
 
 
-def _no_technique(job: Job) -> str:
-    """The route without a technique, where there is one: the float model in another runtime."""
+def _no_technique(job: Job, route: dict[str, Any] | None = None) -> str:
+    """The route without a technique, where there is one: the float model in another runtime (with its measured
+    drop and speed-up, where :func:`runtime_route` measured it)."""
     from .recommend import runtime_command, runtime_here
 
+    if route and route.get("speedup"):
+        within = "stays within it" if route["drop"] <= (job.max_accuracy_drop or 0) + 1e-12 else "does not either"
+        return (f"; or no technique: the float model in {route['runtime']} {within} (drop {route['drop']:.4g}) and "
+                f"ran {route['speedup']:.2f}x the original here ({route['command']})")
     runtime = runtime_here(job.family or "", job.device)
     command = runtime_command(job.model_path, runtime, job.dataset, f" --test-script {job.script.path}") \
         if runtime else ""
