@@ -111,7 +111,8 @@ def staged_export(model: Any, example: Any, fmt: str, static: bool = False,
         exported = open_model(staged, None, False)  # (a plugin's module, e.g. OpenVINO IR's)
         if runtime_of(exported) == "torch":
             raise BackendNotInstalled(f"no installed plugin runs {fmt} files, so the export cannot be measured",
-                                      'pip install "model-opt[nncf]", or leave out --report')
+                                      'pip install "model-opt[all]" (model-opt plugins lists what is installed), '
+                                      "or leave out --report")
         yield result, staged, exported
 
 

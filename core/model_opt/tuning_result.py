@@ -11,12 +11,12 @@ from .atomic import atomic_path, write_text_atomic
 from .compare import time_against_original
 from .context import TechniqueContext
 from .device import DeviceProfile, device_profile
-from .errors import AccuracyBudgetExceeded
+from .errors import AccuracyBudgetExceeded, ModelOptError
 from .job import Job
 from .outputs import output_lock, report_path, side_path
 from .redaction import redact
 from .report import dumps, speed_text
-from .timing import runtime_of
+from .timing import Deployed, runtime_of
 from .tuning_trials import Baseline, build_candidate, decode_rate
 
 
@@ -186,16 +186,13 @@ def runtime_route(job: Job, baseline_metric: float) -> dict[str, Any] | None:
     """The route without a technique (:func:`model_opt.recommend.runtime_here`: the float model in OpenVINO on a
     CPU), evaluated with the test script and timed against the original as the finalists were, each alone: runtime,
     command, metric, drop, speedup; None where there is none, its error where it could not be measured."""
-    from .errors import ModelOptError
     from .export_report import staged_export, timed_against_original
-    from .recommend import runtime_command, runtime_here
-    from .timing import Deployed
+    from .recommend import runtime_here
 
     runtime = runtime_here(job.family or "", job.device)
     if runtime is None or job.example is None:
         return None
-    route: dict[str, Any] = {"runtime": runtime, "command": runtime_command(
-        job.model_path, runtime, job.dataset, f" --test-script {job.script.path}")}
+    route: dict[str, Any] = {"runtime": runtime, "command": _command(job, runtime)}
     job.progress(f"timing the float model in {runtime} (no technique) against the original")
     try:
         with staged_export(job.model, job.example, runtime) as (_, staged, exported):
@@ -213,16 +210,21 @@ def runtime_route(job: Job, baseline_metric: float) -> dict[str, Any] | None:
 def _no_technique(job: Job, route: dict[str, Any] | None = None) -> str:
     """The route without a technique, where there is one: the float model in another runtime (with its measured
     drop and speed-up, where :func:`runtime_route` measured it)."""
-    from .recommend import runtime_command, runtime_here
+    from .recommend import runtime_here
 
     if route and route.get("speedup"):
         within = "stays within it" if route["drop"] <= (job.max_accuracy_drop or 0) + 1e-12 else "does not either"
         return (f"; or no technique: the float model in {route['runtime']} {within} (drop {route['drop']:.4g}) and "
                 f"ran {route['speedup']:.2f}x the original here ({route['command']})")
     runtime = runtime_here(job.family or "", job.device)
-    command = runtime_command(job.model_path, runtime, job.dataset, f" --test-script {job.script.path}") \
-        if runtime else ""
-    return f"; or no technique: the float model in {runtime} ({command})" if runtime else ""
+    return f"; or no technique: the float model in {runtime} ({_command(job, runtime)})" if runtime else ""
+
+
+def _command(job: Job, runtime: str) -> str:
+    """The command that measures the float model in ``runtime`` for this job's model, data and test script."""
+    from .recommend import runtime_command
+
+    return runtime_command(job.model_path, runtime, job.dataset, f" --test-script {job.script.path}")
 
 
 def save_best(job: Job, result: TuneResult, candidate: tuple[Any, list, Any], measured: list[dict[str, Any]]) -> None:
