@@ -184,6 +184,7 @@ def test_export_report_measures_the_float_model_in_its_runtime(cli, digits, tmp_
         assert "all of it from the runtime (float openvino; no technique)" in result.stdout
 
 
+@pytest.mark.slow
 def test_export_report_writes_nothing_over_the_budget(cli, digits, tmp_path: Path) -> None:
     """A metric the export cannot keep (1 - the largest logit difference from the torch model in eval mode, which
     another runtime's float arithmetic changes) with a zero budget: the report is printed, the run fails, and neither

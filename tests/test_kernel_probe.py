@@ -67,6 +67,7 @@ def test_int8_kernels_are_fast_by_instructions_or_by_measurement() -> None:
     assert slow.to_dict()["int8"]["speedup"] == 0.46
 
 
+@pytest.mark.slow
 def test_recommend_puts_the_runtime_first_where_the_int8_kernels_are_slow(cli, monkeypatch, tmp_path: Path) -> None:
     """all-MiniLM-L6-v2 on a CPU whose int8 linear runs at half the float one's speed: INC's and NNCF's int8 are
     marked slow, the float model in OpenVINO comes first, and its printed command writes an IR that gives the
