@@ -22,7 +22,8 @@ def plugin_module(name: str, **hooks):
 
 def write_fidelity_script(digits, folder: Path) -> Path:
     """A digits test script whose metric no changed model can keep: 1 - the largest logit difference
-    from the float model. Any optimization lowers it, so a zero budget can never be met."""
+    from the float model in eval mode. Any optimization (or another runtime's float arithmetic) lowers it, so a
+    zero budget can never be met."""
     import shutil
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -30,6 +31,6 @@ def write_fidelity_script(digits, folder: Path) -> Path:
     script = folder / "eval.py"
     script.write_text(digits.script.read_text().replace(
         'return {"accuracy": (predictions == labels).float().mean().item()}',
-        'reference = load_model(Path(dataset_path).parent / "model.pth")(images)\n'
+        'reference = load_model(Path(dataset_path).parent / "model.pth").eval()(images)\n'
         '    return {"fidelity": 1 - (model(images) - reference).abs().max().item()}'))
     return script

@@ -20,12 +20,13 @@ from .atomic import atomic_path, written_together
 from .device import device_profile
 from .errors import AccuracyBudgetExceeded, BackendNotInstalled, UsageError
 from .export import ExportResult, _put_in_place, check_format, export_model
-from .job import Settings, check_device
+from .job import Settings
 from .measure import Latency
 from .modelio import open_model
 from .outputs import EXPORT_SUFFIXES, check_export_output, export_target, report_path
 from .report import Report
-from .testscript import TestScript, check_input_shape, example_input
+from .speed_advice import speed_warnings
+from .testscript import TestScript, example_input
 from .timing import Deployed, runtime_of, time_deployed
 
 #: The formats whose files model-opt opens in their runtime (a plugin's ``load_model``), so that it can measure them.
@@ -51,13 +52,11 @@ def export_with_report(model_path: str | os.PathLike[str], fmt: str, *, test_scr
     if test_script is None or dataset is None:
         raise UsageError("--report evaluates the export with your metric, so it needs --test-script and "
                          "--test-dataset", "pass both, or leave out --report")
-    Settings(max_accuracy_drop=max_accuracy_drop, input_shape=input_shape, device=device).check()
-    device = check_device(device)
+    device = Settings(max_accuracy_drop=max_accuracy_drop, input_shape=input_shape, device=device).check().device
     model_path = Path(model_path)
     out = check_export_output(export_target(model_path, fmt, output), model_path, fmt)
     if report_path(out).exists() or report_path(out).is_symlink():  # (its report is never replaced either)
         raise UsageError(f"{report_path(out)} already exists", "choose another --output, or remove the file yourself")
-    check_input_shape(input_shape)
     if not Path(dataset).exists():
         raise UsageError(f"test dataset not found: {dataset}", "check the --test-dataset path")
     script = TestScript(test_script, model_path=model_path)
@@ -88,9 +87,7 @@ def export_with_report(model_path: str | os.PathLike[str], fmt: str, *, test_scr
                 f"{report.before.primary} dropped by {report.metric_drop:.4f} in {runtime}, more than "
                 f"--max-accuracy-drop {max_accuracy_drop:g}; nothing was written",
                 "export without --report to inspect it, or keep the torch model", report=report)
-        if report.headline is not None and report.headline < 1:
-            report.warnings.append(f"the float model in {runtime} is slower than the original as run today "
-                                   f"({report.headline:.2f}x)")
+        report.warnings += speed_warnings(report, [])
         report.output = str(out)
         with written_together():
             result.files = _put_in_place(staged, fmt, out)

@@ -43,7 +43,7 @@ def speed_warnings(report: Report, planned: Sequence[tuple[Any, dict[str, Any]]]
                         "around the median: the CPU was busy), so no single speed-up is shown: rerun on an idle "
                         "machine before trusting one")
     parts = report.headline_parts()
-    if parts is not None and parts[1] < TECHNIQUE_GAIN and parts[0] > 1:
+    if parts is not None and not report.no_technique and parts[1] < TECHNIQUE_GAIN and parts[0] > 1:
         runtime_part, technique, runtime = parts
         from .export_report import MEASURED_FORMATS
 
